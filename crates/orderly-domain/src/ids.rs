@@ -1,0 +1,168 @@
+//! Identifier newtypes, parsed at the edge so the rest of the domain never
+//! sees an empty, oversized or ill-formed id.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Longest id the domain accepts, in bytes.
+pub const ID_LEN_MAX: usize = 64;
+
+/// Why a string is not a valid identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// The string is empty.
+    #[error("{kind} must not be empty")]
+    Empty {
+        /// Which kind of id was being parsed.
+        kind: &'static str,
+    },
+    /// The string is longer than [`ID_LEN_MAX`].
+    #[error("{kind} is longer than {max} characters")]
+    TooLong {
+        /// Which kind of id was being parsed.
+        kind: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// The string has a character outside `[A-Za-z0-9._:-]`.
+    #[error("{kind} may only contain letters, digits, '.', '_', ':' and '-'")]
+    BadChar {
+        /// Which kind of id was being parsed.
+        kind: &'static str,
+    },
+}
+
+fn check(kind: &'static str, s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if s.len() > ID_LEN_MAX {
+        return Err(IdError::TooLong { kind, max: ID_LEN_MAX });
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(IdError::BadChar { kind });
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses and validates an identifier.
+            pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
+                let s = s.into();
+                check($kind, &s)?;
+                Ok(Self(s))
+            }
+
+            /// The identifier as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+id_type!(/// An order's id.
+    OrderId, "order id");
+id_type!(/// An order line's id, unique across orders (e.g. `<order id>:1`).
+    LineId, "line id");
+id_type!(/// A stock-keeping unit.
+    Sku, "sku");
+id_type!(/// A stock location: a warehouse, a drop-shipper or a marketplace.
+    LocationId, "location id");
+id_type!(/// A customer's id.
+    CustomerId, "customer id");
+id_type!(/// A cart hold's id.
+    HoldId, "hold id");
+id_type!(/// A pick task's id.
+    PickId, "pick id");
+id_type!(/// A shipment's id.
+    ShipmentId, "shipment id");
+id_type!(/// A shipping zone, e.g. `EU`.
+    Zone, "zone");
+
+impl LineId {
+    /// The id of line number `n` (1-based) of an order.
+    pub fn for_order(order: &OrderId, n: u32) -> LineId {
+        // An order id is at most ID_LEN_MAX bytes of the allowed alphabet; the
+        // suffix keeps it in the alphabet. Truncation is never needed for ids
+        // shorter than ID_LEN_MAX - 11; longer ones are hashed down.
+        let s = format!("{}:{}", order.as_str(), n);
+        if s.len() <= ID_LEN_MAX {
+            LineId(s)
+        } else {
+            LineId(format!("{:016x}:{}", fnv1a(order.as_str().as_bytes()), n))
+        }
+    }
+}
+
+/// FNV-1a, used only to shorten derived ids deterministically.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_valid_ids_and_rejects_bad_ones() {
+        assert!(Sku::parse("SKU-1").is_ok());
+        assert_eq!(Sku::parse(""), Err(IdError::Empty { kind: "sku" }));
+        assert!(matches!(Sku::parse("a b"), Err(IdError::BadChar { .. })));
+        assert!(matches!(Sku::parse("x".repeat(65)), Err(IdError::TooLong { .. })));
+    }
+
+    #[test]
+    fn serde_round_trip_validates() {
+        let s: Sku = serde_json::from_str("\"SKU-9\"").expect("valid sku");
+        assert_eq!(s.as_str(), "SKU-9");
+        assert!(serde_json::from_str::<Sku>("\"bad sku\"").is_err());
+    }
+
+    #[test]
+    fn line_ids_stay_valid_for_long_order_ids() {
+        let o = OrderId::parse("o".repeat(64)).expect("valid");
+        let l = LineId::for_order(&o, 12);
+        assert!(LineId::parse(l.as_str()).is_ok());
+    }
+}

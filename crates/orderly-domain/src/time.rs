@@ -1,0 +1,132 @@
+//! Time as milliseconds since the Unix epoch, passed into the domain by the
+//! caller. Formats as RFC 3339 UTC without a date library.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A point in time, milliseconds since 1970-01-01T00:00:00Z.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// Milliseconds since the epoch.
+    pub const fn millis(self) -> i64 {
+        self.0
+    }
+
+    /// This time plus `ms` milliseconds (saturating).
+    pub const fn plus_ms(self, ms: i64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self` (negative if `earlier` is later).
+    pub const fn since(self, earlier: Timestamp) -> i64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// Parses an RFC 3339 UTC time such as `2026-11-26T10:00:00Z` or
+    /// `2026-11-26T10:00:00.123Z`. Offsets other than `Z`/`+00:00` are rejected.
+    pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+        let b = s.as_bytes();
+        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't') || b[13] != b':' || b[16] != b':' {
+            return None;
+        }
+        let num = |r: std::ops::Range<usize>| -> Option<i64> {
+            let t = s.get(r)?;
+            if !t.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            t.parse().ok()
+        };
+        let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+        if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 60 {
+            return None;
+        }
+        let mut rest = &s[19..];
+        let mut ms = 0i64;
+        if let Some(frac) = rest.strip_prefix('.') {
+            let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+            if n == 0 {
+                return None;
+            }
+            let digits = &frac[..n.min(3)];
+            ms = digits.parse::<i64>().ok()? * 10i64.pow(3 - digits.len() as u32);
+            rest = &frac[n..];
+        }
+        if !(rest == "Z" || rest == "z" || rest == "+00:00") {
+            return None;
+        }
+        let days = days_from_civil(y, mo, d);
+        Some(Timestamp(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms))
+    }
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+impl fmt::Display for Timestamp {
+    /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T10:00:00.000Z`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let days = self.0.div_euclid(86_400_000);
+        let ms_of_day = self.0.rem_euclid(86_400_000);
+        let (y, m, d) = civil_from_days(days);
+        let (h, rem) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
+        let (mi, rem) = (rem / 60_000, rem % 60_000);
+        write!(f, "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{:02}.{:03}Z", rem / 1000, rem % 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn formats_and_parses_known_instants() {
+        assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00.000Z");
+        let t = Timestamp::parse_rfc3339("2026-11-26T10:48:02Z").expect("valid");
+        assert_eq!(t.to_string(), "2026-11-26T10:48:02.000Z");
+        assert_eq!(Timestamp::parse_rfc3339("2024-02-29T00:00:00.5Z").map(|t| t.0 % 1000), Some(500));
+        assert!(Timestamp::parse_rfc3339("2023-02-29T00:00:00Z").is_none());
+        assert!(Timestamp::parse_rfc3339("2026-11-26 10:48:02Z").is_none());
+        assert!(Timestamp::parse_rfc3339("2026-11-26T10:48:02+02:00").is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn display_round_trips(ms in 0i64..8_000_000_000_000) {
+            let t = Timestamp(ms);
+            prop_assert_eq!(Timestamp::parse_rfc3339(&t.to_string()), Some(t));
+        }
+    }
+}
