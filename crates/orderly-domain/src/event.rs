@@ -243,7 +243,8 @@ mod tests {
 
     #[test]
     fn validate_rejects_foreign_envelopes() {
-        let mut e = Envelope::new("id".into(), "/s", EventType::PickCompleted, "o", Timestamp(0), 1, serde_json::Value::Null);
+        let mut e =
+            Envelope::new("id".into(), "/s", EventType::PickCompleted, "o", Timestamp(0), 1, serde_json::Value::Null);
         e.specversion = "0.3".into();
         assert!(matches!(e.validate(), Err(EnvelopeError::SpecVersion(_))));
         e.specversion = "1.0".into();

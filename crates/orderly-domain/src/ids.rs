@@ -39,10 +39,7 @@ fn check(kind: &'static str, s: &str) -> Result<(), IdError> {
     if s.len() > ID_LEN_MAX {
         return Err(IdError::TooLong { kind, max: ID_LEN_MAX });
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-    {
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')) {
         return Err(IdError::BadChar { kind });
     }
     Ok(())

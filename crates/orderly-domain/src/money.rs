@@ -48,7 +48,12 @@ impl Money {
             None => (body, ""),
         };
         let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
-        if whole.is_empty() || !digits(whole) || !digits(frac) || frac.len() > 2 || (body.contains('.') && frac.is_empty()) {
+        if whole.is_empty()
+            || !digits(whole)
+            || !digits(frac)
+            || frac.len() > 2
+            || (body.contains('.') && frac.is_empty())
+        {
             return Err(MoneyError::Malformed);
         }
         if whole.len() > 13 {

@@ -3,18 +3,28 @@
 //! decision; make it in this list on purpose.
 
 const ALLOWED: &[&str] = &["serde", "serde_json", "thiserror"];
-const FORBIDDEN: &[&str] = &["tokio", "sqlx", "rusqlite", "reqwest", "async-nats", "rand", "axum", "hyper", "futures", "chrono", "time", "uuid", "getrandom"];
+const FORBIDDEN: &[&str] = &[
+    "tokio",
+    "sqlx",
+    "rusqlite",
+    "reqwest",
+    "async-nats",
+    "rand",
+    "axum",
+    "hyper",
+    "futures",
+    "chrono",
+    "time",
+    "uuid",
+    "getrandom",
+];
 
 #[test]
 fn domain_dependencies_are_pinned() {
     let manifest = include_str!("../Cargo.toml");
     let deps = section(manifest, "[dependencies]");
-    let mut names: Vec<&str> = deps
-        .iter()
-        .filter_map(|l| l.split(['=', '.']).next())
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .collect();
+    let mut names: Vec<&str> =
+        deps.iter().filter_map(|l| l.split(['=', '.']).next()).map(str::trim).filter(|n| !n.is_empty()).collect();
     names.sort_unstable();
     assert_eq!(names, ALLOWED, "the domain crate's dependencies changed");
     for bad in FORBIDDEN {
