@@ -1,0 +1,76 @@
+//! The store contract: behaviour every [`Store`] adapter must show. Each
+//! adapter's tests call [`check_store`] on a fresh, empty store, so SQLite,
+//! PostgreSQL and memory are held to one definition.
+
+use crate::ports::{Batch, Row, Store};
+use orderly_domain::Timestamp;
+use orderly_domain::event::{Envelope, EventType};
+
+fn event(id: &str, subject: &str, seq: u64) -> Envelope {
+    Envelope::new(id.into(), "/orderly/test", EventType::OrderCreated, subject, Timestamp(1_000), seq, serde_json::json!({"n": seq}))
+}
+
+fn row(key: &str, idx: Option<&str>, doc: &str) -> Row {
+    Row { table: "things", key: key.into(), idx: idx.map(str::to_owned), doc: doc.as_bytes().to_vec() }
+}
+
+/// Runs every contract check against `store`, which must start empty.
+/// Panics (it is test support) with the name of the failed check.
+pub async fn check_store(store: &dyn Store) {
+    assert_eq!(store.outbox_head().await.expect("head"), 0, "empty outbox starts at 0");
+    assert_eq!(store.cursor("orders").await.expect("cursor"), 0, "unknown cursor is 0");
+
+    let head = store
+        .commit(Batch {
+            puts: vec![row("a", Some("open"), "{\"v\":1}"), row("b", Some("done"), "{}"), row("c", Some("open"), "{}")],
+            outbox: vec![event("e1", "o-1", 1), event("e2", "o-2", 1), event("e3", "o-1", 2)],
+            cursors: vec![("inventory".into(), 7)],
+            inbox: vec!["x-1".into()],
+            ..Batch::default()
+        })
+        .await
+        .expect("commit");
+    assert_eq!(head, 3, "commit returns the outbox head");
+    assert_eq!(store.outbox_head().await.expect("head"), 3);
+
+    let got = store.get("things", "a").await.expect("get").expect("row a exists");
+    assert_eq!(got.doc, b"{\"v\":1}".to_vec());
+    assert_eq!(got.idx.as_deref(), Some("open"));
+    assert!(store.get("things", "zz").await.expect("get").is_none(), "missing row is None");
+    assert!(store.get("other", "a").await.expect("get").is_none(), "tables are separate");
+
+    let open: Vec<String> = store.scan("things", Some("open"), None, 10).await.expect("scan").into_iter().map(|r| r.key).collect();
+    assert_eq!(open, vec!["a", "c"], "scan by index, key order");
+    let page: Vec<String> = store.scan("things", None, Some("a"), 1).await.expect("scan").into_iter().map(|r| r.key).collect();
+    assert_eq!(page, vec!["b"], "scan pages after a key");
+    let counts = store.count_by_idx("things").await.expect("count");
+    assert_eq!(counts, vec![("done".to_owned(), 1), ("open".to_owned(), 2)]);
+
+    let after = store.outbox_after(1, 10).await.expect("outbox");
+    assert_eq!(after.iter().map(|r| r.position).collect::<Vec<_>>(), vec![2, 3], "outbox after a position");
+    assert_eq!(after[0].envelope, event("e2", "o-2", 1), "envelope round-trips");
+    let o1 = store.outbox_for_subject("o-1", 10).await.expect("subject");
+    assert_eq!(o1.iter().map(|r| r.envelope.sequence).collect::<Vec<_>>(), vec![1, 2], "per-subject history in order");
+
+    assert_eq!(store.cursor("inventory").await.expect("cursor"), 7);
+    assert!(store.inbox_contains("x-1").await.expect("inbox"));
+    assert!(!store.inbox_contains("x-2").await.expect("inbox"));
+
+    store
+        .commit(Batch {
+            puts: vec![row("a", Some("done"), "{\"v\":2}")],
+            deletes: vec![("things", "b".into())],
+            cursors: vec![("inventory".into(), 9)],
+            ..Batch::default()
+        })
+        .await
+        .expect("second commit");
+    assert!(store.get("things", "b").await.expect("get").is_none(), "delete");
+    assert_eq!(store.get("things", "a").await.expect("get").expect("a").idx.as_deref(), Some("done"), "replace");
+    assert_eq!(store.cursor("inventory").await.expect("cursor"), 9, "cursor advances");
+
+    let dup = store.commit(Batch { outbox: vec![event("e1", "o-9", 1)], ..Batch::default() }).await;
+    assert!(dup.is_err(), "an event id is unique in the outbox");
+    assert_eq!(store.outbox_head().await.expect("head"), 3, "a failed commit leaves nothing behind");
+    assert!(store.get("things", "a").await.expect("get").is_some());
+}

@@ -1,0 +1,14 @@
+//! Orderly's engine: the services (orders, inventory, picking, packing,
+//! shipping, notifications) as handlers over ports, the runtime loop that
+//! batches their inputs and commits each batch with its outbox in one
+//! transaction, and the embedded event bus.
+//!
+//! No SQL, no NATS, no HTTP here: adapters implement [`ports`].
+
+pub mod bus;
+pub mod contract;
+pub mod memory_store;
+pub mod metrics;
+pub mod ports;
+pub mod runtime;
+pub mod table;

@@ -1,0 +1,134 @@
+//! An in-memory [`Store`] for tests and the simulator. It can "crash": a
+//! crash drops nothing committed (commits are the durable state) but can be
+//! made to fail the next commits, like a disk or database going away.
+
+use crate::ports::{Batch, OutboxRecord, Row, Store, StoreError};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+#[derive(Default)]
+struct Inner {
+    docs: BTreeMap<(&'static str, String), Row>,
+    outbox: Vec<OutboxRecord>,
+    cursors: HashMap<String, u64>,
+    inbox: BTreeSet<String>,
+    event_ids: BTreeSet<String>,
+}
+
+/// A store held in memory.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    fail_commits: AtomicU32,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// Makes the next `n` commits fail with [`StoreError::Unavailable`].
+    pub fn fail_next_commits(&self, n: u32) {
+        self.fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
+        Ok(self.lock().docs.get(&(table, key.to_owned())).cloned())
+    }
+
+    async fn scan(
+        &self,
+        table: &'static str,
+        idx: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Row>, StoreError> {
+        let inner = self.lock();
+        let start = (table, after.map(|a| format!("{a}\u{0}")).unwrap_or_default());
+        Ok(inner
+            .docs
+            .range(start..)
+            .take_while(|((t, _), _)| *t == table)
+            .filter(|(_, r)| idx.is_none() || r.idx.as_deref() == idx)
+            .take(limit as usize)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
+        let inner = self.lock();
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for ((t, _), r) in inner.docs.range((table, String::new())..) {
+            if *t != table {
+                break;
+            }
+            if let Some(i) = &r.idx {
+                *counts.entry(i.clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
+        if self.fail_commits.load(Ordering::SeqCst) > 0 {
+            self.fail_commits.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected commit failure".into()));
+        }
+        let mut inner = self.lock();
+        let mut fresh = BTreeSet::new();
+        for env in &batch.outbox {
+            if inner.event_ids.contains(&env.id) || !fresh.insert(env.id.clone()) {
+                return Err(StoreError::Conflict(format!("duplicate event id {}", env.id)));
+            }
+        }
+        inner.event_ids.extend(fresh);
+        for row in batch.puts {
+            inner.docs.insert((row.table, row.key.clone()), row);
+        }
+        for (table, key) in batch.deletes {
+            inner.docs.remove(&(table, key));
+        }
+        for envelope in batch.outbox {
+            let position = inner.outbox.len() as u64 + 1;
+            inner.outbox.push(OutboxRecord { position, envelope });
+        }
+        for (producer, position) in batch.cursors {
+            inner.cursors.insert(producer, position);
+        }
+        inner.inbox.extend(batch.inbox);
+        Ok(inner.outbox.len() as u64)
+    }
+
+    async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        let inner = self.lock();
+        let start = (position as usize).min(inner.outbox.len());
+        Ok(inner.outbox[start..].iter().take(limit as usize).cloned().collect())
+    }
+
+    async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.outbox.iter().filter(|r| r.envelope.subject == subject).take(limit as usize).cloned().collect())
+    }
+
+    async fn outbox_head(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().outbox.len() as u64)
+    }
+
+    async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().cursors.get(producer).copied().unwrap_or(0))
+    }
+
+    async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().inbox.contains(event_id))
+    }
+}

@@ -1,0 +1,238 @@
+//! The ports: the small traits through which services reach storage, the
+//! clock, randomness, carriers and webhooks. Adapters (SQLite, PostgreSQL,
+//! memory, HTTP) implement them; nothing in the engine knows which.
+
+use async_trait::async_trait;
+use orderly_domain::Timestamp;
+use orderly_domain::event::Envelope;
+use std::sync::Mutex;
+
+/// One stored document: a service-local table, a key, an optional secondary
+/// index value (e.g. an order's state) and the document itself (JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The service-local table name.
+    pub table: &'static str,
+    /// The document's key, unique within the table.
+    pub key: String,
+    /// A secondary index value to scan by (e.g. `backordered`), if any.
+    pub idx: Option<String>,
+    /// The document, JSON-encoded.
+    pub doc: Vec<u8>,
+}
+
+/// Everything one service commits at once: state changes, the events they emit
+/// (the outbox), and how far it has consumed each producer (cursors) or which
+/// event ids it has processed (inbox). One batch is one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Documents to insert or replace.
+    pub puts: Vec<Row>,
+    /// Documents to delete, as (table, key).
+    pub deletes: Vec<(&'static str, String)>,
+    /// Events to append to this service's outbox, in order.
+    pub outbox: Vec<Envelope>,
+    /// Consumer cursors to store: (producer, last processed outbox position).
+    pub cursors: Vec<(String, u64)>,
+    /// Processed event ids (distributed mode's inbox).
+    pub inbox: Vec<String>,
+}
+
+impl Batch {
+    /// True when committing this batch would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty()
+            && self.deletes.is_empty()
+            && self.outbox.is_empty()
+            && self.cursors.is_empty()
+            && self.inbox.is_empty()
+    }
+}
+
+/// An event in a producer's outbox, with its position (1, 2, 3, …).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// Position in the producer's outbox, strictly increasing from 1.
+    pub position: u64,
+    /// The event.
+    pub envelope: Envelope,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer changed what this batch depends on; retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The store could not be reached or failed; retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored document could not be decoded: a bug or a foreign write.
+    #[error("corrupt document {table}/{key}: {detail}")]
+    Corrupt {
+        /// Table.
+        table: String,
+        /// Key.
+        key: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// A service's own storage. Every service has its own instance (its own
+/// SQLite file or PostgreSQL database); no service reads another's.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one document.
+    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError>;
+    /// Reads documents of a table in key order, optionally only those with
+    /// index value `idx`, starting after key `after`, at most `limit`.
+    async fn scan(
+        &self,
+        table: &'static str,
+        idx: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Row>, StoreError>;
+    /// Counts documents per index value in a table.
+    async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Commits a batch atomically and durably; returns the outbox head after it.
+    async fn commit(&self, batch: Batch) -> Result<u64, StoreError>;
+    /// Outbox records after `position`, oldest first, at most `limit`.
+    async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError>;
+    /// The events about one subject, oldest first, at most `limit`.
+    async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError>;
+    /// The last outbox position (0 when empty).
+    async fn outbox_head(&self) -> Result<u64, StoreError>;
+    /// This service's stored cursor for a producer (0 when none).
+    async fn cursor(&self, producer: &str) -> Result<u64, StoreError>;
+    /// True when an event id is in this service's inbox.
+    async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError>;
+}
+
+/// The source of time. The simulator passes a virtual clock.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> Timestamp;
+}
+
+/// The wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+    }
+}
+
+/// The source of randomness (jitter, id entropy). The simulator seeds it.
+pub trait Rng: Send + Sync + 'static {
+    /// A uniformly random u64.
+    fn next_u64(&self) -> u64;
+}
+
+/// A small, fast, seedable generator (SplitMix64). Not for secrets.
+#[derive(Debug)]
+pub struct SeededRng(Mutex<u64>);
+
+impl SeededRng {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> SeededRng {
+        SeededRng(Mutex::new(seed))
+    }
+
+    /// A generator seeded from the clock and process id.
+    pub fn from_entropy() -> SeededRng {
+        let t = SystemClock.now().millis() as u64;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or_default();
+        SeededRng::new(t ^ (nanos << 20) ^ u64::from(std::process::id()).rotate_left(40))
+    }
+}
+
+impl Rng for SeededRng {
+    fn next_u64(&self) -> u64 {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Formats a UUIDv7 from a time and 74 random bits, so ids are time-ordered
+/// and reproducible under a seeded [`Rng`].
+pub fn uuid_v7(now: Timestamp, rng: &dyn Rng) -> String {
+    let ms = (now.millis().max(0) as u64) & 0xFFFF_FFFF_FFFF;
+    let r1 = rng.next_u64();
+    let r2 = rng.next_u64();
+    let rand_a = r1 & 0x0FFF;
+    let rand_b = r2 & 0x3FFF_FFFF_FFFF_FFFF;
+    format!(
+        "{:08x}-{:04x}-7{:03x}-{:04x}-{:012x}",
+        ms >> 16,
+        ms & 0xFFFF,
+        rand_a,
+        0x8000 | (rand_b >> 48),
+        rand_b & 0xFFFF_FFFF_FFFF
+    )
+}
+
+/// A label request to a carrier.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LabelRequest {
+    /// Carrier id.
+    pub carrier: String,
+    /// Our shipment id.
+    pub shipment_id: String,
+    /// Destination zone.
+    pub zone: String,
+    /// Parcel weight in grams.
+    pub weight_g: u32,
+    /// Makes a retried request create no second label.
+    pub idempotency_key: String,
+}
+
+/// A label the carrier created.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Label {
+    /// Carrier's tracking number.
+    pub tracking_number: String,
+    /// Carrier id.
+    pub carrier: String,
+    /// What the carrier charged, decimal string.
+    pub cost: String,
+}
+
+/// Why a carrier call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CarrierCallError {
+    /// Timed out, 5xx, 429 or a transport error: worth retrying.
+    #[error("carrier unavailable: {0}")]
+    Unavailable(String),
+    /// The carrier refused the request (4xx): retrying will not help.
+    #[error("carrier rejected the request: {0}")]
+    Rejected(String),
+}
+
+/// A carrier's label API.
+#[async_trait]
+pub trait CarrierApi: Send + Sync + 'static {
+    /// Creates (or, for a repeated idempotency key, returns) a label.
+    async fn create_label(&self, req: &LabelRequest) -> Result<Label, CarrierCallError>;
+}
+
+/// Where customer notifications go (a webhook endpoint, a log).
+#[async_trait]
+pub trait WebhookSink: Send + Sync + 'static {
+    /// Delivers one notification body; `Err` means retry later.
+    async fn deliver(&self, event_id: &str, body: &[u8]) -> Result<(), String>;
+}

@@ -1,0 +1,403 @@
+//! The service runtime: the loop every service runs, in every mode.
+//!
+//! Each turn takes a bounded batch of inputs (commands from the API, events
+//! from the bus, due timers), lets the service decide and apply them against
+//! its cached state, then commits state changes, emitted events (outbox) and
+//! consumer cursors in ONE transaction, and only then answers callers and
+//! wakes subscribers. A failed commit rolls the caches back and answers
+//! nobody, so nothing is acknowledged that is not durable.
+
+use crate::bus::EventSource;
+use crate::metrics::Metrics;
+use crate::ports::{Batch, Clock, Rng, Row, Store, StoreError, uuid_v7};
+use crate::table::Staged;
+use orderly_domain::Timestamp;
+use orderly_domain::event::{Envelope, EventType};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+/// Most commands taken into one batch.
+pub const COMMAND_BATCH_MAX: usize = 2048;
+/// Most events taken from one producer into one batch.
+pub const EVENT_BATCH_MAX: u32 = 2048;
+/// Longest a service sleeps with nothing to do before checking its timers.
+pub const IDLE_TICK_MS: u64 = 250;
+/// The dead-letter table every service has.
+pub const DEAD_LETTERS: &str = "dead_letters";
+
+/// What a service shares with its runtime.
+pub struct Ctx {
+    /// The service name (`orders`, `inventory`, …).
+    pub service: &'static str,
+    /// The CloudEvents `source` of its events (`/orderly/orders`).
+    pub source: String,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Randomness (jitter, ids).
+    pub rng: Arc<dyn Rng>,
+    /// The service's own store.
+    pub store: Arc<dyn Store>,
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+    /// How many times an event is tried before it is dead-lettered.
+    pub max_attempts: u32,
+}
+
+/// The work of one batch: what the service decided, to be committed at once.
+pub struct Tx {
+    /// The batch's time, the same for every input in it.
+    pub now: Timestamp,
+    ctx: Arc<Ctx>,
+    batch: Batch,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Tx {
+    fn new(ctx: Arc<Ctx>) -> Tx {
+        Tx { now: ctx.clock.now(), ctx, batch: Batch::default(), after_commit: Vec::new() }
+    }
+
+    /// The service's own store (for cache misses and queries).
+    pub fn store(&self) -> &dyn Store {
+        self.ctx.store.as_ref()
+    }
+
+    /// The runtime context.
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    /// A random u64 from the runtime's generator.
+    pub fn random(&self) -> u64 {
+        self.ctx.rng.next_u64()
+    }
+
+    /// A fresh UUIDv7.
+    pub fn new_id(&self) -> String {
+        uuid_v7(self.now, self.ctx.rng.as_ref())
+    }
+
+    /// Appends an event to the outbox of this batch.
+    pub fn emit(&mut self, event_type: EventType, subject: &str, sequence: u64, data: serde_json::Value) -> &Envelope {
+        let id = self.new_id();
+        let env = Envelope::new(id, &self.ctx.source, event_type, subject, self.now, sequence, data);
+        self.batch.outbox.push(env);
+        self.batch.outbox.last().expect("an envelope was just pushed")
+    }
+
+    /// Like [`Tx::emit`], marking the event for the high-priority channel.
+    pub fn emit_high(&mut self, event_type: EventType, subject: &str, sequence: u64, data: serde_json::Value) {
+        self.emit(event_type, subject, sequence, data);
+        if let Some(last) = self.batch.outbox.last_mut() {
+            last.priority = Some("high".to_owned());
+        }
+    }
+
+    /// Puts a raw row into this batch (for tables not cached by a [`crate::table::Table`]).
+    pub fn put_row(&mut self, row: Row) {
+        self.batch.puts.push(row);
+    }
+
+    /// Deletes a raw row in this batch.
+    pub fn delete_row(&mut self, table: &'static str, key: String) {
+        self.batch.deletes.push((table, key));
+    }
+
+    /// Runs `f` once the batch is durable (answers callers, wakes timers).
+    pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(f));
+    }
+
+    /// Answers a caller once the batch is durable. If the commit fails the
+    /// caller sees its channel closed and must retry.
+    pub fn reply<T: Send + 'static>(&mut self, to: oneshot::Sender<T>, value: T) {
+        self.after_commit(move || {
+            // The caller may have given up (timeout, disconnect); nothing to do then.
+            let _ = to.send(value);
+        });
+    }
+}
+
+/// How an event failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// Worth retrying (store hiccup, a dependency not ready yet).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Will never succeed as it is: dead-letter it at once.
+    #[error("poison: {0}")]
+    Poison(String),
+}
+
+impl From<StoreError> for EventError {
+    fn from(e: StoreError) -> EventError {
+        EventError::Transient(e.to_string())
+    }
+}
+
+/// A service: handlers over its own cached state. Handlers must return an
+/// error only BEFORE changing any state, so a failed input leaves the batch
+/// as if it had never been tried.
+pub trait Service: Send + 'static {
+    /// What the API sends it; each command carries its own reply channel.
+    type Command: Send + 'static;
+    /// Handles one command.
+    fn on_command(&mut self, tx: &mut Tx, cmd: Self::Command) -> impl Future<Output = ()> + Send;
+    /// Handles one event from a producer it subscribes to.
+    fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> impl Future<Output = Result<(), EventError>> + Send;
+    /// Runs due timers (hold expiry, label batches, notification retries).
+    fn on_tick(&mut self, tx: &mut Tx) -> impl Future<Output = ()> + Send;
+    /// When the next timer is due, if any.
+    fn next_deadline(&self) -> Option<Timestamp>;
+    /// The service's cached tables, to stage, roll back or settle.
+    fn tables(&mut self) -> Vec<&mut dyn Staged>;
+}
+
+/// A dead-lettered event, as stored in the consumer's `dead_letters` table.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// The event id.
+    pub id: String,
+    /// The consuming service.
+    pub consumer: String,
+    /// The producing service.
+    pub producer: String,
+    /// Why it failed, last time.
+    pub error: String,
+    /// How many times it was tried.
+    pub attempts: u32,
+    /// When it was dead-lettered.
+    pub failed_at: Timestamp,
+    /// The event itself, replayable.
+    pub envelope: Envelope,
+}
+
+/// Runs a service until `shutdown` turns true, then finishes the batch in
+/// flight and returns.
+pub async fn run<S: Service>(
+    mut service: S,
+    ctx: Arc<Ctx>,
+    mut commands: mpsc::Receiver<S::Command>,
+    sources: Vec<Arc<dyn EventSource>>,
+    publish: impl Fn(u64) + Send + 'static,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let wake = Arc::new(Notify::new());
+    for source in &sources {
+        spawn_forwarder(source.changes(), wake.clone(), shutdown.clone());
+    }
+    let mut retry = RetryState::default();
+    let mut pending: Vec<S::Command> = Vec::new();
+    loop {
+        while pending.len() < COMMAND_BATCH_MAX {
+            match commands.try_recv() {
+                Ok(c) => pending.push(c),
+                Err(_) => break,
+            }
+        }
+        let worked = turn(&mut service, &ctx, std::mem::take(&mut pending), &sources, &mut retry, &publish).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if worked {
+            continue;
+        }
+        let sleep_ms = idle_sleep_ms(&service, &ctx, &retry);
+        tokio::select! {
+            c = commands.recv() => match c {
+                Some(c) => pending.push(c),
+                None => if *shutdown.borrow() { return },
+            },
+            _ = wake.notified() => {},
+            _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)) => {},
+            _ = shutdown.changed() => {},
+        }
+    }
+}
+
+fn spawn_forwarder(mut changes: watch::Receiver<u64>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() { return; }
+                    wake.notify_one();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+fn idle_sleep_ms<S: Service>(service: &S, ctx: &Ctx, retry: &RetryState) -> u64 {
+    let now = ctx.clock.now();
+    let mut due = service.next_deadline().map_or(IDLE_TICK_MS as i64, |d| d.since(now));
+    if let Some(r) = retry.earliest() {
+        due = due.min(r.since(now));
+    }
+    due.clamp(1, IDLE_TICK_MS as i64) as u64
+}
+
+/// Per-producer retry bookkeeping: attempts per event id, and when a blocked
+/// producer may be polled again.
+#[derive(Default)]
+struct RetryState {
+    attempts: HashMap<String, u32>,
+    blocked_until: HashMap<&'static str, Timestamp>,
+}
+
+impl RetryState {
+    fn earliest(&self) -> Option<Timestamp> {
+        self.blocked_until.values().min().copied()
+    }
+}
+
+/// One batch. Returns whether it did any work (so the loop goes round again
+/// at once instead of sleeping).
+async fn turn<S: Service>(
+    service: &mut S,
+    ctx: &Arc<Ctx>,
+    commands: Vec<S::Command>,
+    sources: &[Arc<dyn EventSource>],
+    retry: &mut RetryState,
+    publish: &(impl Fn(u64) + Send),
+) -> bool {
+    let mut tx = Tx::new(ctx.clone());
+    let mut worked = !commands.is_empty();
+    for cmd in commands {
+        service.on_command(&mut tx, cmd).await;
+    }
+    let mut marks: Vec<(usize, u64)> = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        if retry.blocked_until.get(source.producer()).is_some_and(|t| *t > tx.now) {
+            continue;
+        }
+        retry.blocked_until.remove(source.producer());
+        match consume(service, &mut tx, source.as_ref(), retry).await {
+            Ok(Some(upto)) => {
+                source.mark(upto, &mut tx.batch);
+                marks.push((i, upto));
+                worked = true;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(service = ctx.service, producer = source.producer(), error = %e, "poll failed"),
+        }
+    }
+    if service.next_deadline().is_some_and(|d| d <= tx.now) {
+        service.on_tick(&mut tx).await;
+        worked = true;
+    }
+    commit(service, ctx, tx, sources, &marks, publish).await;
+    worked
+}
+
+/// Processes one producer's pending events; returns how far to advance its cursor.
+async fn consume<S: Service>(
+    service: &mut S,
+    tx: &mut Tx,
+    source: &dyn EventSource,
+    retry: &mut RetryState,
+) -> Result<Option<u64>, StoreError> {
+    let polled = source.poll(EVENT_BATCH_MAX).await?;
+    let mut upto = polled.upto;
+    for record in &polled.records {
+        match service.on_event(tx, &record.envelope).await {
+            Ok(()) => {
+                retry.attempts.remove(&record.envelope.id);
+            }
+            Err(e) => {
+                if handle_failure(tx, source.producer(), &record.envelope, e, retry) {
+                    continue;
+                }
+                // Stop before this event; it is retried after a backoff.
+                upto = record.position - 1;
+                break;
+            }
+        }
+    }
+    Ok((upto > polled.from).then_some(upto))
+}
+
+/// Decides between retry-later (false) and dead-letter-now (true).
+fn handle_failure(tx: &mut Tx, producer: &'static str, env: &Envelope, error: EventError, retry: &mut RetryState) -> bool {
+    let attempts = retry.attempts.entry(env.id.clone()).or_insert(0);
+    *attempts += 1;
+    let ctx = tx.ctx.clone();
+    let poison = matches!(error, EventError::Poison(_));
+    ctx.metrics.inc("orderly_events_failed_total", &[("consumer", ctx.service)], 1);
+    if poison || *attempts >= ctx.max_attempts {
+        let letter = DeadLetter {
+            id: env.id.clone(),
+            consumer: ctx.service.to_owned(),
+            producer: producer.to_owned(),
+            error: error.to_string(),
+            attempts: *attempts,
+            failed_at: tx.now,
+            envelope: env.clone(),
+        };
+        retry.attempts.remove(&env.id);
+        tracing::warn!(service = ctx.service, event_id = %env.id, subject = %env.subject, error = %letter.error, "dead-lettered");
+        let doc = serde_json::to_vec(&letter).expect("a dead letter always serializes");
+        tx.put_row(Row { table: DEAD_LETTERS, key: env.id.clone(), idx: Some(producer.to_owned()), doc });
+        ctx.metrics.inc("orderly_dead_letters_total", &[("consumer", ctx.service)], 1);
+        return true;
+    }
+    ctx.metrics.inc("orderly_event_retries_total", &[("consumer", ctx.service)], 1);
+    let delay = backoff_ms(*attempts, ctx.rng.next_u64());
+    retry.blocked_until.insert(producer, tx.now.plus_ms(delay));
+    tracing::info!(service = ctx.service, event_id = %env.id, attempt = *attempts, delay_ms = delay, error = %error, "retrying event");
+    false
+}
+
+/// Exponential backoff with equal jitter: 50 ms doubling, capped at 5 s.
+fn backoff_ms(attempt: u32, random: u64) -> i64 {
+    let cap = (50i64 << attempt.min(7)).min(5_000);
+    cap / 2 + (random % (cap as u64 / 2 + 1)) as i64
+}
+
+async fn commit<S: Service>(
+    service: &mut S,
+    ctx: &Arc<Ctx>,
+    mut tx: Tx,
+    sources: &[Arc<dyn EventSource>],
+    marks: &[(usize, u64)],
+    publish: &(impl Fn(u64) + Send),
+) {
+    let mut staged = Ok(());
+    for table in service.tables() {
+        if let Err(e) = table.stage(&mut tx.batch) {
+            staged = Err(e);
+            break;
+        }
+    }
+    if tx.batch.is_empty() && staged.is_ok() {
+        tx.after_commit.drain(..).for_each(|f| f());
+        return;
+    }
+    let emitted = tx.batch.outbox.len() as u64;
+    let result = match staged {
+        Ok(()) => ctx.store.commit(tx.batch).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(head) => {
+            service.tables().into_iter().for_each(|t| t.committed());
+            for (i, upto) in marks {
+                sources[*i].committed(*upto);
+            }
+            if emitted > 0 {
+                ctx.metrics.inc("orderly_events_emitted_total", &[("service", ctx.service)], emitted);
+                publish(head);
+            }
+            tx.after_commit.drain(..).for_each(|f| f());
+        }
+        Err(e) => {
+            tracing::error!(service = ctx.service, error = %e, "commit failed; batch rolled back");
+            ctx.metrics.inc("orderly_commit_failures_total", &[("service", ctx.service)], 1);
+            service.tables().into_iter().for_each(|t| t.rollback());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The embedded store: each service gets its own SQLite database file, in WAL
+//! mode, written by one connection (the service is the only writer) and read
+//! by a small pool. A batch is one transaction: documents, outbox rows and
+//! cursors commit together, so a crash loses either the whole batch or
+//! nothing.
+
+use async_trait::async_trait;
+use orderly_domain::event::Envelope;
+use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Read connections per store.
+pub const READERS_MAX: usize = 2;
+
+/// The schema, versioned with `PRAGMA user_version`. Each entry migrates from
+/// the previous version; never edit a released entry, append a new one.
+const MIGRATIONS: &[&str] = &[r"
+    CREATE TABLE docs (
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        idx TEXT,
+        doc BLOB NOT NULL,
+        PRIMARY KEY (tbl, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX docs_by_idx ON docs (tbl, idx, key);
+    CREATE TABLE outbox (
+        position INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        subject TEXT NOT NULL,
+        event BLOB NOT NULL
+    );
+    CREATE INDEX outbox_by_subject ON outbox (subject, position);
+    CREATE TABLE cursors (producer TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE inbox (id TEXT PRIMARY KEY) WITHOUT ROWID;
+"];
+
+/// How hard a commit is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// fsync on every commit (`synchronous=FULL`): survives power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints (`synchronous=NORMAL`): survives a process crash, not power loss.
+    Normal,
+}
+
+/// A SQLite-backed [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    readers: Vec<Arc<Mutex<Connection>>>,
+    next_reader: std::sync::atomic::AtomicUsize,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path, durability: Durability) -> Result<SqliteStore, StoreError> {
+        let writer = Connection::open(path).map_err(unavailable)?;
+        let sync = match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        writer
+            .execute_batch(&format!(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; \
+                 PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=4000;"
+            ))
+            .map_err(unavailable)?;
+        migrate(&writer)?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS_MAX {
+            let r = Connection::open(path).map_err(unavailable)?;
+            r.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;").map_err(unavailable)?;
+            readers.push(Arc::new(Mutex::new(r)));
+        }
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Arc::new(Mutex::new(writer)),
+            readers,
+            next_reader: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let i = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len();
+        let conn = self.readers[i].clone();
+        tokio::task::spawn_blocking(move || {
+            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&c)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+    }
+}
+
+/// Runs pending migrations; returns the schema version reached.
+pub fn migrate(conn: &Connection) -> Result<usize, StoreError> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unavailable)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let version = i + 1;
+        conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version={version}; COMMIT;")).map_err(unavailable)?;
+        tracing::info!(version, "sqlite schema migrated");
+    }
+    Ok(MIGRATIONS.len())
+}
+
+fn row_from(table: &'static str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row { table, key: r.get(0)?, idx: r.get(1)?, doc: r.get(2)? })
+}
+
+fn decode_outbox(position: i64, event: &[u8]) -> Result<OutboxRecord, StoreError> {
+    let envelope: Envelope = serde_json::from_slice(event).map_err(|e| StoreError::Corrupt {
+        table: "outbox".into(),
+        key: position.to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(OutboxRecord { position: position as u64, envelope })
+}
+
+fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
+    let tx = conn.transaction()?;
+    {
+        let mut put = tx.prepare_cached("INSERT OR REPLACE INTO docs (tbl, key, idx, doc) VALUES (?1, ?2, ?3, ?4)")?;
+        for row in &batch.puts {
+            put.execute(params![row.table, row.key, row.idx, row.doc])?;
+        }
+        let mut del = tx.prepare_cached("DELETE FROM docs WHERE tbl = ?1 AND key = ?2")?;
+        for (table, key) in &batch.deletes {
+            del.execute(params![table, key])?;
+        }
+        let mut out = tx.prepare_cached("INSERT INTO outbox (id, subject, event) VALUES (?1, ?2, ?3)")?;
+        for env in &batch.outbox {
+            let bytes = serde_json::to_vec(env).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            out.execute(params![env.id, env.subject, bytes])?;
+        }
+        let mut cur = tx.prepare_cached(
+            "INSERT INTO cursors (producer, position) VALUES (?1, ?2) \
+             ON CONFLICT (producer) DO UPDATE SET position = max(position, excluded.position)",
+        )?;
+        for (producer, position) in &batch.cursors {
+            cur.execute(params![producer, *position as i64])?;
+        }
+        let mut inbox = tx.prepare_cached("INSERT OR IGNORE INTO inbox (id) VALUES (?1)")?;
+        for id in &batch.inbox {
+            inbox.execute(params![id])?;
+        }
+    }
+    let head: i64 = tx.query_row("SELECT coalesce(max(position), 0) FROM outbox", [], |r| r.get(0))?;
+    tx.commit()?;
+    Ok(head as u64)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT key, idx, doc FROM docs WHERE tbl = ?1 AND key = ?2")?
+                .query_row(params![table, key], |r| row_from(table, r))
+                .optional()
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        table: &'static str,
+        idx: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Row>, StoreError> {
+        let (idx, after) = (idx.map(str::to_owned), after.unwrap_or("").to_owned());
+        self.read(move |c| {
+            let mut stmt = match idx {
+                Some(_) => c.prepare_cached(
+                    "SELECT key, idx, doc FROM docs WHERE tbl = ?1 AND idx = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
+                )?,
+                None => c.prepare_cached(
+                    "SELECT key, idx, doc FROM docs WHERE tbl = ?1 AND ?2 IS NULL AND key > ?3 ORDER BY key LIMIT ?4",
+                )?,
+            };
+            let rows = stmt.query_map(params![table, idx, after, limit], |r| row_from(table, r))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT idx, count(*) FROM docs WHERE tbl = ?1 AND idx IS NOT NULL GROUP BY idx ORDER BY idx",
+            )?;
+            let rows = stmt.query_map(params![table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = writer.lock().unwrap_or_else(|p| p.into_inner());
+            write_batch(&mut c, &batch)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
+                StoreError::Conflict(f.to_string())
+            }
+            other => unavailable(other),
+        })
+    }
+
+    async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        let raw: Vec<(i64, Vec<u8>)> = self
+            .read(move |c| {
+                let mut stmt =
+                    c.prepare_cached("SELECT position, event FROM outbox WHERE position > ?1 ORDER BY position LIMIT ?2")?;
+                let rows = stmt.query_map(params![position as i64, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        raw.iter().map(|(p, e)| decode_outbox(*p, e)).collect()
+    }
+
+    async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        let subject = subject.to_owned();
+        let raw: Vec<(i64, Vec<u8>)> = self
+            .read(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT position, event FROM outbox WHERE subject = ?1 ORDER BY position LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![subject, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        raw.iter().map(|(p, e)| decode_outbox(*p, e)).collect()
+    }
+
+    async fn outbox_head(&self) -> Result<u64, StoreError> {
+        self.read(|c| c.query_row("SELECT coalesce(max(position), 0) FROM outbox", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(|h| h as u64)
+    }
+
+    async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
+        let producer = producer.to_owned();
+        self.read(move |c| {
+            c.query_row("SELECT position FROM cursors WHERE producer = ?1", params![producer], |r| r.get::<_, i64>(0))
+                .optional()
+        })
+        .await
+        .map(|p| p.unwrap_or(0) as u64)
+    }
+
+    async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
+        let id = event_id.to_owned();
+        self.read(move |c| c.query_row("SELECT 1 FROM inbox WHERE id = ?1", params![id], |_| Ok(())).optional())
+            .await
+            .map(|r| r.is_some())
+    }
+}
