@@ -8,8 +8,10 @@
 pub mod bus;
 pub mod config;
 pub mod contract;
+pub mod events;
 pub mod memory_store;
 pub mod metrics;
 pub mod ports;
+pub mod services;
 pub mod runtime;
 pub mod table;

@@ -1,0 +1,89 @@
+//! Small pieces every service uses: API errors, per-subject sequences and
+//! derived ids.
+
+use crate::ports::StoreError;
+use crate::table::Table;
+use orderly_domain::ids::{ID_LEN_MAX, fnv1a};
+
+/// Why an API command was refused. The HTTP layer maps each kind to one status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The input is invalid (400/422).
+    #[error("{detail}")]
+    Invalid {
+        /// Stable problem slug, e.g. `invalid-quantity`.
+        kind: &'static str,
+        /// Human explanation.
+        detail: String,
+    },
+    /// The thing does not exist (404).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with current state (409), e.g. not enough stock.
+    #[error("{detail}")]
+    Conflict {
+        /// Stable problem slug, e.g. `insufficient-stock`.
+        kind: &'static str,
+        /// Human explanation.
+        detail: String,
+    },
+    /// The engine is overloaded; retry after a moment (429).
+    #[error("engine busy; retry shortly")]
+    Busy,
+    /// The engine could not commit or answer in time (503).
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// An invalid-input error.
+    pub fn invalid(kind: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError::Invalid { kind, detail: detail.into() }
+    }
+
+    /// A conflict error.
+    pub fn conflict(kind: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError::Conflict { kind, detail: detail.into() }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+/// The reply channel of an API command.
+pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ApiError>>;
+
+/// Per-subject event sequences for services whose events are not numbered by
+/// an aggregate's own version.
+pub struct Sequences(pub Table<u64>);
+
+impl Sequences {
+    /// A sequence table named `seq`.
+    pub fn new() -> Sequences {
+        Sequences(Table::new("seq", 100_000, |_| None))
+    }
+
+    /// The next sequence number for `subject` (1, 2, 3, …).
+    pub async fn next(&mut self, store: &dyn crate::ports::Store, subject: &str) -> Result<u64, StoreError> {
+        self.0.load(store, subject).await?;
+        let next = self.0.get(subject).copied().unwrap_or(0) + 1;
+        self.0.insert(subject.to_owned(), next);
+        Ok(next)
+    }
+}
+
+impl Default for Sequences {
+    fn default() -> Self {
+        Sequences::new()
+    }
+}
+
+/// Derives an id `<base><suffix>`, hashing `base` down when the result would
+/// exceed the id length limit, so derived ids are always valid and stable.
+pub fn derived_id(base: &str, suffix: &str) -> String {
+    let s = format!("{base}{suffix}");
+    if s.len() <= ID_LEN_MAX { s } else { format!("{:016x}{suffix}", fnv1a(base.as_bytes())) }
+}

@@ -1,0 +1,6 @@
+//! The six services. Each owns its store and talks to the others only
+//! through events; the API reaches it through its command channel.
+
+pub mod common;
+pub mod packing;
+pub mod picking;
