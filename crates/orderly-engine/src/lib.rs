@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod config;
 pub mod contract;
+pub mod engine;
 pub mod events;
 pub mod memory_store;
 pub mod metrics;

@@ -52,11 +52,12 @@ pub struct Tx {
     ctx: Arc<Ctx>,
     batch: Batch,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    head: u64,
 }
 
 impl Tx {
-    fn new(ctx: Arc<Ctx>) -> Tx {
-        Tx { now: ctx.clock.now(), ctx, batch: Batch::default(), after_commit: Vec::new() }
+    fn new(ctx: Arc<Ctx>, head: u64) -> Tx {
+        Tx { now: ctx.clock.now(), ctx, batch: Batch::default(), after_commit: Vec::new(), head }
     }
 
     /// The service's own store (for cache misses and queries).
@@ -79,20 +80,25 @@ impl Tx {
         uuid_v7(self.now, self.ctx.rng.as_ref())
     }
 
-    /// Appends an event to the outbox of this batch.
-    pub fn emit(&mut self, event_type: EventType, subject: &str, sequence: u64, data: serde_json::Value) -> &Envelope {
+    /// Appends an event to the outbox of this batch with an explicit
+    /// per-subject sequence (an aggregate's version).
+    pub fn emit_seq(&mut self, event_type: EventType, subject: &str, sequence: u64, data: serde_json::Value) -> &mut Envelope {
         let id = self.new_id();
         let env = Envelope::new(id, &self.ctx.source, event_type, subject, self.now, sequence, data);
         self.batch.outbox.push(env);
-        self.batch.outbox.last().expect("an envelope was just pushed")
+        self.batch.outbox.last_mut().expect("an envelope was just pushed")
+    }
+
+    /// Appends an event whose sequence is its position in this service's
+    /// outbox: strictly increasing for every subject, with no lookup.
+    pub fn emit(&mut self, event_type: EventType, subject: &str, data: serde_json::Value) -> &mut Envelope {
+        let sequence = self.head + self.batch.outbox.len() as u64 + 1;
+        self.emit_seq(event_type, subject, sequence, data)
     }
 
     /// Like [`Tx::emit`], marking the event for the high-priority channel.
-    pub fn emit_high(&mut self, event_type: EventType, subject: &str, sequence: u64, data: serde_json::Value) {
-        self.emit(event_type, subject, sequence, data);
-        if let Some(last) = self.batch.outbox.last_mut() {
-            last.priority = Some("high".to_owned());
-        }
+    pub fn emit_high(&mut self, event_type: EventType, subject: &str, data: serde_json::Value) {
+        self.emit(event_type, subject, data).priority = Some("high".to_owned());
     }
 
     /// Puts a raw row into this batch (for tables not cached by a [`crate::table::Table`]).
@@ -189,15 +195,24 @@ pub async fn run<S: Service>(
         spawn_forwarder(source.changes(), wake.clone(), shutdown.clone());
     }
     let mut retry = RetryState::default();
+    let mut head = match ctx.store.outbox_head().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(service = ctx.service, error = %e, "cannot read the outbox head; service not started");
+            return;
+        }
+    };
     let mut pending: Vec<S::Command> = Vec::new();
+    let mut closed = false;
     loop {
-        while pending.len() < COMMAND_BATCH_MAX {
+        while !closed && pending.len() < COMMAND_BATCH_MAX {
             match commands.try_recv() {
                 Ok(c) => pending.push(c),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
             }
         }
-        let worked = turn(&mut service, &ctx, std::mem::take(&mut pending), &sources, &mut retry, &publish).await;
+        let worked = turn(&mut service, &ctx, std::mem::take(&mut pending), &sources, &mut retry, &publish, &mut head).await;
         if *shutdown.borrow() {
             return;
         }
@@ -206,9 +221,9 @@ pub async fn run<S: Service>(
         }
         let sleep_ms = idle_sleep_ms(&service, &ctx, &retry);
         tokio::select! {
-            c = commands.recv() => match c {
+            c = commands.recv(), if !closed => match c {
                 Some(c) => pending.push(c),
-                None => if *shutdown.borrow() { return },
+                None => closed = true,
             },
             _ = wake.notified() => {},
             _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)) => {},
@@ -263,8 +278,9 @@ async fn turn<S: Service>(
     sources: &[Arc<dyn EventSource>],
     retry: &mut RetryState,
     publish: &(impl Fn(u64) + Send),
+    head: &mut u64,
 ) -> bool {
-    let mut tx = Tx::new(ctx.clone());
+    let mut tx = Tx::new(ctx.clone(), *head);
     let mut worked = !commands.is_empty();
     for cmd in commands {
         service.on_command(&mut tx, cmd).await;
@@ -289,7 +305,9 @@ async fn turn<S: Service>(
         service.on_tick(&mut tx).await;
         worked = true;
     }
-    commit(service, ctx, tx, sources, &marks, publish).await;
+    if let Some(h) = commit(service, ctx, tx, sources, &marks, publish).await {
+        *head = h;
+    }
     worked
 }
 
@@ -364,7 +382,7 @@ async fn commit<S: Service>(
     sources: &[Arc<dyn EventSource>],
     marks: &[(usize, u64)],
     publish: &(impl Fn(u64) + Send),
-) {
+) -> Option<u64> {
     let mut staged = Ok(());
     for table in service.tables() {
         if let Err(e) = table.stage(&mut tx.batch) {
@@ -374,7 +392,7 @@ async fn commit<S: Service>(
     }
     if tx.batch.is_empty() && staged.is_ok() {
         tx.after_commit.drain(..).for_each(|f| f());
-        return;
+        return None;
     }
     let emitted = tx.batch.outbox.len() as u64;
     let result = match staged {
@@ -392,12 +410,14 @@ async fn commit<S: Service>(
                 publish(head);
             }
             tx.after_commit.drain(..).for_each(|f| f());
+            Some(head)
         }
         Err(e) => {
             tracing::error!(service = ctx.service, error = %e, "commit failed; batch rolled back");
             ctx.metrics.inc("orderly_commit_failures_total", &[("service", ctx.service)], 1);
             service.tables().into_iter().for_each(|t| t.rollback());
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            None
         }
     }
 }

@@ -2,7 +2,6 @@
 //! derived ids.
 
 use crate::ports::StoreError;
-use crate::table::Table;
 use orderly_domain::ids::{ID_LEN_MAX, fnv1a};
 
 /// Why an API command was refused. The HTTP layer maps each kind to one status.
@@ -55,31 +54,6 @@ impl From<StoreError> for ApiError {
 
 /// The reply channel of an API command.
 pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ApiError>>;
-
-/// Per-subject event sequences for services whose events are not numbered by
-/// an aggregate's own version.
-pub struct Sequences(pub Table<u64>);
-
-impl Sequences {
-    /// A sequence table named `seq`.
-    pub fn new() -> Sequences {
-        Sequences(Table::new("seq", 100_000, |_| None))
-    }
-
-    /// The next sequence number for `subject` (1, 2, 3, …).
-    pub async fn next(&mut self, store: &dyn crate::ports::Store, subject: &str) -> Result<u64, StoreError> {
-        self.0.load(store, subject).await?;
-        let next = self.0.get(subject).copied().unwrap_or(0) + 1;
-        self.0.insert(subject.to_owned(), next);
-        Ok(next)
-    }
-}
-
-impl Default for Sequences {
-    fn default() -> Self {
-        Sequences::new()
-    }
-}
 
 /// Derives an id `<base><suffix>`, hashing `base` down when the result would
 /// exceed the id length limit, so derived ids are always valid and stable.

@@ -2,5 +2,6 @@
 //! through events; the API reaches it through its command channel.
 
 pub mod common;
+pub mod inventory;
 pub mod packing;
 pub mod picking;

@@ -2,7 +2,7 @@
 //! them into packages on request; a package emits `pack.completed`, which
 //! shipping turns into a label.
 
-use super::common::{ApiError, Reply, Sequences};
+use super::common::{ApiError, Reply};
 use crate::events::{self, AllocationData, PackCompleted, PickData};
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{Staged, Table};
@@ -68,7 +68,6 @@ pub struct Packing {
     picked: Table<PickedItem>,
     orders: Table<OrderInfo>,
     packages: Table<Package>,
-    seq: Sequences,
     unit_weight_g: u32,
 }
 
@@ -79,7 +78,6 @@ impl Packing {
             picked: Table::new("picked", 100_000, |p: &PickedItem| Some(p.pick.order_id.as_str().to_owned())),
             orders: Table::new("orders", 100_000, |_| None),
             packages: Table::new("packages", 10_000, |p: &Package| Some(p.order_id.as_str().to_owned())),
-            seq: Sequences::new(),
             unit_weight_g,
         }
     }
@@ -133,7 +131,6 @@ impl Packing {
                 item.package_id = Some(package.id.clone());
             }
         }
-        let sequence = self.seq.next(tx.store(), order_id.as_str()).await?;
         let data = PackCompleted {
             package_id: package.id.clone(),
             order_id: order_id.clone(),
@@ -144,7 +141,7 @@ impl Packing {
             priority,
             weight_g: package.weight_g,
         };
-        tx.emit(EventType::PackCompleted, order_id.as_str(), sequence, events::data(&data));
+        tx.emit(EventType::PackCompleted, order_id.as_str(), events::data(&data));
         self.packages.insert(package.id.clone(), package.clone());
         Ok(package)
     }
@@ -191,6 +188,6 @@ impl Service for Packing {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.picked, &mut self.orders, &mut self.packages, &mut self.seq.0]
+        vec![&mut self.picked, &mut self.orders, &mut self.packages]
     }
 }

@@ -3,7 +3,7 @@
 //! instruction key (order line id + sequence); a duplicate confirmation has
 //! no second effect.
 
-use super::common::{ApiError, Reply, Sequences, derived_id};
+use super::common::{ApiError, Reply, derived_id};
 use crate::events::{self, OrderAllocated, OrderCanceled, PickData};
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{Staged, Table};
@@ -128,7 +128,6 @@ pub enum Command {
 pub struct Picking {
     tasks: Table<PickTask>,
     line_picks: Table<u64>,
-    seq: Sequences,
     queues: HashMap<LocationId, PickQueue<PickId>>,
     assigned: HashMap<PickId, Timestamp>,
     open_by_order: HashMap<OrderId, Vec<PickId>>,
@@ -141,7 +140,6 @@ impl Picking {
         let mut svc = Picking {
             tasks: Table::new("picks", TASK_CACHE_MAX, |t: &PickTask| Some(t.status.as_str().to_owned())),
             line_picks: Table::new("line_picks", 100_000, |_| None),
-            seq: Sequences::new(),
             queues: HashMap::new(),
             assigned: HashMap::new(),
             open_by_order: HashMap::new(),
@@ -202,7 +200,7 @@ impl Picking {
         for a in &ev.allocations {
             self.line_picks.load(tx.store(), a.line_id.as_str()).await?;
         }
-        let seq_subject = ev.order_id.as_str();
+        let subject = ev.order_id.as_str();
         for a in ev.allocations {
             let n = self.line_picks.get(a.line_id.as_str()).copied().unwrap_or(0) + 1;
             self.line_picks.insert(a.line_id.as_str().to_owned(), n);
@@ -224,12 +222,11 @@ impl Picking {
                 reason: None,
             };
             self.track_open(&task);
-            let sequence = self.seq.next(tx.store(), seq_subject).await?;
             let data = events::data(&pick_data(&task));
             if task.priority == Priority::SameDay {
-                tx.emit_high(EventType::PickRequested, seq_subject, sequence, data);
+                tx.emit_high(EventType::PickRequested, subject, data);
             } else {
-                tx.emit(EventType::PickRequested, seq_subject, sequence, data);
+                tx.emit(EventType::PickRequested, subject, data);
             }
             self.tasks.insert(id.as_str().to_owned(), task);
         }
@@ -249,8 +246,7 @@ impl Picking {
                 q.remove_where(|t| t == &task.id);
             }
             self.close(&task);
-            let sequence = self.seq.next(tx.store(), ev.order_id.as_str()).await?;
-            tx.emit(EventType::PickCanceled, ev.order_id.as_str(), sequence, events::data(&pick_data(&task)));
+            tx.emit(EventType::PickCanceled, ev.order_id.as_str(), events::data(&pick_data(&task)));
         }
         Ok(())
     }
@@ -306,7 +302,6 @@ impl Picking {
             }
             _ => {}
         }
-        let sequence = self.seq.next(tx.store(), task.order_id.as_str()).await?;
         let Some(t) = self.tasks.get_mut(pick_id.as_str()) else { return Err(ApiError::NotFound(pick_id.to_string())) };
         t.status = if short_reason.is_some() { PickStatus::Short } else { PickStatus::Completed };
         t.qty_picked = qty_picked;
@@ -317,7 +312,7 @@ impl Picking {
         }
         self.close(&task);
         let kind = if task.status == PickStatus::Short { EventType::PickShort } else { EventType::PickCompleted };
-        tx.emit(kind, task.order_id.as_str(), sequence, events::data(&pick_data(&task)));
+        tx.emit(kind, task.order_id.as_str(), events::data(&pick_data(&task)));
         tx.ctx().metrics.inc("orderly_picks_completed_total", &[("priority", task.priority.as_str())], 1);
         Ok(PickOutcome { task, duplicate: false })
     }
@@ -399,6 +394,6 @@ impl Service for Picking {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.tasks, &mut self.line_picks, &mut self.seq.0]
+        vec![&mut self.tasks, &mut self.line_picks]
     }
 }

@@ -1,0 +1,265 @@
+//! The engine: every service started over its own store, wired to the
+//! producers it subscribes to, with a typed way for the API to call them.
+//! The embedded mode, the simulator and the benchmark all start this.
+
+use crate::bus::{EventSource, OutboxSource, Publisher};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::ports::{Clock, Rng, Store, StoreError};
+use crate::runtime::{self, Ctx, Service};
+use crate::services::common::ApiError;
+use orderly_domain::Timestamp;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Every service, in start order.
+pub const SERVICES: [&str; 6] = ["orders", "inventory", "picking", "packing", "shipping", "notifications"];
+
+/// Longest the API waits for a service to answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the engine runs on: a store per service, time and randomness.
+#[derive(Clone)]
+pub struct Adapters {
+    /// One store per service name in [`SERVICES`].
+    pub stores: HashMap<&'static str, Arc<dyn Store>>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Randomness.
+    pub rng: Arc<dyn Rng>,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A service's store is missing from [`Adapters`].
+    #[error("no store configured for service {0}")]
+    MissingStore(&'static str),
+    /// A store failed while the engine loaded its state.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A consumer's position behind one producer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConsumerLag {
+    /// Consuming service.
+    pub consumer: &'static str,
+    /// Producing service.
+    pub producer: &'static str,
+    /// Events published but not yet processed.
+    pub backlog: u64,
+    /// Age of the oldest unprocessed event, in seconds (0 when caught up).
+    pub lag_seconds: f64,
+}
+
+/// A running service's command channel.
+pub struct Handle<C> {
+    tx: mpsc::Sender<C>,
+}
+
+impl<C> Clone for Handle<C> {
+    fn clone(&self) -> Self {
+        Handle { tx: self.tx.clone() }
+    }
+}
+
+impl<C: Send + 'static> Handle<C> {
+    /// Sends a command built around a reply channel and waits for the answer.
+    /// A full queue is [`ApiError::Busy`] (the API answers 429); a service that
+    /// does not answer in time, or whose batch failed to commit, is
+    /// [`ApiError::Unavailable`].
+    pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> C) -> Result<T, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::Busy,
+            mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("service stopped".into()),
+        })?;
+        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ApiError::Unavailable("the batch holding this request did not commit; retry".into())),
+            Err(_) => Err(ApiError::Unavailable("timed out waiting for the engine".into())),
+        }
+    }
+
+    /// Commands waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Builds and runs the services.
+pub struct EngineBuilder {
+    adapters: Adapters,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    publishers: HashMap<&'static str, Publisher>,
+    sources: Vec<(&'static str, Arc<dyn EventSource>)>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl EngineBuilder {
+    /// Prepares an engine: checks every store and reads every outbox head.
+    pub async fn new(settings: Settings, adapters: Adapters) -> Result<EngineBuilder, StartError> {
+        let mut publishers = HashMap::new();
+        for name in SERVICES {
+            let store = adapters.stores.get(name).ok_or(StartError::MissingStore(name))?;
+            publishers.insert(name, Publisher::new(store.outbox_head().await?));
+        }
+        Ok(EngineBuilder {
+            adapters,
+            settings: Arc::new(settings),
+            metrics: Arc::new(Metrics::default()),
+            publishers,
+            sources: Vec::new(),
+            shutdown: watch::Sender::new(false),
+            tasks: Vec::new(),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The shared metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// A service's store.
+    pub fn store(&self, name: &'static str) -> Arc<dyn Store> {
+        self.adapters.stores[name].clone()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.adapters.clock.clone()
+    }
+
+    /// The random source.
+    pub fn rng(&self) -> Arc<dyn Rng> {
+        self.adapters.rng.clone()
+    }
+
+    /// A receiver that turns true when the engine shuts down (for workers).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Keeps a worker task to be awaited on shutdown.
+    pub fn keep(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+
+    /// Starts `service` under `name`, consuming the given producers (each with a
+    /// filter on event type names), and returns its command handle.
+    pub async fn spawn<S: Service>(
+        &mut self,
+        name: &'static str,
+        service: S,
+        subscriptions: &[(&'static str, fn(&str) -> bool)],
+    ) -> Result<Handle<S::Command>, StartError> {
+        let store = self.store(name);
+        let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
+        for (producer, filter) in subscriptions {
+            let cursor = store.cursor(producer).await?;
+            let source: Arc<dyn EventSource> = Arc::new(OutboxSource::new(
+                producer,
+                self.store(producer),
+                self.publishers[producer].clone(),
+                cursor,
+                *filter,
+            ));
+            self.sources.push((name, source.clone()));
+            sources.push(source);
+        }
+        let ctx = Arc::new(Ctx {
+            service: name,
+            source: format!("/orderly/{name}"),
+            clock: self.adapters.clock.clone(),
+            rng: self.adapters.rng.clone(),
+            store,
+            metrics: self.metrics.clone(),
+            max_attempts: self.settings.bus.max_attempts.max(1),
+        });
+        let (tx, rx) = mpsc::channel(self.settings.bus.queue_capacity.max(1));
+        let publisher = self.publishers[name].clone();
+        let shutdown = self.shutdown.subscribe();
+        self.tasks.push(tokio::spawn(runtime::run(service, ctx, rx, sources, move |h| publisher.publish(h), shutdown)));
+        Ok(Handle { tx })
+    }
+
+    /// Finishes building: the running engine's shared parts.
+    pub fn finish(self) -> Runtime {
+        Runtime {
+            settings: self.settings,
+            metrics: self.metrics,
+            adapters: self.adapters,
+            sources: self.sources,
+            shutdown: self.shutdown,
+            tasks: tokio::sync::Mutex::new(self.tasks),
+        }
+    }
+}
+
+/// The running services' shared parts: stores, metrics, lag, shutdown.
+pub struct Runtime {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    adapters: Adapters,
+    sources: Vec<(&'static str, Arc<dyn EventSource>)>,
+    shutdown: watch::Sender<bool>,
+    tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Runtime {
+    /// A service's store (read-only use: queries).
+    pub fn store(&self, name: &str) -> Option<Arc<dyn Store>> {
+        self.adapters.stores.get(name).cloned()
+    }
+
+    /// Now, by the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.adapters.clock.now()
+    }
+
+    /// Lag of every consumer behind every producer it reads.
+    pub async fn consumer_lag(&self) -> Vec<ConsumerLag> {
+        let now = self.now();
+        let mut out = Vec::new();
+        for (consumer, source) in &self.sources {
+            let backlog = source.backlog();
+            let mut lag_seconds = 0.0;
+            if backlog > 0 {
+                let producer = self.adapters.stores[source.producer()].clone();
+                let cursor = self.adapters.stores[consumer].cursor(source.producer()).await.unwrap_or(0);
+                if let Ok(first) = producer.outbox_after(cursor, 1).await {
+                    if let Some(r) = first.first() {
+                        lag_seconds = (now.since(r.envelope.time).max(0) as f64) / 1000.0;
+                    }
+                }
+            }
+            out.push(ConsumerLag { consumer, producer: source.producer(), backlog, lag_seconds });
+        }
+        out
+    }
+
+    /// Stops every service after its batch in flight and waits for them.
+    pub async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().await);
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! The inventory service: stock per SKU × location × partition, cart holds,
+//! per-SKU backorder queues, and the routing of order lines to locations.
+//!
+//! Oversell protection lives in the ledger (available = on hand − reserved −
+//! safety, asserted after every change); this service feeds it. Every handler
+//! first loads everything it will touch, then decides and applies in memory,
+//! so a store failure can only happen before state changes.
+
+use super::common::{ApiError, Reply};
+use crate::events::{self, AllocationData, InventoryBackordered, InventoryReserved, OrderCanceled, OrderCreated, PickData, StockMoved, UnfilledData};
+use crate::runtime::{EventError, Service, Tx};
+use crate::table::{Staged, Table};
+use orderly_domain::allocation::{Location, RouteLine, route};
+use orderly_domain::event::{Envelope, EventType};
+use orderly_domain::ids::fnv1a;
+use orderly_domain::ledger::{InventorySnapshot, LedgerCommand, LedgerConfig, LedgerError, LedgerEvent, SkuLedger};
+use orderly_domain::{HoldId, LineId, LocationId, OrderId, Qty, Sku, Timestamp, Zone};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How far out a backordered line is promised, absent better information.
+pub const BACKORDER_ETA_MS: i64 = 3 * 86_400_000;
+/// Most lines in one order.
+pub const ORDER_LINES_MAX: usize = 100;
+
+/// What inventory remembers of an order: its lines (to release them on cancel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    /// Order id.
+    pub order_id: OrderId,
+    /// Destination zone.
+    pub zone: Zone,
+    /// Lines and their SKUs.
+    pub lines: Vec<(LineId, Sku, Qty)>,
+}
+
+/// Where a hold lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRef {
+    /// SKU.
+    pub sku: Sku,
+    /// When it expires.
+    pub expires_at: Timestamp,
+    /// For a synchronous reservation: the line it is for.
+    #[serde(default)]
+    pub line: Option<LineId>,
+}
+
+/// A hold as shown to the storefront.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldInfo {
+    /// Hold id (pass it in the order's `hold_ids`).
+    pub id: HoldId,
+    /// SKU.
+    pub sku: Sku,
+    /// Units.
+    pub qty: u64,
+    /// Location.
+    pub location: LocationId,
+    /// When it lapses.
+    pub expires_at: Timestamp,
+}
+
+/// The result of a synchronous reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReservation {
+    /// What was reserved where.
+    pub allocations: Vec<AllocationData>,
+    /// The holds backing them, consumed when the order is created.
+    pub hold_ids: Vec<HoldId>,
+}
+
+/// Commands from the API.
+pub enum Command {
+    /// Creates or updates a location.
+    PutLocation {
+        /// The location.
+        location: Location,
+        /// Answer.
+        reply: Reply<Location>,
+    },
+    /// Lists locations.
+    Locations {
+        /// Answer.
+        reply: Reply<Vec<Location>>,
+    },
+    /// Stock arrived.
+    Receive {
+        /// Where.
+        location: LocationId,
+        /// What.
+        sku: Sku,
+        /// How many.
+        qty: Qty,
+        /// Answer: the SKU's stock after.
+        reply: Reply<InventorySnapshot>,
+    },
+    /// A manual adjustment (or a cycle count when `counted` is set).
+    Adjust {
+        /// What.
+        sku: Sku,
+        /// Where.
+        location: LocationId,
+        /// Signed change (ignored for a count).
+        delta: i64,
+        /// A cycle count's result: on hand becomes this.
+        counted: Option<u64>,
+        /// Why.
+        reason: String,
+        /// Who.
+        user: String,
+        /// Answer.
+        reply: Reply<InventorySnapshot>,
+    },
+    /// A cart hold.
+    CreateHold {
+        /// What.
+        sku: Sku,
+        /// How many.
+        qty: Qty,
+        /// Where, if the storefront cares.
+        location: Option<LocationId>,
+        /// Answer.
+        reply: Reply<HoldInfo>,
+    },
+    /// Reserves lines before an order is acknowledged.
+    ReserveSync {
+        /// The order being created.
+        order_id: OrderId,
+        /// Destination.
+        zone: Zone,
+        /// Lines to reserve in full.
+        lines: Vec<RouteLine>,
+        /// Answer: allocations, or a conflict when stock is short.
+        reply: Reply<SyncReservation>,
+    },
+    /// A SKU's stock.
+    Get {
+        /// What.
+        sku: Sku,
+        /// Answer.
+        reply: Reply<InventorySnapshot>,
+    },
+}
+
+/// What a handler's ledger changes add up to, emitted once at the end.
+#[derive(Default)]
+struct Outcome {
+    reserved: BTreeMap<OrderId, (Vec<AllocationData>, bool)>,
+    backordered: BTreeMap<OrderId, Vec<UnfilledData>>,
+    moves: Vec<(EventType, StockMoved)>,
+    holds: Vec<(EventType, Sku, serde_json::Value)>,
+}
+
+/// The inventory service.
+pub struct Inventory {
+    cfg: LedgerConfig,
+    hold_ttl_ms: i64,
+    hold_jitter_ms: i64,
+    ledgers: Table<SkuLedger>,
+    locations: Table<Location>,
+    orders: Table<OrderRecord>,
+    holds: Table<HoldRef>,
+    expiries: BTreeSet<(Timestamp, Sku)>,
+}
+
+impl Inventory {
+    /// Opens the service: loads locations and the hold expiry schedule.
+    pub async fn open(
+        store: &dyn crate::ports::Store,
+        cfg: LedgerConfig,
+        hold_ttl_ms: i64,
+        hold_jitter_ms: i64,
+    ) -> Result<Inventory, crate::ports::StoreError> {
+        let mut svc = Inventory {
+            cfg,
+            hold_ttl_ms,
+            hold_jitter_ms,
+            ledgers: Table::new("ledgers", 50_000, |_| None),
+            locations: Table::new("locations", usize::MAX, |_| None),
+            orders: Table::new("orders", 200_000, |_| None),
+            holds: Table::new("holds", usize::MAX, |_| None),
+            expiries: BTreeSet::new(),
+        };
+        svc.locations.load_all(store).await?;
+        svc.holds.load_all(store).await?;
+        svc.expiries = svc.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
+        Ok(svc)
+    }
+
+    async fn load_ledgers(&mut self, store: &dyn crate::ports::Store, skus: Vec<Sku>) -> Result<(), crate::ports::StoreError> {
+        for sku in &skus {
+            if !self.ledgers.load(store, sku.as_str()).await? {
+                self.ledgers.insert(sku.as_str().to_owned(), SkuLedger::new(sku.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides and applies one ledger command (its ledger must be loaded).
+    fn exec(&mut self, sku: &Sku, cmd: &LedgerCommand, out: &mut Outcome) -> Result<Vec<LedgerEvent>, LedgerError> {
+        let ledger = self.ledgers.get(sku.as_str()).ok_or_else(|| LedgerError::Impossible(format!("ledger {sku} not loaded")))?;
+        let evs = ledger.decide(cmd, &self.cfg)?;
+        if evs.is_empty() {
+            return Ok(evs);
+        }
+        let ledger = self.ledgers.get_mut(sku.as_str()).expect("checked above");
+        for ev in &evs {
+            ledger.apply(ev);
+        }
+        debug_assert!(ledger.check_invariants().is_ok(), "{:?}", ledger.check_invariants());
+        for ev in &evs {
+            self.note(sku, ev, out);
+        }
+        Ok(evs)
+    }
+
+    /// Turns ledger events into what the service publishes.
+    fn note(&mut self, sku: &Sku, ev: &LedgerEvent, out: &mut Outcome) {
+        let mv = |location: &LocationId, delta: i64, reason: &str, order: Option<&OrderId>| StockMoved {
+            sku: sku.clone(),
+            location: location.clone(),
+            delta,
+            reason: reason.to_owned(),
+            user: None,
+            order_id: order.cloned(),
+        };
+        match ev {
+            LedgerEvent::Reserved { order, line, location, qty, from_backorder, .. } => {
+                let entry = out.reserved.entry(order.clone()).or_default();
+                entry.0.push(AllocationData { line_id: line.clone(), sku: sku.clone(), location: location.clone(), qty: *qty as Qty });
+                entry.1 |= *from_backorder;
+            }
+            LedgerEvent::HoldConsumed { order, line, location, qty, hold_id, .. } => {
+                let entry = out.reserved.entry(order.clone()).or_default();
+                entry.0.push(AllocationData { line_id: line.clone(), sku: sku.clone(), location: location.clone(), qty: *qty as Qty });
+                self.holds.remove(hold_id.as_str());
+                out.holds.push((EventType::HoldConsumed, sku.clone(), serde_json::json!({"hold_id": hold_id, "order_id": order})));
+            }
+            LedgerEvent::Backordered { order, line, qty, .. } => {
+                out.backordered.entry(order.clone()).or_default().push(UnfilledData { line_id: line.clone(), sku: sku.clone(), qty: *qty as Qty });
+            }
+            LedgerEvent::Released { order, location, qty, reason, .. } => {
+                let reason = serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                out.moves.push((EventType::InventoryReleased, mv(location, *qty as i64, &reason, Some(order))));
+            }
+            LedgerEvent::Received { location, qty, .. } => out.moves.push((EventType::InventoryReceived, mv(location, *qty as i64, "receipt", None))),
+            LedgerEvent::Committed { order, location, qty, .. } => {
+                out.moves.push((EventType::InventoryCommitted, mv(location, -(*qty as i64), "pick", Some(order))));
+            }
+            LedgerEvent::Adjusted { location, delta, reason, user, .. } => {
+                let mut m = mv(location, *delta, reason, None);
+                m.user = Some(user.clone());
+                out.moves.push((EventType::InventoryAdjusted, m));
+            }
+            LedgerEvent::HoldCreated { hold_id, location, qty, expires_at, .. } => {
+                self.expiries.insert((*expires_at, sku.clone()));
+                out.holds.push((EventType::HoldCreated, sku.clone(), serde_json::json!({"hold_id": hold_id, "location": location, "qty": qty, "expires_at": expires_at.to_string()})));
+            }
+            LedgerEvent::HoldExpired { hold_id, location, qty, .. } | LedgerEvent::HoldReleased { hold_id, location, qty, .. } => {
+                self.holds.remove(hold_id.as_str());
+                out.holds.push((EventType::HoldExpired, sku.clone(), serde_json::json!({"hold_id": hold_id, "location": location, "qty": qty})));
+            }
+            _ => {}
+        }
+    }
+
+    /// Emits what a handler decided: per-order reservations and backorders,
+    /// stock movements and hold events.
+    fn flush(&mut self, tx: &mut Tx, out: Outcome) {
+        let m = &tx.ctx().metrics;
+        for (event_type, _) in &out.moves {
+            if *event_type == EventType::InventoryCommitted {
+                m.inc("orderly_automated_picks_total", &[], 1);
+            }
+        }
+        for (order_id, (allocations, from_backorder)) in out.reserved {
+            let data = InventoryReserved { order_id: order_id.clone(), allocations, from_backorder };
+            tx.emit(EventType::InventoryReserved, order_id.as_str(), events::data(&data));
+        }
+        for (order_id, lines) in out.backordered {
+            tx.ctx().metrics.inc("orderly_backorders_total", &[], lines.len() as u64);
+            let data = InventoryBackordered { order_id: order_id.clone(), lines, expected_ship_date: tx.now.plus_ms(BACKORDER_ETA_MS) };
+            tx.emit(EventType::InventoryBackordered, order_id.as_str(), events::data(&data));
+        }
+        for (event_type, moved) in out.moves {
+            let subject = moved.sku.as_str().to_owned();
+            tx.emit(event_type, &subject, events::data(&moved));
+        }
+        for (event_type, sku, data) in out.holds {
+            tx.emit(event_type, sku.as_str(), data);
+        }
+    }
+
+    fn all_locations(&self) -> Vec<Location> {
+        let mut v: Vec<Location> = self.locations.iter().map(|(_, l)| l.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Routes `lines` and reserves what routing found; returns what stayed unfilled.
+    fn route_and_reserve(&mut self, order: &OrderId, zone: &Zone, lines: &[RouteLine], out: &mut Outcome) -> Vec<(LineId, Sku, Qty)> {
+        let locations = self.all_locations();
+        let ledgers = &self.ledgers;
+        let plan = route(lines, zone, &locations, |sku: &Sku, loc: &LocationId| ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc)));
+        let hint = (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32;
+        let mut unfilled: Vec<(LineId, Sku, Qty)> = Vec::new();
+        for line in plan.lines() {
+            let mut missing = 0;
+            for (location, qty) in &line.allocations {
+                let cmd = LedgerCommand::Reserve { order: order.clone(), line: line.line_id.clone(), qty: *qty, location: location.clone(), partition_hint: hint };
+                if self.exec(&line.sku, &cmd, out).is_err() {
+                    missing += qty;
+                }
+            }
+            let unrouted: Qty = plan.unfilled().iter().filter(|(l, _)| l == &line.line_id).map(|(_, q)| *q).sum();
+            if missing + unrouted > 0 {
+                unfilled.push((line.line_id.clone(), line.sku.clone(), missing + unrouted));
+            }
+        }
+        unfilled
+    }
+
+    /// Runs a per-location stock command and answers with the SKU's stock.
+    async fn stock_command(&mut self, tx: &mut Tx, sku: &Sku, location: &LocationId, cmd: LedgerCommand) -> Result<InventorySnapshot, ApiError> {
+        if self.locations.get(location.as_str()).is_none() {
+            return Err(ApiError::invalid("unknown-location", format!("location {location} does not exist; create it with PUT /v1/locations/{location}")));
+        }
+        self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
+        let mut out = Outcome::default();
+        self.exec(sku, &cmd, &mut out).map_err(ledger_error)?;
+        self.flush(tx, out);
+        Ok(self.ledgers.get(sku.as_str()).map(SkuLedger::snapshot).expect("loaded above"))
+    }
+}
+
+/// Maps a ledger rejection to what the API answers.
+fn ledger_error(e: LedgerError) -> ApiError {
+    match e {
+        LedgerError::Insufficient { .. } => ApiError::conflict("insufficient-stock", e.to_string()),
+        LedgerError::AdjustBelowZero { .. } | LedgerError::HoldExists { .. } => ApiError::conflict("stock-conflict", e.to_string()),
+        LedgerError::UnknownHold { .. } => ApiError::NotFound(e.to_string()),
+        LedgerError::Impossible(_) => ApiError::Unavailable(e.to_string()),
+        other => ApiError::invalid("invalid-stock-command", other.to_string()),
+    }
+}
+
+impl Inventory {
+    async fn create_hold(&mut self, tx: &mut Tx, sku: Sku, qty: Qty, location: Option<LocationId>) -> Result<HoldInfo, ApiError> {
+        if let Some(l) = &location {
+            if self.locations.get(l.as_str()).is_none() {
+                return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
+            }
+        }
+        self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
+        let id = HoldId::parse(format!("h-{}", tx.new_id())).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let jitter = (tx.random() % (self.hold_jitter_ms.max(0) as u64 + 1)) as i64;
+        let cmd = LedgerCommand::CreateHold { hold_id: id.clone(), qty, location, now: tx.now, ttl_ms: self.hold_ttl_ms, jitter_offset_ms: jitter };
+        let mut out = Outcome::default();
+        self.exec(&sku, &cmd, &mut out).map_err(ledger_error)?;
+        self.flush(tx, out);
+        let view = self.ledgers.get(sku.as_str()).and_then(|l| l.hold(&id)).ok_or_else(|| ApiError::Unavailable("hold vanished".into()))?;
+        self.holds.insert(id.as_str().to_owned(), HoldRef { sku: sku.clone(), expires_at: view.expires_at, line: None });
+        tx.ctx().metrics.inc("orderly_holds_created_total", &[], 1);
+        Ok(HoldInfo { id, sku, qty: view.qty, location: view.location, expires_at: view.expires_at })
+    }
+
+    async fn reserve_sync(&mut self, tx: &mut Tx, order_id: OrderId, zone: Zone, lines: Vec<RouteLine>) -> Result<SyncReservation, ApiError> {
+        if lines.is_empty() || lines.len() > ORDER_LINES_MAX {
+            return Err(ApiError::invalid("invalid-lines", format!("an order has 1 to {ORDER_LINES_MAX} lines")));
+        }
+        self.load_ledgers(tx.store(), lines.iter().map(|l| l.sku.clone()).collect()).await?;
+        let locations = self.all_locations();
+        let ledgers = &self.ledgers;
+        let plan = route(&lines, &zone, &locations, |sku: &Sku, loc: &LocationId| ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc)));
+        if !plan.is_complete() {
+            let short: Vec<String> = plan.unfilled().iter().map(|(l, q)| format!("{l} short by {q}")).collect();
+            return Err(ApiError::conflict("insufficient-stock", format!("not enough stock to reserve: {}", short.join(", "))));
+        }
+        let mut out = Outcome::default();
+        let mut result = SyncReservation { allocations: Vec::new(), hold_ids: Vec::new() };
+        for line in plan.lines() {
+            for (location, qty) in &line.allocations {
+                let n = result.hold_ids.len() + 1;
+                let id = HoldId::parse(super::common::derived_id(order_id.as_str(), &format!(".s{n}"))).map_err(|e| ApiError::invalid("invalid-order-id", e.to_string()))?;
+                let cmd = LedgerCommand::CreateHold { hold_id: id.clone(), qty: *qty, location: Some(location.clone()), now: tx.now, ttl_ms: self.hold_ttl_ms, jitter_offset_ms: 0 };
+                if let Err(e) = self.exec(&line.sku, &cmd, &mut out) {
+                    self.undo_holds(&result, &mut out);
+                    return Err(ledger_error(e));
+                }
+                let expires_at = tx.now.plus_ms(self.hold_ttl_ms);
+                self.holds.insert(id.as_str().to_owned(), HoldRef { sku: line.sku.clone(), expires_at, line: Some(line.line_id.clone()) });
+                result.hold_ids.push(id);
+                result.allocations.push(AllocationData { line_id: line.line_id.clone(), sku: line.sku.clone(), location: location.clone(), qty: *qty });
+            }
+        }
+        self.flush(tx, out);
+        Ok(result)
+    }
+
+    fn undo_holds(&mut self, made: &SyncReservation, out: &mut Outcome) {
+        for (id, a) in made.hold_ids.iter().zip(&made.allocations) {
+            let _ = self.exec(&a.sku, &LedgerCommand::ReleaseHold { hold_id: id.clone() }, out);
+        }
+    }
+
+    async fn on_order_created(&mut self, tx: &mut Tx, ev: OrderCreated) -> Result<(), EventError> {
+        if ev.lines.is_empty() || ev.lines.len() > ORDER_LINES_MAX {
+            return Err(EventError::Poison(format!("order {} has {} lines", ev.order_id, ev.lines.len())));
+        }
+        if self.orders.load(tx.store(), ev.order_id.as_str()).await? {
+            return Ok(()); // Already allocated: a redelivery.
+        }
+        let hold_skus: Vec<Sku> = ev.hold_ids.iter().filter_map(|h| self.holds.get(h).map(|r| r.sku.clone())).collect();
+        let skus = ev.lines.iter().map(|l| l.sku.clone()).chain(hold_skus).collect();
+        self.load_ledgers(tx.store(), skus).await?;
+        let mut out = Outcome::default();
+        let mut remaining: BTreeMap<LineId, Qty> = ev.lines.iter().map(|l| (l.line_id.clone(), l.qty)).collect();
+        for hold_id in &ev.hold_ids {
+            self.consume_hold(&ev, hold_id, &mut remaining, &mut out);
+        }
+        let rest: Vec<RouteLine> = ev
+            .lines
+            .iter()
+            .filter_map(|l| {
+                let qty = remaining.get(&l.line_id).copied().unwrap_or(0);
+                (qty > 0).then(|| RouteLine { line_id: l.line_id.clone(), sku: l.sku.clone(), qty })
+            })
+            .collect();
+        let unfilled = self.route_and_reserve(&ev.order_id, &ev.zone, &rest, &mut out);
+        self.backorder(&ev.order_id, unfilled, tx.now, &mut out);
+        let record = OrderRecord {
+            order_id: ev.order_id.clone(),
+            zone: ev.zone.clone(),
+            lines: ev.lines.iter().map(|l| (l.line_id.clone(), l.sku.clone(), l.qty)).collect(),
+        };
+        self.orders.insert(ev.order_id.as_str().to_owned(), record);
+        self.flush(tx, out);
+        Ok(())
+    }
+
+    /// Turns a hold into a reservation for the line it belongs to (a
+    /// synchronous hold names its line; a cart hold matches a line of its SKU).
+    fn consume_hold(&mut self, ev: &OrderCreated, hold_id: &str, remaining: &mut BTreeMap<LineId, Qty>, out: &mut Outcome) {
+        let Some(href) = self.holds.get(hold_id).cloned() else { return };
+        let Ok(hid) = HoldId::parse(hold_id) else { return };
+        let Some(qty) = self.ledgers.get(href.sku.as_str()).and_then(|l| l.hold(&hid)).map(|h| h.qty as Qty) else { return };
+        let line = ev.lines.iter().find(|l| {
+            l.sku == href.sku && remaining.get(&l.line_id).is_some_and(|r| *r >= qty) && href.line.as_ref().is_none_or(|hl| hl == &l.line_id)
+        });
+        let Some(line) = line else { return };
+        let cmd = LedgerCommand::ConsumeHold { hold_id: hid, order: ev.order_id.clone(), line: line.line_id.clone() };
+        if self.exec(&href.sku, &cmd, out).is_ok() {
+            if let Some(r) = remaining.get_mut(&line.line_id) {
+                *r -= qty;
+            }
+        }
+    }
+
+    fn backorder(&mut self, order: &OrderId, unfilled: Vec<(LineId, Sku, Qty)>, now: Timestamp, out: &mut Outcome) {
+        for (line, sku, qty) in unfilled {
+            let cmd = LedgerCommand::Backorder { order: order.clone(), line, qty, since: now };
+            if let Err(e) = self.exec(&sku, &cmd, out) {
+                tracing::error!(order_id = %order, error = %e, "could not backorder a line");
+            }
+        }
+    }
+
+    async fn on_order_canceled(&mut self, tx: &mut Tx, ev: OrderCanceled) -> Result<(), EventError> {
+        if !self.orders.load(tx.store(), ev.order_id.as_str()).await? {
+            return Ok(());
+        }
+        let record = self.orders.get(ev.order_id.as_str()).cloned().expect("loaded above");
+        let lines: Vec<(LineId, Sku)> = record.lines.iter().filter(|(l, _, _)| ev.lines.contains(l)).map(|(l, s, _)| (l.clone(), s.clone())).collect();
+        self.load_ledgers(tx.store(), lines.iter().map(|(_, s)| s.clone()).collect()).await?;
+        let mut out = Outcome::default();
+        for (line, sku) in lines {
+            if let Err(e) = self.exec(&sku, &LedgerCommand::Release { line }, &mut out) {
+                tracing::debug!(order_id = %ev.order_id, error = %e, "nothing to release");
+            }
+        }
+        self.flush(tx, out);
+        Ok(())
+    }
+
+    async fn on_pick(&mut self, tx: &mut Tx, pick: PickData, short: bool) -> Result<(), EventError> {
+        self.load_ledgers(tx.store(), vec![pick.sku.clone()]).await?;
+        self.orders.load(tx.store(), pick.order_id.as_str()).await?;
+        let mut out = Outcome::default();
+        let cmd = if short {
+            LedgerCommand::Short { line: pick.line_id.clone(), location: pick.location.clone(), qty_found: pick.qty_picked, instruction_key: pick.instruction_key.clone(), at: tx.now }
+        } else {
+            LedgerCommand::Commit { line: pick.line_id.clone(), location: pick.location.clone(), qty: pick.qty_picked, instruction_key: pick.instruction_key.clone() }
+        };
+        match self.exec(&pick.sku, &cmd, &mut out) {
+            Ok(evs) => {
+                let missing: u64 = evs.iter().map(|e| if let LedgerEvent::Shorted { qty_missing, .. } = e { *qty_missing } else { 0 }).sum();
+                if missing > 0 {
+                    let zone = self.orders.get(pick.order_id.as_str()).map(|o| o.zone.clone());
+                    if let Some(zone) = zone {
+                        let line = RouteLine { line_id: pick.line_id.clone(), sku: pick.sku.clone(), qty: missing as Qty };
+                        let unfilled = self.route_and_reserve(&pick.order_id, &zone, &[line], &mut out);
+                        self.backorder(&pick.order_id, unfilled, tx.now, &mut out);
+                    }
+                }
+            }
+            Err(e) => {
+                tx.ctx().metrics.inc("orderly_pick_ledger_rejections_total", &[], 1);
+                tracing::warn!(order_id = %pick.order_id, pick_id = %pick.pick_id, error = %e, "pick not applied to the ledger");
+            }
+        }
+        self.flush(tx, out);
+        Ok(())
+    }
+
+    async fn on_returned(&mut self, tx: &mut Tx, ev: events::OrderReturned) -> Result<(), EventError> {
+        self.load_ledgers(tx.store(), ev.allocations.iter().map(|a| a.sku.clone()).collect()).await?;
+        let mut out = Outcome::default();
+        for a in ev.allocations {
+            let cmd = LedgerCommand::Adjust { location: a.location, delta: i64::from(a.qty), reason: "return".into(), user: format!("order:{}", ev.order_id), at: tx.now };
+            if let Err(e) = self.exec(&a.sku, &cmd, &mut out) {
+                tracing::warn!(order_id = %ev.order_id, error = %e, "return not restocked");
+            }
+        }
+        self.flush(tx, out);
+        Ok(())
+    }
+}
+
+impl Service for Inventory {
+    type Command = Command;
+
+    async fn on_command(&mut self, tx: &mut Tx, cmd: Command) {
+        match cmd {
+            Command::PutLocation { location, reply } => {
+                self.locations.insert(location.id.as_str().to_owned(), location.clone());
+                tx.reply(reply, Ok(location));
+            }
+            Command::Locations { reply } => {
+                let all = self.all_locations();
+                tx.reply(reply, Ok(all));
+            }
+            Command::Receive { location, sku, qty, reply } => {
+                let r = self.stock_command(tx, &sku, &location.clone(), LedgerCommand::Receive { location, qty }).await;
+                tx.reply(reply, r);
+            }
+            Command::Adjust { sku, location, delta, counted, reason, user, reply } => {
+                let cmd = match counted {
+                    Some(counted) => LedgerCommand::CycleCount { location: location.clone(), counted, user, at: tx.now },
+                    None => LedgerCommand::Adjust { location: location.clone(), delta, reason, user, at: tx.now },
+                };
+                let r = self.stock_command(tx, &sku, &location, cmd).await;
+                if r.is_ok() {
+                    tx.ctx().metrics.inc("orderly_manual_adjustments_total", &[], 1);
+                }
+                tx.reply(reply, r);
+            }
+            Command::CreateHold { sku, qty, location, reply } => {
+                let r = self.create_hold(tx, sku, qty, location).await;
+                tx.reply(reply, r);
+            }
+            Command::ReserveSync { order_id, zone, lines, reply } => {
+                let r = self.reserve_sync(tx, order_id, zone, lines).await;
+                tx.reply(reply, r);
+            }
+            Command::Get { sku, reply } => {
+                let r = match self.ledgers.load(tx.store(), sku.as_str()).await {
+                    Ok(true) => Ok(self.ledgers.get(sku.as_str()).map(SkuLedger::snapshot).expect("loaded")),
+                    Ok(false) => Err(ApiError::NotFound(format!("sku {sku}"))),
+                    Err(e) => Err(e.into()),
+                };
+                tx.reply(reply, r);
+            }
+        }
+    }
+
+    async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
+        match event.event_type {
+            EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
+            EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
+            EventType::OrderReturned => self.on_returned(tx, events::parse(event)?).await,
+            EventType::PickCompleted => self.on_pick(tx, events::parse(event)?, false).await,
+            EventType::PickShort => self.on_pick(tx, events::parse(event)?, true).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_tick(&mut self, tx: &mut Tx) {
+        let due: Vec<Sku> = self.expiries.iter().take_while(|(t, _)| *t <= tx.now).map(|(_, s)| s.clone()).collect();
+        if due.is_empty() || self.load_ledgers(tx.store(), due.clone()).await.is_err() {
+            return;
+        }
+        self.expiries.retain(|(t, _)| *t > tx.now);
+        let mut out = Outcome::default();
+        let mut expired = 0u64;
+        for sku in due {
+            if let Ok(evs) = self.exec(&sku, &LedgerCommand::ExpireHolds { now: tx.now }, &mut out) {
+                expired += evs.iter().filter(|e| matches!(e, LedgerEvent::HoldExpired { .. })).count() as u64;
+            }
+            if let Some(next) = self.ledgers.get(sku.as_str()).and_then(SkuLedger::next_expiry) {
+                self.expiries.insert((next, sku));
+            }
+        }
+        tx.ctx().metrics.inc("orderly_holds_expired_total", &[], expired);
+        tx.ctx().metrics.set("orderly_holds_active", &[], self.holds.len() as f64);
+        self.flush(tx, out);
+    }
+
+    fn next_deadline(&self) -> Option<Timestamp> {
+        self.expiries.first().map(|(t, _)| *t)
+    }
+
+    fn tables(&mut self) -> Vec<&mut dyn Staged> {
+        vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds]
+    }
+}
