@@ -39,9 +39,12 @@ impl<'de> Deserialize<'de> for Millis {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Num(n) => n.checked_mul(1000).map(Millis).ok_or_else(|| serde::de::Error::custom("duration too large")),
-            Raw::Text(t) => Millis::parse(&t)
-                .ok_or_else(|| serde::de::Error::custom(format!("invalid duration {t:?}: use e.g. \"15m\", \"2h\", \"30s\""))),
+            Raw::Num(n) => {
+                n.checked_mul(1000).map(Millis).ok_or_else(|| serde::de::Error::custom("duration too large"))
+            }
+            Raw::Text(t) => Millis::parse(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!("invalid duration {t:?}: use e.g. \"15m\", \"2h\", \"30s\""))
+            }),
         }
     }
 }
@@ -108,7 +111,7 @@ impl Default for InventorySettings {
             safety_stock_pct: 5,
             hold_ttl: Millis(15 * 60_000),
             hold_release_jitter: Millis(2 * 60_000),
-            partitions: 4,
+            partitions: 1,
         }
     }
 }

@@ -7,7 +7,15 @@ use orderly_domain::Timestamp;
 use orderly_domain::event::{Envelope, EventType};
 
 fn event(id: &str, subject: &str, seq: u64) -> Envelope {
-    Envelope::new(id.into(), "/orderly/test", EventType::OrderCreated, subject, Timestamp(1_000), seq, serde_json::json!({"n": seq}))
+    Envelope::new(
+        id.into(),
+        "/orderly/test",
+        EventType::OrderCreated,
+        subject,
+        Timestamp(1_000),
+        seq,
+        serde_json::json!({"n": seq}),
+    )
 }
 
 fn row(key: &str, idx: Option<&str>, doc: &str) -> Row {
@@ -39,9 +47,11 @@ pub async fn check_store(store: &dyn Store) {
     assert!(store.get("things", "zz").await.expect("get").is_none(), "missing row is None");
     assert!(store.get("other", "a").await.expect("get").is_none(), "tables are separate");
 
-    let open: Vec<String> = store.scan("things", Some("open"), None, 10).await.expect("scan").into_iter().map(|r| r.key).collect();
+    let open: Vec<String> =
+        store.scan("things", Some("open"), None, 10).await.expect("scan").into_iter().map(|r| r.key).collect();
     assert_eq!(open, vec!["a", "c"], "scan by index, key order");
-    let page: Vec<String> = store.scan("things", None, Some("a"), 1).await.expect("scan").into_iter().map(|r| r.key).collect();
+    let page: Vec<String> =
+        store.scan("things", None, Some("a"), 1).await.expect("scan").into_iter().map(|r| r.key).collect();
     assert_eq!(page, vec!["b"], "scan pages after a key");
     let counts = store.count_by_idx("things").await.expect("count");
     assert_eq!(counts, vec![("done".to_owned(), 1), ("open".to_owned(), 2)]);

@@ -233,6 +233,11 @@ impl Runtime {
         self.adapters.clock.now()
     }
 
+    /// A fresh UUIDv7 from the engine's clock and random source.
+    pub fn new_id(&self, now: Timestamp) -> String {
+        crate::ports::uuid_v7(now, self.adapters.rng.as_ref())
+    }
+
     /// Lag of every consumer behind every producer it reads.
     pub async fn consumer_lag(&self) -> Vec<ConsumerLag> {
         let now = self.now();

@@ -4,7 +4,9 @@
 
 use crate::runtime::EventError;
 use orderly_domain::event::Envelope;
-use orderly_domain::{CustomerId, LineId, LocationId, Money, OrderId, PickId, Priority, Qty, ShipmentId, Sku, Timestamp, Zone};
+use orderly_domain::{
+    CustomerId, LineId, LocationId, Money, OrderId, PickId, Priority, Qty, ShipmentId, Sku, Timestamp, Zone,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 

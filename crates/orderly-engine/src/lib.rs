@@ -5,6 +5,7 @@
 //!
 //! No SQL, no NATS, no HTTP here: adapters implement [`ports`].
 
+pub mod app;
 pub mod bus;
 pub mod config;
 pub mod contract;
@@ -13,6 +14,6 @@ pub mod events;
 pub mod memory_store;
 pub mod metrics;
 pub mod ports;
-pub mod services;
 pub mod runtime;
+pub mod services;
 pub mod table;

@@ -82,7 +82,13 @@ impl Tx {
 
     /// Appends an event to the outbox of this batch with an explicit
     /// per-subject sequence (an aggregate's version).
-    pub fn emit_seq(&mut self, event_type: EventType, subject: &str, sequence: u64, data: serde_json::Value) -> &mut Envelope {
+    pub fn emit_seq(
+        &mut self,
+        event_type: EventType,
+        subject: &str,
+        sequence: u64,
+        data: serde_json::Value,
+    ) -> &mut Envelope {
         let id = self.new_id();
         let env = Envelope::new(id, &self.ctx.source, event_type, subject, self.now, sequence, data);
         self.batch.outbox.push(env);
@@ -212,7 +218,8 @@ pub async fn run<S: Service>(
                 Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
             }
         }
-        let worked = turn(&mut service, &ctx, std::mem::take(&mut pending), &sources, &mut retry, &publish, &mut head).await;
+        let worked =
+            turn(&mut service, &ctx, std::mem::take(&mut pending), &sources, &mut retry, &publish, &mut head).await;
         if *shutdown.borrow() {
             return;
         }
@@ -339,7 +346,13 @@ async fn consume<S: Service>(
 }
 
 /// Decides between retry-later (false) and dead-letter-now (true).
-fn handle_failure(tx: &mut Tx, producer: &'static str, env: &Envelope, error: EventError, retry: &mut RetryState) -> bool {
+fn handle_failure(
+    tx: &mut Tx,
+    producer: &'static str,
+    env: &Envelope,
+    error: EventError,
+    retry: &mut RetryState,
+) -> bool {
     let attempts = retry.attempts.entry(env.id.clone()).or_insert(0);
     *attempts += 1;
     let ctx = tx.ctx.clone();

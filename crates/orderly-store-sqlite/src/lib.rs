@@ -230,8 +230,9 @@ impl Store for SqliteStore {
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
         let raw: Vec<(i64, Vec<u8>)> = self
             .read(move |c| {
-                let mut stmt =
-                    c.prepare_cached("SELECT position, event FROM outbox WHERE position > ?1 ORDER BY position LIMIT ?2")?;
+                let mut stmt = c.prepare_cached(
+                    "SELECT position, event FROM outbox WHERE position > ?1 ORDER BY position LIMIT ?2",
+                )?;
                 let rows = stmt.query_map(params![position as i64, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 rows.collect()
             })

@@ -41,7 +41,8 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
 }
 
@@ -50,7 +51,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::CarrierSim { listen, seed, carriers } => carrier_sim(listen, seed, &carriers).await,
         Command::CheckConfig { config } => {
             let s = settings::load(config.as_deref(), std::env::vars())?;
-            println!("configuration is valid: {} API keys, {} carrier routes", s.auth.keys.len(), s.carriers.routes.len());
+            println!(
+                "configuration is valid: {} API keys, {} carrier routes",
+                s.auth.keys.len(),
+                s.carriers.routes.len()
+            );
             Ok(())
         }
     }

@@ -7,7 +7,10 @@
 //! so a store failure can only happen before state changes.
 
 use super::common::{ApiError, Reply};
-use crate::events::{self, AllocationData, InventoryBackordered, InventoryReserved, OrderCanceled, OrderCreated, PickData, StockMoved, UnfilledData};
+use crate::events::{
+    self, AllocationData, InventoryBackordered, InventoryReserved, OrderCanceled, OrderCreated, PickData, StockMoved,
+    UnfilledData,
+};
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
@@ -188,7 +191,11 @@ impl Inventory {
         Ok(svc)
     }
 
-    async fn load_ledgers(&mut self, store: &dyn crate::ports::Store, skus: Vec<Sku>) -> Result<(), crate::ports::StoreError> {
+    async fn load_ledgers(
+        &mut self,
+        store: &dyn crate::ports::Store,
+        skus: Vec<Sku>,
+    ) -> Result<(), crate::ports::StoreError> {
         for sku in &skus {
             if !self.ledgers.load(store, sku.as_str()).await? {
                 self.ledgers.insert(sku.as_str().to_owned(), SkuLedger::new(sku.clone()));
@@ -199,7 +206,10 @@ impl Inventory {
 
     /// Decides and applies one ledger command (its ledger must be loaded).
     fn exec(&mut self, sku: &Sku, cmd: &LedgerCommand, out: &mut Outcome) -> Result<Vec<LedgerEvent>, LedgerError> {
-        let ledger = self.ledgers.get(sku.as_str()).ok_or_else(|| LedgerError::Impossible(format!("ledger {sku} not loaded")))?;
+        let ledger = self
+            .ledgers
+            .get(sku.as_str())
+            .ok_or_else(|| LedgerError::Impossible(format!("ledger {sku} not loaded")))?;
         let evs = ledger.decide(cmd, &self.cfg)?;
         if evs.is_empty() {
             return Ok(evs);
@@ -228,23 +238,49 @@ impl Inventory {
         match ev {
             LedgerEvent::Reserved { order, line, location, qty, from_backorder, .. } => {
                 let entry = out.reserved.entry(order.clone()).or_default();
-                entry.0.push(AllocationData { line_id: line.clone(), sku: sku.clone(), location: location.clone(), qty: *qty as Qty });
+                entry.0.push(AllocationData {
+                    line_id: line.clone(),
+                    sku: sku.clone(),
+                    location: location.clone(),
+                    qty: *qty as Qty,
+                });
                 entry.1 |= *from_backorder;
             }
             LedgerEvent::HoldConsumed { order, line, location, qty, hold_id, .. } => {
-                let entry = out.reserved.entry(order.clone()).or_default();
-                entry.0.push(AllocationData { line_id: line.clone(), sku: sku.clone(), location: location.clone(), qty: *qty as Qty });
+                // A synchronous hold's allocation is already in the order
+                // (it was acknowledged with it); only cart holds are news.
+                let synchronous = self.holds.get(hold_id.as_str()).is_some_and(|h| h.line.is_some());
+                if !synchronous {
+                    let entry = out.reserved.entry(order.clone()).or_default();
+                    entry.0.push(AllocationData {
+                        line_id: line.clone(),
+                        sku: sku.clone(),
+                        location: location.clone(),
+                        qty: *qty as Qty,
+                    });
+                }
                 self.holds.remove(hold_id.as_str());
-                out.holds.push((EventType::HoldConsumed, sku.clone(), serde_json::json!({"hold_id": hold_id, "order_id": order})));
+                out.holds.push((
+                    EventType::HoldConsumed,
+                    sku.clone(),
+                    serde_json::json!({"hold_id": hold_id, "order_id": order}),
+                ));
             }
             LedgerEvent::Backordered { order, line, qty, .. } => {
-                out.backordered.entry(order.clone()).or_default().push(UnfilledData { line_id: line.clone(), sku: sku.clone(), qty: *qty as Qty });
+                out.backordered.entry(order.clone()).or_default().push(UnfilledData {
+                    line_id: line.clone(),
+                    sku: sku.clone(),
+                    qty: *qty as Qty,
+                });
             }
             LedgerEvent::Released { order, location, qty, reason, .. } => {
-                let reason = serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let reason =
+                    serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
                 out.moves.push((EventType::InventoryReleased, mv(location, *qty as i64, &reason, Some(order))));
             }
-            LedgerEvent::Received { location, qty, .. } => out.moves.push((EventType::InventoryReceived, mv(location, *qty as i64, "receipt", None))),
+            LedgerEvent::Received { location, qty, .. } => {
+                out.moves.push((EventType::InventoryReceived, mv(location, *qty as i64, "receipt", None)))
+            }
             LedgerEvent::Committed { order, location, qty, .. } => {
                 out.moves.push((EventType::InventoryCommitted, mv(location, -(*qty as i64), "pick", Some(order))));
             }
@@ -257,9 +293,14 @@ impl Inventory {
                 self.expiries.insert((*expires_at, sku.clone()));
                 out.holds.push((EventType::HoldCreated, sku.clone(), serde_json::json!({"hold_id": hold_id, "location": location, "qty": qty, "expires_at": expires_at.to_string()})));
             }
-            LedgerEvent::HoldExpired { hold_id, location, qty, .. } | LedgerEvent::HoldReleased { hold_id, location, qty, .. } => {
+            LedgerEvent::HoldExpired { hold_id, location, qty, .. }
+            | LedgerEvent::HoldReleased { hold_id, location, qty, .. } => {
                 self.holds.remove(hold_id.as_str());
-                out.holds.push((EventType::HoldExpired, sku.clone(), serde_json::json!({"hold_id": hold_id, "location": location, "qty": qty})));
+                out.holds.push((
+                    EventType::HoldExpired,
+                    sku.clone(),
+                    serde_json::json!({"hold_id": hold_id, "location": location, "qty": qty}),
+                ));
             }
             _ => {}
         }
@@ -280,7 +321,11 @@ impl Inventory {
         }
         for (order_id, lines) in out.backordered {
             tx.ctx().metrics.inc("orderly_backorders_total", &[], lines.len() as u64);
-            let data = InventoryBackordered { order_id: order_id.clone(), lines, expected_ship_date: tx.now.plus_ms(BACKORDER_ETA_MS) };
+            let data = InventoryBackordered {
+                order_id: order_id.clone(),
+                lines,
+                expected_ship_date: tx.now.plus_ms(BACKORDER_ETA_MS),
+            };
             tx.emit(EventType::InventoryBackordered, order_id.as_str(), events::data(&data));
         }
         for (event_type, moved) in out.moves {
@@ -299,16 +344,30 @@ impl Inventory {
     }
 
     /// Routes `lines` and reserves what routing found; returns what stayed unfilled.
-    fn route_and_reserve(&mut self, order: &OrderId, zone: &Zone, lines: &[RouteLine], out: &mut Outcome) -> Vec<(LineId, Sku, Qty)> {
+    fn route_and_reserve(
+        &mut self,
+        order: &OrderId,
+        zone: &Zone,
+        lines: &[RouteLine],
+        out: &mut Outcome,
+    ) -> Vec<(LineId, Sku, Qty)> {
         let locations = self.all_locations();
         let ledgers = &self.ledgers;
-        let plan = route(lines, zone, &locations, |sku: &Sku, loc: &LocationId| ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc)));
+        let plan = route(lines, zone, &locations, |sku: &Sku, loc: &LocationId| {
+            ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc))
+        });
         let hint = (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32;
         let mut unfilled: Vec<(LineId, Sku, Qty)> = Vec::new();
         for line in plan.lines() {
             let mut missing = 0;
             for (location, qty) in &line.allocations {
-                let cmd = LedgerCommand::Reserve { order: order.clone(), line: line.line_id.clone(), qty: *qty, location: location.clone(), partition_hint: hint };
+                let cmd = LedgerCommand::Reserve {
+                    order: order.clone(),
+                    line: line.line_id.clone(),
+                    qty: *qty,
+                    location: location.clone(),
+                    partition_hint: hint,
+                };
                 if self.exec(&line.sku, &cmd, out).is_err() {
                     missing += qty;
                 }
@@ -322,9 +381,18 @@ impl Inventory {
     }
 
     /// Runs a per-location stock command and answers with the SKU's stock.
-    async fn stock_command(&mut self, tx: &mut Tx, sku: &Sku, location: &LocationId, cmd: LedgerCommand) -> Result<InventorySnapshot, ApiError> {
+    async fn stock_command(
+        &mut self,
+        tx: &mut Tx,
+        sku: &Sku,
+        location: &LocationId,
+        cmd: LedgerCommand,
+    ) -> Result<InventorySnapshot, ApiError> {
         if self.locations.get(location.as_str()).is_none() {
-            return Err(ApiError::invalid("unknown-location", format!("location {location} does not exist; create it with PUT /v1/locations/{location}")));
+            return Err(ApiError::invalid(
+                "unknown-location",
+                format!("location {location} does not exist; create it with PUT /v1/locations/{location}"),
+            ));
         }
         self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
         let mut out = Outcome::default();
@@ -338,7 +406,9 @@ impl Inventory {
 fn ledger_error(e: LedgerError) -> ApiError {
     match e {
         LedgerError::Insufficient { .. } => ApiError::conflict("insufficient-stock", e.to_string()),
-        LedgerError::AdjustBelowZero { .. } | LedgerError::HoldExists { .. } => ApiError::conflict("stock-conflict", e.to_string()),
+        LedgerError::AdjustBelowZero { .. } | LedgerError::HoldExists { .. } => {
+            ApiError::conflict("stock-conflict", e.to_string())
+        }
         LedgerError::UnknownHold { .. } => ApiError::NotFound(e.to_string()),
         LedgerError::Impossible(_) => ApiError::Unavailable(e.to_string()),
         other => ApiError::invalid("invalid-stock-command", other.to_string()),
@@ -346,7 +416,13 @@ fn ledger_error(e: LedgerError) -> ApiError {
 }
 
 impl Inventory {
-    async fn create_hold(&mut self, tx: &mut Tx, sku: Sku, qty: Qty, location: Option<LocationId>) -> Result<HoldInfo, ApiError> {
+    async fn create_hold(
+        &mut self,
+        tx: &mut Tx,
+        sku: Sku,
+        qty: Qty,
+        location: Option<LocationId>,
+    ) -> Result<HoldInfo, ApiError> {
         if let Some(l) = &location {
             if self.locations.get(l.as_str()).is_none() {
                 return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
@@ -355,43 +431,82 @@ impl Inventory {
         self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
         let id = HoldId::parse(format!("h-{}", tx.new_id())).map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let jitter = (tx.random() % (self.hold_jitter_ms.max(0) as u64 + 1)) as i64;
-        let cmd = LedgerCommand::CreateHold { hold_id: id.clone(), qty, location, now: tx.now, ttl_ms: self.hold_ttl_ms, jitter_offset_ms: jitter };
+        let cmd = LedgerCommand::CreateHold {
+            hold_id: id.clone(),
+            qty,
+            location,
+            now: tx.now,
+            ttl_ms: self.hold_ttl_ms,
+            jitter_offset_ms: jitter,
+        };
         let mut out = Outcome::default();
         self.exec(&sku, &cmd, &mut out).map_err(ledger_error)?;
         self.flush(tx, out);
-        let view = self.ledgers.get(sku.as_str()).and_then(|l| l.hold(&id)).ok_or_else(|| ApiError::Unavailable("hold vanished".into()))?;
-        self.holds.insert(id.as_str().to_owned(), HoldRef { sku: sku.clone(), expires_at: view.expires_at, line: None });
+        let view = self
+            .ledgers
+            .get(sku.as_str())
+            .and_then(|l| l.hold(&id))
+            .ok_or_else(|| ApiError::Unavailable("hold vanished".into()))?;
+        self.holds
+            .insert(id.as_str().to_owned(), HoldRef { sku: sku.clone(), expires_at: view.expires_at, line: None });
         tx.ctx().metrics.inc("orderly_holds_created_total", &[], 1);
         Ok(HoldInfo { id, sku, qty: view.qty, location: view.location, expires_at: view.expires_at })
     }
 
-    async fn reserve_sync(&mut self, tx: &mut Tx, order_id: OrderId, zone: Zone, lines: Vec<RouteLine>) -> Result<SyncReservation, ApiError> {
+    async fn reserve_sync(
+        &mut self,
+        tx: &mut Tx,
+        order_id: OrderId,
+        zone: Zone,
+        lines: Vec<RouteLine>,
+    ) -> Result<SyncReservation, ApiError> {
         if lines.is_empty() || lines.len() > ORDER_LINES_MAX {
             return Err(ApiError::invalid("invalid-lines", format!("an order has 1 to {ORDER_LINES_MAX} lines")));
         }
         self.load_ledgers(tx.store(), lines.iter().map(|l| l.sku.clone()).collect()).await?;
         let locations = self.all_locations();
         let ledgers = &self.ledgers;
-        let plan = route(&lines, &zone, &locations, |sku: &Sku, loc: &LocationId| ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc)));
+        let plan = route(&lines, &zone, &locations, |sku: &Sku, loc: &LocationId| {
+            ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc))
+        });
         if !plan.is_complete() {
             let short: Vec<String> = plan.unfilled().iter().map(|(l, q)| format!("{l} short by {q}")).collect();
-            return Err(ApiError::conflict("insufficient-stock", format!("not enough stock to reserve: {}", short.join(", "))));
+            return Err(ApiError::conflict(
+                "insufficient-stock",
+                format!("not enough stock to reserve: {}", short.join(", ")),
+            ));
         }
         let mut out = Outcome::default();
         let mut result = SyncReservation { allocations: Vec::new(), hold_ids: Vec::new() };
         for line in plan.lines() {
             for (location, qty) in &line.allocations {
                 let n = result.hold_ids.len() + 1;
-                let id = HoldId::parse(super::common::derived_id(order_id.as_str(), &format!(".s{n}"))).map_err(|e| ApiError::invalid("invalid-order-id", e.to_string()))?;
-                let cmd = LedgerCommand::CreateHold { hold_id: id.clone(), qty: *qty, location: Some(location.clone()), now: tx.now, ttl_ms: self.hold_ttl_ms, jitter_offset_ms: 0 };
+                let id = HoldId::parse(super::common::derived_id(order_id.as_str(), &format!(".s{n}")))
+                    .map_err(|e| ApiError::invalid("invalid-order-id", e.to_string()))?;
+                let cmd = LedgerCommand::CreateHold {
+                    hold_id: id.clone(),
+                    qty: *qty,
+                    location: Some(location.clone()),
+                    now: tx.now,
+                    ttl_ms: self.hold_ttl_ms,
+                    jitter_offset_ms: 0,
+                };
                 if let Err(e) = self.exec(&line.sku, &cmd, &mut out) {
                     self.undo_holds(&result, &mut out);
                     return Err(ledger_error(e));
                 }
                 let expires_at = tx.now.plus_ms(self.hold_ttl_ms);
-                self.holds.insert(id.as_str().to_owned(), HoldRef { sku: line.sku.clone(), expires_at, line: Some(line.line_id.clone()) });
+                self.holds.insert(
+                    id.as_str().to_owned(),
+                    HoldRef { sku: line.sku.clone(), expires_at, line: Some(line.line_id.clone()) },
+                );
                 result.hold_ids.push(id);
-                result.allocations.push(AllocationData { line_id: line.line_id.clone(), sku: line.sku.clone(), location: location.clone(), qty: *qty });
+                result.allocations.push(AllocationData {
+                    line_id: line.line_id.clone(),
+                    sku: line.sku.clone(),
+                    location: location.clone(),
+                    qty: *qty,
+                });
             }
         }
         self.flush(tx, out);
@@ -441,12 +556,22 @@ impl Inventory {
 
     /// Turns a hold into a reservation for the line it belongs to (a
     /// synchronous hold names its line; a cart hold matches a line of its SKU).
-    fn consume_hold(&mut self, ev: &OrderCreated, hold_id: &str, remaining: &mut BTreeMap<LineId, Qty>, out: &mut Outcome) {
+    fn consume_hold(
+        &mut self,
+        ev: &OrderCreated,
+        hold_id: &str,
+        remaining: &mut BTreeMap<LineId, Qty>,
+        out: &mut Outcome,
+    ) {
         let Some(href) = self.holds.get(hold_id).cloned() else { return };
         let Ok(hid) = HoldId::parse(hold_id) else { return };
-        let Some(qty) = self.ledgers.get(href.sku.as_str()).and_then(|l| l.hold(&hid)).map(|h| h.qty as Qty) else { return };
+        let Some(qty) = self.ledgers.get(href.sku.as_str()).and_then(|l| l.hold(&hid)).map(|h| h.qty as Qty) else {
+            return;
+        };
         let line = ev.lines.iter().find(|l| {
-            l.sku == href.sku && remaining.get(&l.line_id).is_some_and(|r| *r >= qty) && href.line.as_ref().is_none_or(|hl| hl == &l.line_id)
+            l.sku == href.sku
+                && remaining.get(&l.line_id).is_some_and(|r| *r >= qty)
+                && href.line.as_ref().is_none_or(|hl| hl == &l.line_id)
         });
         let Some(line) = line else { return };
         let cmd = LedgerCommand::ConsumeHold { hold_id: hid, order: ev.order_id.clone(), line: line.line_id.clone() };
@@ -471,7 +596,12 @@ impl Inventory {
             return Ok(());
         }
         let record = self.orders.get(ev.order_id.as_str()).cloned().expect("loaded above");
-        let lines: Vec<(LineId, Sku)> = record.lines.iter().filter(|(l, _, _)| ev.lines.contains(l)).map(|(l, s, _)| (l.clone(), s.clone())).collect();
+        let lines: Vec<(LineId, Sku)> = record
+            .lines
+            .iter()
+            .filter(|(l, _, _)| ev.lines.contains(l))
+            .map(|(l, s, _)| (l.clone(), s.clone()))
+            .collect();
         self.load_ledgers(tx.store(), lines.iter().map(|(_, s)| s.clone()).collect()).await?;
         let mut out = Outcome::default();
         for (line, sku) in lines {
@@ -488,17 +618,32 @@ impl Inventory {
         self.orders.load(tx.store(), pick.order_id.as_str()).await?;
         let mut out = Outcome::default();
         let cmd = if short {
-            LedgerCommand::Short { line: pick.line_id.clone(), location: pick.location.clone(), qty_found: pick.qty_picked, instruction_key: pick.instruction_key.clone(), at: tx.now }
+            LedgerCommand::Short {
+                line: pick.line_id.clone(),
+                location: pick.location.clone(),
+                qty_found: pick.qty_picked,
+                instruction_key: pick.instruction_key.clone(),
+                at: tx.now,
+            }
         } else {
-            LedgerCommand::Commit { line: pick.line_id.clone(), location: pick.location.clone(), qty: pick.qty_picked, instruction_key: pick.instruction_key.clone() }
+            LedgerCommand::Commit {
+                line: pick.line_id.clone(),
+                location: pick.location.clone(),
+                qty: pick.qty_picked,
+                instruction_key: pick.instruction_key.clone(),
+            }
         };
         match self.exec(&pick.sku, &cmd, &mut out) {
             Ok(evs) => {
-                let missing: u64 = evs.iter().map(|e| if let LedgerEvent::Shorted { qty_missing, .. } = e { *qty_missing } else { 0 }).sum();
+                let missing: u64 = evs
+                    .iter()
+                    .map(|e| if let LedgerEvent::Shorted { qty_missing, .. } = e { *qty_missing } else { 0 })
+                    .sum();
                 if missing > 0 {
                     let zone = self.orders.get(pick.order_id.as_str()).map(|o| o.zone.clone());
                     if let Some(zone) = zone {
-                        let line = RouteLine { line_id: pick.line_id.clone(), sku: pick.sku.clone(), qty: missing as Qty };
+                        let line =
+                            RouteLine { line_id: pick.line_id.clone(), sku: pick.sku.clone(), qty: missing as Qty };
                         let unfilled = self.route_and_reserve(&pick.order_id, &zone, &[line], &mut out);
                         self.backorder(&pick.order_id, unfilled, tx.now, &mut out);
                     }
@@ -517,7 +662,13 @@ impl Inventory {
         self.load_ledgers(tx.store(), ev.allocations.iter().map(|a| a.sku.clone()).collect()).await?;
         let mut out = Outcome::default();
         for a in ev.allocations {
-            let cmd = LedgerCommand::Adjust { location: a.location, delta: i64::from(a.qty), reason: "return".into(), user: format!("order:{}", ev.order_id), at: tx.now };
+            let cmd = LedgerCommand::Adjust {
+                location: a.location,
+                delta: i64::from(a.qty),
+                reason: "return".into(),
+                user: format!("order:{}", ev.order_id),
+                at: tx.now,
+            };
             if let Err(e) = self.exec(&a.sku, &cmd, &mut out) {
                 tracing::warn!(order_id = %ev.order_id, error = %e, "return not restocked");
             }
@@ -546,7 +697,9 @@ impl Service for Inventory {
             }
             Command::Adjust { sku, location, delta, counted, reason, user, reply } => {
                 let cmd = match counted {
-                    Some(counted) => LedgerCommand::CycleCount { location: location.clone(), counted, user, at: tx.now },
+                    Some(counted) => {
+                        LedgerCommand::CycleCount { location: location.clone(), counted, user, at: tx.now }
+                    }
                     None => LedgerCommand::Adjust { location: location.clone(), delta, reason, user, at: tx.now },
                 };
                 let r = self.stock_command(tx, &sku, &location, cmd).await;

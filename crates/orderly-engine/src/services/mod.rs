@@ -3,5 +3,6 @@
 
 pub mod common;
 pub mod inventory;
+pub mod orders;
 pub mod packing;
 pub mod picking;

@@ -82,9 +82,18 @@ impl Packing {
         }
     }
 
-    async fn pack(&mut self, tx: &mut Tx, order_id: OrderId, location: LocationId, pick_ids: Vec<PickId>) -> Result<Package, ApiError> {
+    async fn pack(
+        &mut self,
+        tx: &mut Tx,
+        order_id: OrderId,
+        location: LocationId,
+        pick_ids: Vec<PickId>,
+    ) -> Result<Package, ApiError> {
         if pick_ids.is_empty() || pick_ids.len() > PACKAGE_PICKS_MAX {
-            return Err(ApiError::invalid("invalid-pick-list", format!("pick_ids must list 1 to {PACKAGE_PICKS_MAX} picks")));
+            return Err(ApiError::invalid(
+                "invalid-pick-list",
+                format!("pick_ids must list 1 to {PACKAGE_PICKS_MAX} picks"),
+            ));
         }
         let mut lines = Vec::new();
         let mut priority = orderly_domain::Priority::Standard;
@@ -94,7 +103,10 @@ impl Packing {
             }
             let item = self.picked.get(id.as_str()).ok_or_else(|| ApiError::NotFound(id.to_string()))?;
             if item.pick.order_id != order_id || item.pick.location != location {
-                return Err(ApiError::invalid("pick-mismatch", format!("pick {id} belongs to another order or location")));
+                return Err(ApiError::invalid(
+                    "pick-mismatch",
+                    format!("pick {id} belongs to another order or location"),
+                ));
             }
             if let Some(p) = &item.package_id {
                 return Err(ApiError::conflict("already-packed", format!("pick {id} is already in package {p}")));
@@ -115,7 +127,9 @@ impl Packing {
         }
         self.orders.load(tx.store(), order_id.as_str()).await?;
         let zone = self.orders.get(order_id.as_str()).map(|o| o.zone.clone());
-        let Some(zone) = zone else { return Err(ApiError::conflict("order-unknown", "packing has not seen this order yet")) };
+        let Some(zone) = zone else {
+            return Err(ApiError::conflict("order-unknown", "packing has not seen this order yet"));
+        };
         let units: u32 = lines.iter().map(|l| l.qty).sum();
         let package = Package {
             id: format!("pkg-{}", tx.new_id()),

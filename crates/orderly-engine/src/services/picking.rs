@@ -136,7 +136,10 @@ pub struct Picking {
 
 impl Picking {
     /// Opens the service over its store, rebuilding queues from open tasks.
-    pub async fn open(store: &dyn crate::ports::Store, starvation_limit_ms: i64) -> Result<Picking, crate::ports::StoreError> {
+    pub async fn open(
+        store: &dyn crate::ports::Store,
+        starvation_limit_ms: i64,
+    ) -> Result<Picking, crate::ports::StoreError> {
         let mut svc = Picking {
             tasks: Table::new("picks", TASK_CACHE_MAX, |t: &PickTask| Some(t.status.as_str().to_owned())),
             line_picks: Table::new("line_picks", 100_000, |_| None),
@@ -182,7 +185,11 @@ impl Picking {
             (PickStatus::Assigned, Some(at)) => {
                 self.assigned.insert(task.id.clone(), at);
             }
-            _ => self.queues.entry(task.location.clone()).or_default().push(task.id.clone(), task.priority, task.enqueued_at),
+            _ => self.queues.entry(task.location.clone()).or_default().push(
+                task.id.clone(),
+                task.priority,
+                task.enqueued_at,
+            ),
         }
     }
 
@@ -284,18 +291,24 @@ impl Picking {
         if !self.tasks.load(tx.store(), pick_id.as_str()).await? {
             return Err(ApiError::NotFound(format!("pick {pick_id}")));
         }
-        let task = self.tasks.get(pick_id.as_str()).cloned().ok_or_else(|| ApiError::NotFound(format!("pick {pick_id}")))?;
+        let task =
+            self.tasks.get(pick_id.as_str()).cloned().ok_or_else(|| ApiError::NotFound(format!("pick {pick_id}")))?;
         if task.instruction_key != instruction_key {
             return Err(ApiError::invalid("instruction-key-mismatch", "instruction_key does not match this pick task"));
         }
         match task.status {
             PickStatus::Completed | PickStatus::Short => return Ok(PickOutcome { task, duplicate: true }),
-            PickStatus::Canceled => return Err(ApiError::conflict("pick-canceled", "the order was canceled; return the items")),
+            PickStatus::Canceled => {
+                return Err(ApiError::conflict("pick-canceled", "the order was canceled; return the items"));
+            }
             PickStatus::Queued | PickStatus::Assigned => {}
         }
         match &short_reason {
             None if qty_picked != task.qty => {
-                return Err(ApiError::invalid("quantity-mismatch", format!("confirm picks all {} units; use /short for fewer", task.qty)));
+                return Err(ApiError::invalid(
+                    "quantity-mismatch",
+                    format!("confirm picks all {} units; use /short for fewer", task.qty),
+                ));
             }
             Some(_) if qty_picked >= task.qty => {
                 return Err(ApiError::invalid("not-short", format!("qty_found must be less than {}", task.qty)));
@@ -384,8 +397,16 @@ impl Service for Picking {
         }
         for (location, same_day, standard) in self.queue_depths() {
             let m = &tx.ctx().metrics;
-            m.set("orderly_pick_queue_depth", &[("location", location.as_str()), ("priority", "same_day")], same_day as f64);
-            m.set("orderly_pick_queue_depth", &[("location", location.as_str()), ("priority", "standard")], standard as f64);
+            m.set(
+                "orderly_pick_queue_depth",
+                &[("location", location.as_str()), ("priority", "same_day")],
+                same_day as f64,
+            );
+            m.set(
+                "orderly_pick_queue_depth",
+                &[("location", location.as_str()), ("priority", "standard")],
+                standard as f64,
+            );
         }
     }
 

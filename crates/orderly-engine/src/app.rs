@@ -1,0 +1,389 @@
+//! The engine as the API sees it: start every service with its subscriptions,
+//! and one method per API operation. Queries read the owning service's store
+//! (which is never behind an acknowledged answer); commands go through the
+//! owning service's queue.
+
+use crate::config::Settings;
+use crate::engine::{Adapters, EngineBuilder, Handle, Runtime, StartError};
+use crate::events::AllocationData;
+use crate::ports::{CarrierApi, OutboxRecord, WebhookSink};
+use crate::runtime::{DEAD_LETTERS, DeadLetter};
+use crate::services::common::ApiError;
+use crate::services::inventory::{self, HoldInfo, Inventory, SyncReservation};
+use crate::services::orders::{self, Orders};
+use crate::services::packing::{self, Package, Packing};
+use crate::services::picking::{self, PickOutcome, PickTask, Picking};
+use orderly_domain::allocation::{AllocationMode, Location, RouteLine, allocation_mode};
+use orderly_domain::ledger::{InventorySnapshot, LedgerConfig};
+use orderly_domain::order::{DeliveryWindow, LocationQty, NewLine, NewOrder, Order, OrderPolicy, OrderState};
+use orderly_domain::{CustomerId, HoldId, LineId, LocationId, Money, OrderId, PickId, Priority, Qty, Sku, Zone};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Most orders returned by one list call.
+pub const LIST_LIMIT_MAX: u32 = 500;
+
+/// A new order as the storefront sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderRequest {
+    /// Who.
+    pub customer: Customer,
+    /// Where to.
+    pub ship_to: ShipTo,
+    /// How fast.
+    #[serde(default)]
+    pub priority: Priority,
+    /// What.
+    pub lines: Vec<LineRequest>,
+    /// Cart holds to consume.
+    #[serde(default)]
+    pub hold_ids: Vec<HoldId>,
+    /// The customer's chosen delivery window.
+    #[serde(default)]
+    pub delivery_window: Option<DeliveryWindow>,
+}
+
+/// The customer of an order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Customer {
+    /// Customer id.
+    pub id: CustomerId,
+    /// E-mail for notifications.
+    pub email: String,
+}
+
+/// Where an order ships.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShipTo {
+    /// Shipping zone.
+    pub zone: Zone,
+}
+
+/// One requested line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LineRequest {
+    /// What.
+    pub sku: Sku,
+    /// How many.
+    pub qty: Qty,
+    /// At what price.
+    pub unit_price: Money,
+}
+
+/// The running engine.
+pub struct Engine {
+    /// Shared parts: settings, metrics, stores, lag, shutdown.
+    pub runtime: Runtime,
+    orders: Handle<orders::Command>,
+    inventory: Handle<inventory::Command>,
+    picking: Handle<picking::Command>,
+    packing: Handle<packing::Command>,
+}
+
+impl Engine {
+    /// Starts every service over `adapters`.
+    pub async fn start(
+        settings: Settings,
+        adapters: Adapters,
+        _carriers: HashMap<String, Arc<dyn CarrierApi>>,
+        _webhook: Arc<dyn WebhookSink>,
+    ) -> Result<Engine, StartError> {
+        let mut b = EngineBuilder::new(settings, adapters).await?;
+        let s = b.settings().clone();
+        let pct = u8::try_from(s.inventory.safety_stock_pct)
+            .map_err(|_| StartError::Config("inventory.safety_stock_pct must be 0..=100".into()))?;
+        let ledger = LedgerConfig::new(s.inventory.partitions, pct).map_err(|e| StartError::Config(e.to_string()))?;
+        let policy = OrderPolicy { min_order_value_for_partial: s.split.min_order_value_for_partial };
+
+        let orders = b
+            .spawn(
+                "orders",
+                Orders::new(policy),
+                &[
+                    ("inventory", |t| matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered")),
+                    ("picking", |t| {
+                        matches!(t, "orderly.pick.requested" | "orderly.pick.completed" | "orderly.pick.short")
+                    }),
+                    ("packing", |t| t == "orderly.pack.completed"),
+                    ("shipping", |t| matches!(t, "orderly.shipment.label_created" | "orderly.shipment.delivered")),
+                ],
+            )
+            .await?;
+        let inv = Inventory::open(
+            b.store("inventory").as_ref(),
+            ledger,
+            s.inventory.hold_ttl.0,
+            s.inventory.hold_release_jitter.0,
+        )
+        .await?;
+        let inventory = b
+            .spawn(
+                "inventory",
+                inv,
+                &[
+                    ("orders", |t| {
+                        matches!(t, "orderly.order.created" | "orderly.order.canceled" | "orderly.order.returned")
+                    }),
+                    ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
+                ],
+            )
+            .await?;
+        let pick = Picking::open(b.store("picking").as_ref(), s.picking.starvation_limit.0).await?;
+        let picking = b
+            .spawn(
+                "picking",
+                pick,
+                &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled"))],
+            )
+            .await?;
+        let packing = b
+            .spawn(
+                "packing",
+                Packing::new(s.shipping.unit_weight_g),
+                &[
+                    ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
+                    ("orders", |t| t == "orderly.order.created"),
+                ],
+            )
+            .await?;
+        Ok(Engine { runtime: b.finish(), orders, inventory, picking, packing })
+    }
+
+    /// Stops every service after its batch in flight.
+    pub async fn shutdown(&self) {
+        self.runtime.shutdown().await;
+    }
+
+    /// Creates or updates a location.
+    pub async fn put_location(&self, location: Location) -> Result<Location, ApiError> {
+        self.inventory.call(|reply| inventory::Command::PutLocation { location, reply }).await
+    }
+
+    /// Every location.
+    pub async fn locations(&self) -> Result<Vec<Location>, ApiError> {
+        self.inventory.call(|reply| inventory::Command::Locations { reply }).await
+    }
+
+    /// Stock arrived.
+    pub async fn receive(&self, location: LocationId, sku: Sku, qty: Qty) -> Result<InventorySnapshot, ApiError> {
+        positive(qty)?;
+        self.inventory.call(|reply| inventory::Command::Receive { location, sku, qty, reply }).await
+    }
+
+    /// A manual adjustment (`counted: None`) or a cycle count.
+    pub async fn adjust(
+        &self,
+        sku: Sku,
+        location: LocationId,
+        delta: i64,
+        counted: Option<u64>,
+        reason: String,
+        user: String,
+    ) -> Result<InventorySnapshot, ApiError> {
+        self.inventory
+            .call(|reply| inventory::Command::Adjust { sku, location, delta, counted, reason, user, reply })
+            .await
+    }
+
+    /// A SKU's stock.
+    pub async fn inventory(&self, sku: Sku) -> Result<InventorySnapshot, ApiError> {
+        self.inventory.call(|reply| inventory::Command::Get { sku, reply }).await
+    }
+
+    /// A cart hold.
+    pub async fn create_hold(&self, sku: Sku, qty: Qty, location: Option<LocationId>) -> Result<HoldInfo, ApiError> {
+        positive(qty)?;
+        self.inventory.call(|reply| inventory::Command::CreateHold { sku, qty, location, reply }).await
+    }
+
+    /// Creates an order. Lines worth at least `allocation.sync_min_line_value`
+    /// are reserved first (a shortage answers 409 and creates nothing);
+    /// the rest is allocated after the order is acknowledged.
+    pub async fn create_order(&self, req: OrderRequest) -> Result<Order, ApiError> {
+        if req.lines.is_empty() || req.lines.len() > inventory::ORDER_LINES_MAX {
+            return Err(ApiError::invalid(
+                "invalid-lines",
+                format!("an order has 1 to {} lines", inventory::ORDER_LINES_MAX),
+            ));
+        }
+        for l in &req.lines {
+            positive(l.qty)?;
+        }
+        let now = self.runtime.now();
+        let order_id = OrderId::parse(format!("o-{}", self.runtime.new_id(now)))
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let threshold = self.runtime.settings.allocation.sync_min_line_value;
+        let sync_lines: Vec<RouteLine> = req
+            .lines
+            .iter()
+            .zip(1u32..)
+            .filter(|(l, _)| allocation_mode(l.unit_price.times(l.qty), threshold) == AllocationMode::Sync)
+            .map(|(l, n)| RouteLine { line_id: LineId::for_order(&order_id, n), sku: l.sku.clone(), qty: l.qty })
+            .collect();
+        let reserved = if sync_lines.is_empty() {
+            SyncReservation { allocations: Vec::new(), hold_ids: Vec::new() }
+        } else {
+            let (id, zone) = (order_id.clone(), req.ship_to.zone.clone());
+            self.inventory
+                .call(|reply| inventory::Command::ReserveSync { order_id: id, zone, lines: sync_lines, reply })
+                .await?
+        };
+        let new = new_order(order_id, req, &reserved);
+        self.orders.call(|reply| orders::Command::Create { new: Box::new(new), reply }).await
+    }
+
+    /// Cancels an order or the unshipped rest of it.
+    pub async fn cancel_order(&self, order_id: OrderId, reason: String) -> Result<Order, ApiError> {
+        self.orders.call(|reply| orders::Command::Cancel { order_id, reason, reply }).await
+    }
+
+    /// The customer asks to return an order.
+    pub async fn request_return(&self, order_id: OrderId, reason: String) -> Result<Order, ApiError> {
+        self.orders.call(|reply| orders::Command::RequestReturn { order_id, reason, reply }).await
+    }
+
+    /// A return arrived at a location.
+    pub async fn record_return(&self, order_id: OrderId, location: LocationId) -> Result<Order, ApiError> {
+        self.orders.call(|reply| orders::Command::RecordReturn { order_id, location, reply }).await
+    }
+
+    /// One order.
+    pub async fn order(&self, order_id: &OrderId) -> Result<Order, ApiError> {
+        let store = self.store("orders")?;
+        let row = store
+            .get("orders", order_id.as_str())
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("order {order_id}")))?;
+        serde_json::from_slice(&row.doc).map_err(|e| ApiError::Unavailable(format!("stored order unreadable: {e}")))
+    }
+
+    /// Orders, optionally in one state, in id order after a cursor.
+    pub async fn orders(
+        &self,
+        state: Option<OrderState>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Order>, ApiError> {
+        let store = self.store("orders")?;
+        let rows = store.scan("orders", state.map(|s| s.as_str()), after, limit.clamp(1, LIST_LIMIT_MAX)).await?;
+        rows.iter()
+            .map(|r| {
+                serde_json::from_slice(&r.doc)
+                    .map_err(|e| ApiError::Unavailable(format!("stored order unreadable: {e}")))
+            })
+            .collect()
+    }
+
+    /// Orders per state.
+    pub async fn orders_by_state(&self) -> Result<Vec<(String, u64)>, ApiError> {
+        Ok(self.store("orders")?.count_by_idx("orders").await?)
+    }
+
+    /// An order's events, oldest first.
+    pub async fn order_events(&self, order_id: &OrderId) -> Result<Vec<OutboxRecord>, ApiError> {
+        let events = self.store("orders")?.outbox_for_subject(order_id.as_str(), 10_000).await?;
+        if events.is_empty() {
+            return Err(ApiError::NotFound(format!("order {order_id}")));
+        }
+        Ok(events)
+    }
+
+    /// The next pick task for a location.
+    pub async fn next_pick(&self, location: LocationId) -> Result<Option<PickTask>, ApiError> {
+        self.picking.call(|reply| picking::Command::Next { location, reply }).await
+    }
+
+    /// Confirms a pick.
+    pub async fn confirm_pick(
+        &self,
+        pick_id: PickId,
+        instruction_key: String,
+        qty: Qty,
+    ) -> Result<PickOutcome, ApiError> {
+        self.picking.call(|reply| picking::Command::Confirm { pick_id, instruction_key, qty, reply }).await
+    }
+
+    /// Reports a short pick.
+    pub async fn short_pick(
+        &self,
+        pick_id: PickId,
+        instruction_key: String,
+        qty_found: Qty,
+        reason: String,
+    ) -> Result<PickOutcome, ApiError> {
+        self.picking.call(|reply| picking::Command::Short { pick_id, instruction_key, qty_found, reason, reply }).await
+    }
+
+    /// Packs picks into a package.
+    pub async fn pack(
+        &self,
+        order_id: OrderId,
+        location: LocationId,
+        pick_ids: Vec<PickId>,
+    ) -> Result<Package, ApiError> {
+        self.packing.call(|reply| packing::Command::Pack { order_id, location, pick_ids, reply }).await
+    }
+
+    /// Every service's dead letters (at most `limit` per service).
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, ApiError> {
+        let mut out = Vec::new();
+        for name in crate::engine::SERVICES {
+            let rows = self.store(name)?.scan(DEAD_LETTERS, None, None, limit).await?;
+            for r in rows {
+                if let Ok(d) = serde_json::from_slice::<DeadLetter>(&r.doc) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn store(&self, name: &str) -> Result<Arc<dyn crate::ports::Store>, ApiError> {
+        self.runtime.store(name).ok_or_else(|| ApiError::Unavailable(format!("no store for {name}")))
+    }
+}
+
+fn positive(qty: Qty) -> Result<(), ApiError> {
+    if qty == 0 || qty > orderly_domain::order::LINE_QTY_MAX {
+        return Err(ApiError::invalid(
+            "invalid-quantity",
+            format!("qty must be 1..={}", orderly_domain::order::LINE_QTY_MAX),
+        ));
+    }
+    Ok(())
+}
+
+fn new_order(order_id: OrderId, req: OrderRequest, reserved: &SyncReservation) -> NewOrder {
+    let allocations_for = |line: &LineId| -> Vec<LocationQty> {
+        reserved
+            .allocations
+            .iter()
+            .filter(|a: &&AllocationData| &a.line_id == line)
+            .map(|a| LocationQty { location: a.location.clone(), qty: a.qty })
+            .collect()
+    };
+    let lines = req
+        .lines
+        .into_iter()
+        .zip(1u32..)
+        .map(|(l, n)| NewLine {
+            allocations: allocations_for(&LineId::for_order(&order_id, n)),
+            sku: l.sku,
+            qty: l.qty,
+            unit_price: l.unit_price,
+        })
+        .collect();
+    let mut hold_ids = req.hold_ids;
+    hold_ids.extend(reserved.hold_ids.iter().cloned());
+    NewOrder {
+        order_id,
+        customer_id: req.customer.id,
+        email: req.customer.email,
+        ship_to: req.ship_to.zone,
+        priority: req.priority,
+        lines,
+        hold_ids,
+        delivery_window: req.delivery_window,
+    }
+}
