@@ -10,6 +10,7 @@
 
 pub mod client;
 mod rng;
+pub mod signing;
 pub mod sim;
 pub mod webhook;
 pub mod wire;

@@ -23,7 +23,6 @@ pub struct Envelope {
     /// The order id or SKU the event is about.
     pub subject: String,
     /// When the producer decided it.
-    #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub time: Timestamp,
     /// Always `application/json`.
     pub datacontenttype: String,
@@ -99,15 +98,6 @@ pub enum EnvelopeError {
     /// An event type outside the catalog.
     #[error("unknown event type {0:?}")]
     UnknownType(String),
-}
-
-fn ser_time<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(t)
-}
-
-fn de_time<'de, D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
-    let s = String::deserialize(d)?;
-    Timestamp::parse_rfc3339(&s).ok_or_else(|| serde::de::Error::custom("time must be RFC 3339 UTC"))
 }
 
 macro_rules! catalog {

@@ -288,7 +288,10 @@ mod tests {
         queue.push("sd-0", Priority::SameDay, at(-1));
         // When it is snapshotted and restored
         let json = serde_json::to_value(&queue).expect("serializable");
-        assert_eq!(json[0], serde_json::json!({"task": "std-1", "priority": "standard", "enqueued_at": 0}));
+        assert_eq!(
+            json[0],
+            serde_json::json!({"task": "std-1", "priority": "standard", "enqueued_at": "1970-01-01T00:00:00.000Z"})
+        );
         let mut restored: PickQueue<String> = serde_json::from_value(json).expect("parses");
         // Then both serve the same tasks in the same order, starved or not
         let now = at(0).plus_ms(LIMIT_MS + 1);

@@ -4,10 +4,39 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// A point in time, milliseconds since 1970-01-01T00:00:00Z.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+/// A point in time, milliseconds since 1970-01-01T00:00:00Z. Serialized as
+/// an RFC 3339 UTC string; deserialized from that or from integer milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 UTC time such as \"2026-11-26T10:00:00Z\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Timestamp, E> {
+                Timestamp::parse_rfc3339(v)
+                    .ok_or_else(|| E::custom("time must be RFC 3339 UTC, e.g. \"2026-11-26T10:00:00Z\""))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Timestamp, E> {
+                Ok(Timestamp(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Timestamp, E> {
+                i64::try_from(v).map(Timestamp).map_err(|_| E::custom("time out of range"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 impl Timestamp {
     /// Milliseconds since the epoch.
@@ -126,6 +155,16 @@ mod tests {
         assert!(Timestamp::parse_rfc3339("2023-02-29T00:00:00Z").is_none());
         assert!(Timestamp::parse_rfc3339("2026-11-26 10:48:02Z").is_none());
         assert!(Timestamp::parse_rfc3339("2026-11-26T10:48:02+02:00").is_none());
+    }
+
+    #[test]
+    fn serde_is_rfc3339_and_accepts_millis() {
+        let t = Timestamp(1_764_150_000_123);
+        let json = serde_json::to_string(&t).expect("serializes");
+        assert_eq!(json, "\"2025-11-26T09:40:00.123Z\"");
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).expect("parses"), t);
+        assert_eq!(serde_json::from_str::<Timestamp>("1764150000123").expect("millis"), t);
+        assert!(serde_json::from_str::<Timestamp>("\"yesterday\"").is_err());
     }
 
     proptest! {

@@ -87,7 +87,7 @@ pub struct AllocationSettings {
 
 impl Default for AllocationSettings {
     fn default() -> Self {
-        AllocationSettings { sync_min_line_value: Money::from_minor(100_00) }
+        AllocationSettings { sync_min_line_value: Money::from_minor(10_000) }
     }
 }
 
@@ -126,7 +126,7 @@ pub struct SplitSettings {
 
 impl Default for SplitSettings {
     fn default() -> Self {
-        SplitSettings { min_order_value_for_partial: Money::from_minor(50_00) }
+        SplitSettings { min_order_value_for_partial: Money::from_minor(5_000) }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `orderly` command: wires settings, adapters and the engine, and stays
 //! short. Every command's work lives in a module of its own.
 
+mod adapters;
 mod settings;
 
 use anyhow::{Context, Result};

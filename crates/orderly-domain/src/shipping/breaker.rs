@@ -338,7 +338,7 @@ mod tests {
         let json = serde_json::to_value(&b).expect("serializable");
         assert_eq!(
             json,
-            serde_json::json!({"state": "open", "until": 1000, "config": {"failure_threshold": 1, "cooldown_ms": 1000}})
+            serde_json::json!({"state": "open", "until": "1970-01-01T00:00:01.000Z", "config": {"failure_threshold": 1, "cooldown_ms": 1000}})
         );
     }
 }

@@ -1,0 +1,98 @@
+//! Wiring the engine's ports to real technology for `serve` and `demo`:
+//! SQLite stores in the data directory, HTTP carriers, the webhook sender.
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use orderly_carrier::signing::WebhookSender;
+use orderly_carrier::{CarrierClient, CarrierError};
+use orderly_engine::config::Settings;
+use orderly_engine::engine::{Adapters, SERVICES};
+use orderly_engine::ports::{
+    CarrierApi, CarrierCallError, Clock, Label, LabelRequest, SeededRng, Store, SystemClock, WebhookSink,
+};
+use orderly_store_sqlite::{Durability, SqliteStore};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One SQLite file per service under `data_dir`.
+pub fn sqlite_adapters(data_dir: &Path, durability: Durability) -> Result<Adapters> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let mut stores: HashMap<&'static str, Arc<dyn Store>> = HashMap::new();
+    for name in SERVICES {
+        let path = data_dir.join(format!("{name}.db"));
+        let store = SqliteStore::open(&path, durability).with_context(|| format!("cannot open {}", path.display()))?;
+        stores.insert(name, Arc::new(store));
+    }
+    Ok(Adapters { stores, clock: Arc::new(SystemClock), rng: Arc::new(SeededRng::from_entropy()) })
+}
+
+/// A carrier reached over HTTP.
+pub struct HttpCarrier(pub CarrierClient);
+
+#[async_trait]
+impl CarrierApi for HttpCarrier {
+    async fn create_label(&self, req: &LabelRequest) -> Result<Label, CarrierCallError> {
+        let wire = orderly_carrier::LabelRequest {
+            carrier: req.carrier.clone(),
+            shipment_id: req.shipment_id.clone(),
+            zone: req.zone.clone(),
+            weight_g: req.weight_g,
+            idempotency_key: req.idempotency_key.clone(),
+        };
+        match self.0.create_label(&wire).await {
+            Ok(l) => Ok(Label { tracking_number: l.tracking_number, carrier: l.carrier, cost: l.cost }),
+            Err(e @ CarrierError::Rejected { .. }) => Err(CarrierCallError::Rejected(e.to_string())),
+            Err(e) => Err(CarrierCallError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+/// The carriers configured in `[carriers]`.
+pub fn carriers(settings: &Settings) -> Result<HashMap<String, Arc<dyn CarrierApi>>> {
+    let timeout = Duration::from_millis(settings.shipping.carrier_timeout.0.max(1) as u64);
+    let mut out: HashMap<String, Arc<dyn CarrierApi>> = HashMap::new();
+    for ep in &settings.carriers.endpoints {
+        let client =
+            CarrierClient::new(&ep.url, timeout).with_context(|| format!("carrier {} at {}", ep.id, ep.url))?;
+        out.insert(ep.id.clone(), Arc::new(HttpCarrier(client)));
+    }
+    Ok(out)
+}
+
+/// Notifications to a webhook, signed; or to the log when none is configured.
+pub enum Notifier {
+    /// POST to a webhook.
+    Webhook(WebhookSender, Arc<dyn Clock>),
+    /// Write to the log.
+    Log,
+}
+
+#[async_trait]
+impl WebhookSink for Notifier {
+    async fn deliver(&self, event_id: &str, body: &[u8]) -> Result<(), String> {
+        match self {
+            Notifier::Webhook(sender, clock) => {
+                sender.send(event_id, body, clock.now().millis() / 1000).await.map_err(|e| e.to_string())
+            }
+            Notifier::Log => {
+                tracing::info!(event_id, body = %String::from_utf8_lossy(body), "notification");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The notifier configured in `[notifications]`.
+pub fn notifier(settings: &Settings) -> Result<Arc<dyn WebhookSink>> {
+    Ok(match &settings.notifications.webhook_url {
+        Some(url) => {
+            let sender =
+                WebhookSender::new(url, settings.notifications.webhook_secret.as_deref(), Duration::from_secs(5))
+                    .with_context(|| format!("webhook {url}"))?;
+            Arc::new(Notifier::Webhook(sender, Arc::new(SystemClock)))
+        }
+        None => Arc::new(Notifier::Log),
+    })
+}
