@@ -10,12 +10,15 @@ use crate::ports::{CarrierApi, OutboxRecord, WebhookSink};
 use crate::runtime::{DEAD_LETTERS, DeadLetter};
 use crate::services::common::ApiError;
 use crate::services::inventory::{self, HoldInfo, Inventory, SyncReservation};
+use crate::services::notifications::{self, NotificationSummary, Notifications};
 use crate::services::orders::{self, Orders};
 use crate::services::packing::{self, Package, Packing};
 use crate::services::picking::{self, PickOutcome, PickTask, Picking};
+use crate::services::shipping::{self, RatesInfo, Shipment, Shipping, ShippingSummary};
 use orderly_domain::allocation::{AllocationMode, Location, RouteLine, allocation_mode};
 use orderly_domain::ledger::{InventorySnapshot, LedgerConfig};
 use orderly_domain::order::{DeliveryWindow, LocationQty, NewLine, NewOrder, Order, OrderPolicy, OrderState};
+use orderly_domain::shipping::rates::RateTable;
 use orderly_domain::{CustomerId, HoldId, LineId, LocationId, Money, OrderId, PickId, Priority, Qty, Sku, Zone};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -79,15 +82,19 @@ pub struct Engine {
     inventory: Handle<inventory::Command>,
     picking: Handle<picking::Command>,
     packing: Handle<packing::Command>,
+    shipping: Handle<shipping::Command>,
+    notifications: Handle<notifications::Command>,
 }
 
 impl Engine {
-    /// Starts every service over `adapters`.
+    /// Starts every service over `adapters`, with the carriers' APIs, the
+    /// rate table in force at startup and the notification sink.
     pub async fn start(
         settings: Settings,
         adapters: Adapters,
-        _carriers: HashMap<String, Arc<dyn CarrierApi>>,
-        _webhook: Arc<dyn WebhookSink>,
+        carriers: HashMap<String, Arc<dyn CarrierApi>>,
+        rates: Option<RateTable>,
+        webhook: Arc<dyn WebhookSink>,
     ) -> Result<Engine, StartError> {
         let mut b = EngineBuilder::new(settings, adapters).await?;
         let s = b.settings().clone();
@@ -147,7 +154,27 @@ impl Engine {
                 ],
             )
             .await?;
-        Ok(Engine { runtime: b.finish(), orders, inventory, picking, packing })
+        let (svc, worker) = Shipping::open(b.store("shipping").as_ref(), &s, carriers, rates, b.clock().as_ref())
+            .await
+            .map_err(|e| match e {
+                shipping::OpenError::Store(e) => StartError::Store(e),
+                other => StartError::Config(other.to_string()),
+            })?;
+        let shipping = b.spawn("shipping", svc, &[("packing", shipping::wants)]).await?;
+        b.keep(tokio::spawn(worker.run(shipping.sender())));
+        let (svc, worker) =
+            Notifications::open(b.store("notifications").as_ref(), &s, webhook).await.map_err(|e| match e {
+                notifications::OpenError::Store(e) => StartError::Store(e),
+                other => StartError::Config(other.to_string()),
+            })?;
+        let notifications = b
+            .spawn("notifications", svc, &[("orders", notifications::wants), ("shipping", notifications::wants)])
+            .await?;
+        b.keep(tokio::spawn(worker.run(notifications.sender())));
+        let m = b.metrics();
+        shipping::describe_metrics(&m);
+        notifications::describe_metrics(&m);
+        Ok(Engine { runtime: b.finish(), orders, inventory, picking, packing, shipping, notifications })
     }
 
     /// Stops every service after its batch in flight.
@@ -323,6 +350,31 @@ impl Engine {
         pick_ids: Vec<PickId>,
     ) -> Result<Package, ApiError> {
         self.packing.call(|reply| packing::Command::Pack { order_id, location, pick_ids, reply }).await
+    }
+
+    /// A shipment.
+    pub async fn shipment(&self, shipment_id: orderly_domain::ShipmentId) -> Result<Shipment, ApiError> {
+        self.shipping.call(|reply| shipping::Command::Get { shipment_id, reply }).await
+    }
+
+    /// The carrier reports a delivery (a repeat changes nothing).
+    pub async fn delivered(&self, shipment_id: orderly_domain::ShipmentId) -> Result<Shipment, ApiError> {
+        self.shipping.call(|reply| shipping::Command::Delivered { shipment_id, reply }).await
+    }
+
+    /// Uploads a carrier rate table; it takes effect at the next label batch.
+    pub async fn upload_rates(&self, text: String) -> Result<RatesInfo, ApiError> {
+        self.shipping.call(|reply| shipping::Command::UploadRates { text, reply }).await
+    }
+
+    /// Breakers, label queue and rate versions.
+    pub async fn shipping_summary(&self) -> Result<ShippingSummary, ApiError> {
+        self.shipping.call(|reply| shipping::Command::Summary { reply }).await
+    }
+
+    /// Webhook breaker and delivery counts.
+    pub async fn notification_summary(&self) -> Result<NotificationSummary, ApiError> {
+        self.notifications.call(|reply| notifications::Command::Summary { reply }).await
     }
 
     /// Every service's dead letters (at most `limit` per service).

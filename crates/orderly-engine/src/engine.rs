@@ -59,6 +59,9 @@ pub struct ConsumerLag {
     pub lag_seconds: f64,
 }
 
+/// A producer to consume, and which of its event types to deliver.
+pub type Subscription = (&'static str, fn(&str) -> bool);
+
 /// A running service's command channel.
 pub struct Handle<C> {
     tx: mpsc::Sender<C>,
@@ -86,6 +89,11 @@ impl<C: Send + 'static> Handle<C> {
             Ok(Err(_)) => Err(ApiError::Unavailable("the batch holding this request did not commit; retry".into())),
             Err(_) => Err(ApiError::Unavailable("timed out waiting for the engine".into())),
         }
+    }
+
+    /// The sending side of the command channel (for a service's own workers).
+    pub fn sender(&self) -> mpsc::Sender<C> {
+        self.tx.clone()
     }
 
     /// Commands waiting in the queue.
@@ -165,7 +173,7 @@ impl EngineBuilder {
         &mut self,
         name: &'static str,
         service: S,
-        subscriptions: &[(&'static str, fn(&str) -> bool)],
+        subscriptions: &[Subscription],
     ) -> Result<Handle<S::Command>, StartError> {
         let store = self.store(name);
         let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
@@ -248,10 +256,10 @@ impl Runtime {
             if backlog > 0 {
                 let producer = self.adapters.stores[source.producer()].clone();
                 let cursor = self.adapters.stores[consumer].cursor(source.producer()).await.unwrap_or(0);
-                if let Ok(first) = producer.outbox_after(cursor, 1).await {
-                    if let Some(r) = first.first() {
-                        lag_seconds = (now.since(r.envelope.time).max(0) as f64) / 1000.0;
-                    }
+                if let Ok(first) = producer.outbox_after(cursor, 1).await
+                    && let Some(r) = first.first()
+                {
+                    lag_seconds = (now.since(r.envelope.time).max(0) as f64) / 1000.0;
                 }
             }
             out.push(ConsumerLag { consumer, producer: source.producer(), backlog, lag_seconds });

@@ -26,7 +26,7 @@ async fn engine(settings: Settings) -> Engine {
     let stores: HashMap<&'static str, Arc<dyn Store>> =
         SERVICES.iter().map(|s| (*s, Arc::new(MemoryStore::new()) as Arc<dyn Store>)).collect();
     let adapters = Adapters { stores, clock: Arc::new(SystemClock), rng: Arc::new(SeededRng::new(7)) };
-    Engine::start(settings, adapters, HashMap::new(), Arc::new(NoWebhook)).await.expect("engine starts")
+    Engine::start(settings, adapters, HashMap::new(), None, Arc::new(NoWebhook)).await.expect("engine starts")
 }
 
 fn id<T: TryFrom<String>>(s: &str) -> T

@@ -36,9 +36,12 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod errors;
 pub mod idempotency;
 pub mod limits;
+pub mod ops;
 pub mod problem;
+pub mod routes;
 
 pub use auth::{KeyRing, Principal, RequireRoles, Role, SharedKeyRing, require};
 pub use idempotency::{Idempotency, IdempotencyConfig};

@@ -96,3 +96,37 @@ pub fn notifier(settings: &Settings) -> Result<Arc<dyn WebhookSink>> {
         None => Arc::new(Notifier::Log),
     })
 }
+
+/// Most rate files read from `carriers.rates_dir`.
+const RATE_FILES_MAX: usize = 1000;
+
+/// Loads every `*.csv` rate table in `dir` and returns the newest version;
+/// a file that does not parse stops startup with its name and line.
+pub fn load_rates(dir: &Path) -> Result<Option<orderly_domain::shipping::rates::RateTable>> {
+    use orderly_domain::shipping::rates::RateTable;
+    let mut newest: Option<RateTable> = None;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read carriers.rates_dir {}", dir.display()))?;
+    for (i, entry) in entries.enumerate() {
+        anyhow::ensure!(i < RATE_FILES_MAX, "more than {RATE_FILES_MAX} files in {}", dir.display());
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("csv") {
+            continue;
+        }
+        let table = read_rates(&path)?;
+        if newest.as_ref().is_none_or(|n| table.version() > n.version()) {
+            newest = Some(table);
+        }
+    }
+    if let Some(t) = &newest {
+        tracing::info!(version = %t.version(), "carrier rates loaded");
+    }
+    Ok(newest)
+}
+
+/// Reads and validates one rate table file.
+pub fn read_rates(path: &Path) -> Result<orderly_domain::shipping::rates::RateTable> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    orderly_domain::shipping::rates::RateTable::parse(&text)
+        .with_context(|| format!("invalid rate table {}", path.display()))
+}

@@ -1,11 +1,10 @@
 //! The `orderly` command: wires settings, adapters and the engine, and stays
 //! short. Every command's work lives in a module of its own.
 
-mod adapters;
-mod settings;
-
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use orderly::{Application, RunOptions, settings};
+use orderly_store_sqlite::Durability;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -19,6 +18,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the engine and its HTTP API (embedded mode: SQLite files in --data-dir).
+    Serve {
+        /// Configuration file (default: ./orderly.toml if present).
+        #[arg(long, env = "ORDERLY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Directory of the embedded stores.
+        #[arg(long, default_value = "./data", env = "ORDERLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on (port 0 picks a free port; the log says which).
+        #[arg(long, default_value = "127.0.0.1:8080", env = "ORDERLY_LISTEN")]
+        listen: SocketAddr,
+        /// `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
+        #[arg(long, default_value = "full", env = "ORDERLY_DURABILITY")]
+        durability: String,
+    },
+    /// Carrier rate tables.
+    Rates {
+        #[command(subcommand)]
+        command: RatesCommand,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Run a local carrier API (labels, tracking, scripted faults) for tests and demos.
     CarrierSim {
         /// Address to listen on (port 0 picks a free port).
@@ -39,6 +63,28 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum RatesCommand {
+    /// Validate a rate table file and print its version and size.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh random key once, and the config block (its hash) to paste into orderly.toml.
+    New {
+        /// storefront, warehouse, carrier, ops or viewer.
+        #[arg(long)]
+        role: String,
+        /// Who uses it.
+        #[arg(long, default_value = "api-client")]
+        name: String,
+    },
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
@@ -49,6 +95,32 @@ fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve { config, data_dir, listen, durability } => {
+            let settings = settings::load(config.as_deref(), std::env::vars())?;
+            let options = RunOptions { data_dir, listen, durability: parse_durability(&durability)? };
+            let app = Application::build(settings, &options).await?;
+            app.run_until(shutdown_signal()).await
+        }
+        Command::Keys { command: KeysCommand::New { role, name } } => {
+            let role: orderly_http::Role = role.parse().map_err(|_| {
+                anyhow::anyhow!("unknown role {role:?}: use storefront, warehouse, carrier, ops or viewer")
+            })?;
+            let (key, hash) = orderly_http::auth::generate_key().context("no randomness available")?;
+            println!("API key (shown once, store it safely):\n\n    {key}\n");
+            println!("Add this to orderly.toml:\n\n{}", orderly_http::auth::render_key_block(&name, role, &hash));
+            Ok(())
+        }
+        Command::Rates { command: RatesCommand::Check { file } } => {
+            let table = orderly::adapters::read_rates(&file)?;
+            println!(
+                "{}: valid, version {}, {} brackets, carriers: {}",
+                file.display(),
+                table.version(),
+                table.bracket_count(),
+                table.carriers().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
         Command::CarrierSim { listen, seed, carriers } => carrier_sim(listen, seed, &carriers).await,
         Command::CheckConfig { config } => {
             let s = settings::load(config.as_deref(), std::env::vars())?;
@@ -69,6 +141,14 @@ async fn carrier_sim(listen: SocketAddr, seed: u64, carriers: &[String]) -> Resu
     println!("carrier-sim listening on {addr} (carriers: {})", config.carrier_names().collect::<Vec<_>>().join(", "));
     tracing::info!(%addr, "listening on {addr}");
     orderly_carrier::sim::serve(listener, config, shutdown_signal()).await.context("carrier-sim failed")
+}
+
+fn parse_durability(s: &str) -> Result<Durability> {
+    match s {
+        "full" => Ok(Durability::Full),
+        "normal" => Ok(Durability::Normal),
+        other => bail!("--durability must be full or normal, not {other:?}"),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -423,10 +423,10 @@ impl Inventory {
         qty: Qty,
         location: Option<LocationId>,
     ) -> Result<HoldInfo, ApiError> {
-        if let Some(l) = &location {
-            if self.locations.get(l.as_str()).is_none() {
-                return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
-            }
+        if let Some(l) = &location
+            && self.locations.get(l.as_str()).is_none()
+        {
+            return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
         }
         self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
         let id = HoldId::parse(format!("h-{}", tx.new_id())).map_err(|e| ApiError::Unavailable(e.to_string()))?;
@@ -575,10 +575,10 @@ impl Inventory {
         });
         let Some(line) = line else { return };
         let cmd = LedgerCommand::ConsumeHold { hold_id: hid, order: ev.order_id.clone(), line: line.line_id.clone() };
-        if self.exec(&href.sku, &cmd, out).is_ok() {
-            if let Some(r) = remaining.get_mut(&line.line_id) {
-                *r -= qty;
-            }
+        if self.exec(&href.sku, &cmd, out).is_ok()
+            && let Some(r) = remaining.get_mut(&line.line_id)
+        {
+            *r -= qty;
         }
     }
 

@@ -3,6 +3,8 @@
 
 pub mod common;
 pub mod inventory;
+pub mod notifications;
 pub mod orders;
 pub mod packing;
 pub mod picking;
+pub mod shipping;

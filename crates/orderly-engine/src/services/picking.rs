@@ -386,13 +386,13 @@ impl Service for Picking {
             if self.tasks.load(tx.store(), id.as_str()).await.is_err() {
                 continue;
             }
-            if let Some(task) = self.tasks.get_mut(id.as_str()) {
-                if task.status == PickStatus::Assigned {
-                    task.status = PickStatus::Queued;
-                    task.assigned_at = None;
-                    let (loc, prio, at) = (task.location.clone(), task.priority, task.enqueued_at);
-                    self.queues.entry(loc).or_default().push(id, prio, at);
-                }
+            if let Some(task) = self.tasks.get_mut(id.as_str())
+                && task.status == PickStatus::Assigned
+            {
+                task.status = PickStatus::Queued;
+                task.assigned_at = None;
+                let (loc, prio, at) = (task.location.clone(), task.priority, task.enqueued_at);
+                self.queues.entry(loc).or_default().push(id, prio, at);
             }
         }
         for (location, same_day, standard) in self.queue_depths() {
