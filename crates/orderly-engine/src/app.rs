@@ -7,7 +7,7 @@ use crate::config::Settings;
 use crate::engine::{Adapters, EngineBuilder, Handle, Runtime, StartError};
 use crate::events::AllocationData;
 use crate::ports::{CarrierApi, OutboxRecord, WebhookSink};
-use crate::runtime::{DEAD_LETTERS, DeadLetter};
+use crate::runtime::{Control, ControlError, DEAD_LETTERS, DeadLetter};
 use crate::services::common::ApiError;
 use crate::services::inventory::{self, HoldInfo, Inventory, SyncReservation};
 use crate::services::notifications::{self, NotificationSummary, Notifications};
@@ -391,8 +391,41 @@ impl Engine {
         Ok(out)
     }
 
+    /// Which service holds a dead letter.
+    async fn dead_letter_owner(&self, id: &str) -> Result<&'static str, ApiError> {
+        for name in crate::engine::SERVICES {
+            if self.store(name)?.get(DEAD_LETTERS, id).await?.is_some() {
+                return Ok(name);
+            }
+        }
+        Err(ApiError::NotFound(format!("dead letter {id}")))
+    }
+
+    /// Runs a dead-lettered event again. Replay is idempotent: a replayed
+    /// event leaves the store with its effect, so a second replay is a 404.
+    pub async fn replay_dead_letter(&self, id: &str) -> Result<(), ApiError> {
+        let owner = self.dead_letter_owner(id).await?;
+        let id = id.to_owned();
+        self.runtime.control(owner, |reply| Control::Replay { id, reply }).await.map_err(control_error)
+    }
+
+    /// Drops a dead letter for good.
+    pub async fn discard_dead_letter(&self, id: &str) -> Result<(), ApiError> {
+        let owner = self.dead_letter_owner(id).await?;
+        let id = id.to_owned();
+        self.runtime.control(owner, |reply| Control::Discard { id, reply }).await.map_err(control_error)
+    }
+
     fn store(&self, name: &str) -> Result<Arc<dyn crate::ports::Store>, ApiError> {
         self.runtime.store(name).ok_or_else(|| ApiError::Unavailable(format!("no store for {name}")))
+    }
+}
+
+fn control_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::NotFound(what) => ApiError::NotFound(what),
+        ControlError::Failed(detail) => ApiError::conflict("replay-failed", detail),
+        ControlError::Unavailable(detail) => ApiError::Unavailable(detail),
     }
 }
 

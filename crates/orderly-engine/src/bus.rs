@@ -36,6 +36,12 @@ pub trait EventSource: Send + Sync {
     fn changes(&self) -> watch::Receiver<u64>;
     /// Events published but not yet committed by this consumer (for lag).
     fn backlog(&self) -> u64;
+    /// True when the source may deliver an event again after it was
+    /// committed (a broker): the runtime then deduplicates through the
+    /// consumer's inbox, in the same commit as the effect.
+    fn at_least_once(&self) -> bool {
+        false
+    }
 }
 
 /// Announces a producer's outbox head to its embedded consumers.

@@ -6,7 +6,7 @@ use crate::bus::{EventSource, OutboxSource, Publisher};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::ports::{Clock, Rng, Store, StoreError};
-use crate::runtime::{self, Ctx, Service};
+use crate::runtime::{self, Control, ControlError, Ctx, Service};
 use crate::services::common::ApiError;
 use orderly_domain::Timestamp;
 use std::collections::HashMap;
@@ -109,9 +109,13 @@ pub struct EngineBuilder {
     metrics: Arc<Metrics>,
     publishers: HashMap<&'static str, Publisher>,
     sources: Vec<(&'static str, Arc<dyn EventSource>)>,
+    controls: HashMap<&'static str, mpsc::Sender<Control>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// Control commands queued per service.
+const CONTROL_QUEUE_MAX: usize = 64;
 
 impl EngineBuilder {
     /// Prepares an engine: checks every store and reads every outbox head.
@@ -127,6 +131,7 @@ impl EngineBuilder {
             metrics: Arc::new(Metrics::default()),
             publishers,
             sources: Vec::new(),
+            controls: HashMap::new(),
             shutdown: watch::Sender::new(false),
             tasks: Vec::new(),
         })
@@ -199,9 +204,12 @@ impl EngineBuilder {
             max_attempts: self.settings.bus.max_attempts.max(1),
         });
         let (tx, rx) = mpsc::channel(self.settings.bus.queue_capacity.max(1));
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
         let publisher = self.publishers[name].clone();
         let shutdown = self.shutdown.subscribe();
-        self.tasks.push(tokio::spawn(runtime::run(service, ctx, rx, sources, move |h| publisher.publish(h), shutdown)));
+        let driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
+        self.tasks.push(tokio::spawn(runtime::run(driver, rx, control_rx, shutdown)));
+        self.controls.insert(name, control_tx);
         Ok(Handle { tx })
     }
 
@@ -212,6 +220,7 @@ impl EngineBuilder {
             metrics: self.metrics,
             adapters: self.adapters,
             sources: self.sources,
+            controls: self.controls,
             shutdown: self.shutdown,
             tasks: tokio::sync::Mutex::new(self.tasks),
         }
@@ -226,6 +235,7 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     adapters: Adapters,
     sources: Vec<(&'static str, Arc<dyn EventSource>)>,
+    controls: HashMap<&'static str, mpsc::Sender<Control>>,
     shutdown: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -265,6 +275,23 @@ impl Runtime {
             out.push(ConsumerLag { consumer, producer: source.producer(), backlog, lag_seconds });
         }
         out
+    }
+
+    /// Sends a control command to the service that holds a dead letter.
+    pub async fn control(
+        &self,
+        service: &str,
+        make: impl FnOnce(oneshot::Sender<Result<(), ControlError>>) -> Control,
+    ) -> Result<(), ControlError> {
+        let Some(tx) = self.controls.get(service) else {
+            return Err(ControlError::NotFound(format!("service {service}")));
+        };
+        let (reply, answer) = oneshot::channel();
+        tx.try_send(make(reply)).map_err(|_| ControlError::Unavailable(format!("{service} is busy or stopped")))?;
+        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+            Ok(Ok(r)) => r,
+            _ => Err(ControlError::Unavailable("the batch did not commit; retry".into())),
+        }
     }
 
     /// Stops every service after its batch in flight and waits for them.

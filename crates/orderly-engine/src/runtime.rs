@@ -186,28 +186,177 @@ pub struct DeadLetter {
     pub envelope: Envelope,
 }
 
-/// Runs a service until `shutdown` turns true, then finishes the batch in
+/// Operations commands every service understands, whatever its own
+/// commands are.
+pub enum Control {
+    /// Runs a dead-lettered event again; on success it leaves the dead-letter
+    /// store in the same commit as its effect, so a second replay finds
+    /// nothing and has no effect.
+    Replay {
+        /// The event id.
+        id: String,
+        /// Answer: the error if it failed again.
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    /// Drops a dead-lettered event for good.
+    Discard {
+        /// The event id.
+        id: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+}
+
+/// Why a control command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No dead letter with that id in this service.
+    #[error("no dead letter {0}")]
+    NotFound(String),
+    /// The event failed again.
+    #[error("replay failed: {0}")]
+    Failed(String),
+    /// The store could not be read.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A service with everything it needs to take steps: its context, its event
+/// sources, retry bookkeeping and its outbox head. [`run`] steps it in a loop;
+/// the simulator steps it one batch at a time.
+pub struct Driver<S: Service> {
+    service: S,
+    ctx: Arc<Ctx>,
+    sources: Vec<Arc<dyn EventSource>>,
+    retry: RetryState,
+    head: u64,
+    publish: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl<S: Service> Driver<S> {
+    /// A driver over `service`; reads the outbox head from the store.
+    pub async fn new(
+        service: S,
+        ctx: Arc<Ctx>,
+        sources: Vec<Arc<dyn EventSource>>,
+        publish: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Driver<S>, StoreError> {
+        let head = ctx.store.outbox_head().await?;
+        Ok(Driver { service, ctx, sources, retry: RetryState::default(), head, publish: Box::new(publish) })
+    }
+
+    /// The service.
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+
+    /// The service, mutably (tests and the simulator).
+    pub fn service_mut(&mut self) -> &mut S {
+        &mut self.service
+    }
+
+    /// The runtime context.
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// The event sources.
+    pub fn sources(&self) -> &[Arc<dyn EventSource>] {
+        &self.sources
+    }
+
+    /// One batch: the given commands and controls, pending events, due
+    /// timers; one commit. Returns whether it did any work.
+    pub async fn step(&mut self, commands: Vec<S::Command>, controls: Vec<Control>) -> bool {
+        let mut tx = Tx::new(self.ctx.clone(), self.head);
+        let mut worked = !commands.is_empty() || !controls.is_empty();
+        for cmd in commands {
+            self.service.on_command(&mut tx, cmd).await;
+        }
+        for control in controls {
+            self.control(&mut tx, control).await;
+        }
+        let mut marks: Vec<(usize, u64)> = Vec::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            if self.retry.blocked_until.get(source.producer()).is_some_and(|t| *t > tx.now) {
+                continue;
+            }
+            self.retry.blocked_until.remove(source.producer());
+            match consume(&mut self.service, &mut tx, source.as_ref(), &mut self.retry).await {
+                Ok(Some(upto)) => {
+                    source.mark(upto, &mut tx.batch);
+                    marks.push((i, upto));
+                    worked = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(service = self.ctx.service, producer = source.producer(), error = %e, "poll failed")
+                }
+            }
+        }
+        if self.service.next_deadline().is_some_and(|d| d <= tx.now) {
+            self.service.on_tick(&mut tx).await;
+            worked = true;
+        }
+        if let Some(h) = commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, self.publish.as_ref()).await {
+            self.head = h;
+        }
+        worked
+    }
+
+    async fn control(&mut self, tx: &mut Tx, control: Control) {
+        let (id, reply, replay) = match control {
+            Control::Replay { id, reply } => (id, reply, true),
+            Control::Discard { id, reply } => (id, reply, false),
+        };
+        let letter = match self.ctx.store.get(DEAD_LETTERS, &id).await {
+            Ok(Some(row)) => {
+                serde_json::from_slice::<DeadLetter>(&row.doc).map_err(|e| ControlError::Failed(e.to_string()))
+            }
+            Ok(None) => Err(ControlError::NotFound(id.clone())),
+            Err(e) => Err(ControlError::Unavailable(e.to_string())),
+        };
+        let letter = match letter {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if replay {
+            if let Err(e) = self.service.on_event(tx, &letter.envelope).await {
+                let _ = reply.send(Err(ControlError::Failed(e.to_string())));
+                return;
+            }
+            self.ctx.metrics.inc("orderly_dead_letters_replayed_total", &[("consumer", self.ctx.service)], 1);
+        }
+        tx.delete_row(DEAD_LETTERS, id);
+        tx.reply(reply, Ok(()));
+    }
+
+    /// How long the loop may sleep before a timer or a retry is due.
+    pub fn idle_ms(&self) -> u64 {
+        let now = self.ctx.clock.now();
+        let mut due = self.service.next_deadline().map_or(IDLE_TICK_MS as i64, |d| d.since(now));
+        if let Some(r) = self.retry.earliest() {
+            due = due.min(r.since(now));
+        }
+        due.clamp(1, IDLE_TICK_MS as i64) as u64
+    }
+}
+
+/// Runs a driver until `shutdown` turns true, then finishes the batch in
 /// flight and returns.
 pub async fn run<S: Service>(
-    mut service: S,
-    ctx: Arc<Ctx>,
+    mut driver: Driver<S>,
     mut commands: mpsc::Receiver<S::Command>,
-    sources: Vec<Arc<dyn EventSource>>,
-    publish: impl Fn(u64) + Send + 'static,
+    mut controls: mpsc::Receiver<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let wake = Arc::new(Notify::new());
-    for source in &sources {
+    for source in driver.sources() {
         spawn_forwarder(source.changes(), wake.clone(), shutdown.clone());
     }
-    let mut retry = RetryState::default();
-    let mut head = match ctx.store.outbox_head().await {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(service = ctx.service, error = %e, "cannot read the outbox head; service not started");
-            return;
-        }
-    };
     let mut pending: Vec<S::Command> = Vec::new();
     let mut closed = false;
     loop {
@@ -218,15 +367,18 @@ pub async fn run<S: Service>(
                 Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
             }
         }
-        let worked =
-            turn(&mut service, &ctx, std::mem::take(&mut pending), &sources, &mut retry, &publish, &mut head).await;
+        let mut ctl = Vec::new();
+        while let Ok(c) = controls.try_recv() {
+            ctl.push(c);
+        }
+        let worked = driver.step(std::mem::take(&mut pending), ctl).await;
         if *shutdown.borrow() {
             return;
         }
         if worked {
             continue;
         }
-        let sleep_ms = idle_sleep_ms(&service, &ctx, &retry);
+        let sleep_ms = driver.idle_ms();
         tokio::select! {
             c = commands.recv(), if !closed => match c {
                 Some(c) => pending.push(c),
@@ -253,15 +405,6 @@ fn spawn_forwarder(mut changes: watch::Receiver<u64>, wake: Arc<Notify>, mut shu
     });
 }
 
-fn idle_sleep_ms<S: Service>(service: &S, ctx: &Ctx, retry: &RetryState) -> u64 {
-    let now = ctx.clock.now();
-    let mut due = service.next_deadline().map_or(IDLE_TICK_MS as i64, |d| d.since(now));
-    if let Some(r) = retry.earliest() {
-        due = due.min(r.since(now));
-    }
-    due.clamp(1, IDLE_TICK_MS as i64) as u64
-}
-
 /// Per-producer retry bookkeeping: attempts per event id, and when a blocked
 /// producer may be polled again.
 #[derive(Default)]
@@ -276,48 +419,6 @@ impl RetryState {
     }
 }
 
-/// One batch. Returns whether it did any work (so the loop goes round again
-/// at once instead of sleeping).
-async fn turn<S: Service>(
-    service: &mut S,
-    ctx: &Arc<Ctx>,
-    commands: Vec<S::Command>,
-    sources: &[Arc<dyn EventSource>],
-    retry: &mut RetryState,
-    publish: &(impl Fn(u64) + Send),
-    head: &mut u64,
-) -> bool {
-    let mut tx = Tx::new(ctx.clone(), *head);
-    let mut worked = !commands.is_empty();
-    for cmd in commands {
-        service.on_command(&mut tx, cmd).await;
-    }
-    let mut marks: Vec<(usize, u64)> = Vec::new();
-    for (i, source) in sources.iter().enumerate() {
-        if retry.blocked_until.get(source.producer()).is_some_and(|t| *t > tx.now) {
-            continue;
-        }
-        retry.blocked_until.remove(source.producer());
-        match consume(service, &mut tx, source.as_ref(), retry).await {
-            Ok(Some(upto)) => {
-                source.mark(upto, &mut tx.batch);
-                marks.push((i, upto));
-                worked = true;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(service = ctx.service, producer = source.producer(), error = %e, "poll failed"),
-        }
-    }
-    if service.next_deadline().is_some_and(|d| d <= tx.now) {
-        service.on_tick(&mut tx).await;
-        worked = true;
-    }
-    if let Some(h) = commit(service, ctx, tx, sources, &marks, publish).await {
-        *head = h;
-    }
-    worked
-}
-
 /// Processes one producer's pending events; returns how far to advance its cursor.
 async fn consume<S: Service>(
     service: &mut S,
@@ -327,13 +428,25 @@ async fn consume<S: Service>(
 ) -> Result<Option<u64>, StoreError> {
     let polled = source.poll(EVENT_BATCH_MAX).await?;
     let mut upto = polled.upto;
+    let dedupe = source.at_least_once();
     for record in &polled.records {
+        let id = &record.envelope.id;
+        if dedupe && (tx.batch.inbox.contains(id) || tx.store().inbox_contains(id).await?) {
+            tx.ctx.metrics.inc("orderly_duplicate_events_total", &[("consumer", tx.ctx.service)], 1);
+            continue;
+        }
         match service.on_event(tx, &record.envelope).await {
             Ok(()) => {
-                retry.attempts.remove(&record.envelope.id);
+                retry.attempts.remove(id);
+                if dedupe {
+                    tx.batch.inbox.push(id.clone());
+                }
             }
             Err(e) => {
                 if handle_failure(tx, source.producer(), &record.envelope, e, retry) {
+                    if dedupe {
+                        tx.batch.inbox.push(id.clone());
+                    }
                     continue;
                 }
                 // Stop before this event; it is retried after a backoff.
@@ -394,7 +507,7 @@ async fn commit<S: Service>(
     mut tx: Tx,
     sources: &[Arc<dyn EventSource>],
     marks: &[(usize, u64)],
-    publish: &(impl Fn(u64) + Send),
+    publish: &(dyn Fn(u64) + Send + Sync),
 ) -> Option<u64> {
     let mut staged = Ok(());
     for table in service.tables() {

@@ -153,7 +153,12 @@ impl Harness {
         let (commands, rx) = mpsc::channel(256);
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(worker.run(commands.clone()));
-        let task = tokio::spawn(runtime::run(svc, ctx, rx, sources, |_| {}, shutdown_rx));
+        let driver = runtime::Driver::new(svc, ctx, sources, |_| {}).await.expect("driver");
+        let (_control_tx, control_rx) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let _keep = _control_tx;
+            runtime::run(driver, rx, control_rx, shutdown_rx).await
+        });
         self.running = Some(Running { commands, shutdown, task });
     }
 

@@ -60,6 +60,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ops/carrier-rates", put(upload_rates).get(rates_info))
         .route("/v1/ops/summary", get(summary))
         .route("/v1/ops/dead-letters", get(dead_letters))
+        .route("/v1/ops/dead-letters/replay", post(replay_all))
+        .route("/v1/ops/dead-letters/{id}/replay", post(replay_dead_letter))
+        .route("/v1/ops/dead-letters/{id}/discard", post(discard_dead_letter))
         .with_state(state)
 }
 
@@ -432,4 +435,31 @@ async fn upload_rates(State(s): State<AppState>, who: Principal, body: axum::bod
 async fn rates_info(State(s): State<AppState>, who: Principal) -> ApiResult {
     who.require(ANY)?;
     Ok(json_response(StatusCode::OK, s.engine.shipping_summary().await.map_err(problem)?.rates))
+}
+
+async fn replay_dead_letter(State(s): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult {
+    who.require(OPS)?;
+    s.engine.replay_dead_letter(&id).await.map_err(problem)?;
+    Ok(json_response(StatusCode::OK, json!({"id": id, "replayed": true})))
+}
+
+async fn discard_dead_letter(State(s): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult {
+    who.require(OPS)?;
+    s.engine.discard_dead_letter(&id).await.map_err(problem)?;
+    Ok(json_response(StatusCode::OK, json!({"id": id, "discarded": true})))
+}
+
+/// Replays every dead letter (bounded); reports what succeeded and failed.
+async fn replay_all(State(s): State<AppState>, who: Principal) -> ApiResult {
+    who.require(OPS)?;
+    let letters = s.engine.dead_letters(1000).await.map_err(problem)?;
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
+    for d in letters {
+        match s.engine.replay_dead_letter(&d.id).await {
+            Ok(()) => replayed.push(d.id),
+            Err(e) => failed.push(json!({"id": d.id, "error": e.to_string()})),
+        }
+    }
+    Ok(json_response(StatusCode::OK, json!({"replayed": replayed, "failed": failed})))
 }
