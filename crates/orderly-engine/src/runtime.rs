@@ -427,9 +427,17 @@ async fn consume<S: Service>(
     retry: &mut RetryState,
 ) -> Result<Option<u64>, StoreError> {
     let polled = source.poll(EVENT_BATCH_MAX).await?;
-    let mut upto = polled.upto;
     let dedupe = source.at_least_once();
+    // A source may deliver a batch in any order that keeps each subject's
+    // order; on a failure the cursor only moves below the first event not
+    // handled, so nothing is skipped (what was handled past it comes again
+    // and is deduplicated or rejected as stale).
+    let mut first_unhandled: Option<u64> = None;
     for record in &polled.records {
+        if first_unhandled.is_some() {
+            first_unhandled = first_unhandled.min(Some(record.position));
+            continue;
+        }
         let id = &record.envelope.id;
         if dedupe && (tx.batch.inbox.contains(id) || tx.store().inbox_contains(id).await?) {
             tx.ctx.metrics.inc("orderly_duplicate_events_total", &[("consumer", tx.ctx.service)], 1);
@@ -449,12 +457,12 @@ async fn consume<S: Service>(
                     }
                     continue;
                 }
-                // Stop before this event; it is retried after a backoff.
-                upto = record.position - 1;
-                break;
+                // Retried after a backoff.
+                first_unhandled = Some(record.position);
             }
         }
     }
+    let upto = first_unhandled.map_or(polled.upto, |p| p - 1);
     Ok((upto > polled.from).then_some(upto))
 }
 
