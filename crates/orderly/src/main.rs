@@ -33,6 +33,15 @@ enum Command {
         #[arg(long, default_value = "full", env = "ORDERLY_DURABILITY")]
         durability: String,
     },
+    /// Start an embedded engine with a sample catalog, a local carrier and simulated shoppers, pickers and carriers.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where to keep the demo's data (default: a fresh temporary directory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Carrier rate tables.
     Rates {
         #[command(subcommand)]
@@ -110,6 +119,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("Add this to orderly.toml:\n\n{}", orderly_http::auth::render_key_block(&name, role, &hash));
             Ok(())
         }
+        Command::Demo { listen, data_dir } => orderly::demo::run(listen, data_dir, shutdown_signal()).await,
         Command::Rates { command: RatesCommand::Check { file } } => {
             let table = orderly::adapters::read_rates(&file)?;
             println!(
