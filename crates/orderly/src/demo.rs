@@ -151,17 +151,18 @@ async fn storefront(engine: Arc<Engine>, rng: Arc<SeededRng>) {
     let mut n: u64 = 0;
     loop {
         n += 1;
-        let burst = n % 200 == 0;
+        let burst = n.is_multiple_of(200);
         let count = if burst { 60 } else { 1 };
         for _ in 0..count {
             let (sku, price, _) =
                 if burst { CATALOG[5] } else { CATALOG[(rng.next_u64() % CATALOG.len() as u64) as usize] };
-            let zone = if rng.next_u64() % 3 == 0 { "US" } else { "EU" };
-            let priority = if burst || rng.next_u64() % 4 == 0 { Priority::SameDay } else { Priority::Standard };
+            let zone = if rng.next_u64().is_multiple_of(3) { "US" } else { "EU" };
+            let priority =
+                if burst || rng.next_u64().is_multiple_of(4) { Priority::SameDay } else { Priority::Standard };
             let qty = 1 + (rng.next_u64() % 2) as u32;
             let _ = place(&engine, n, sku, price, qty, zone, priority).await;
         }
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             let (sku, _, _) = CATALOG[(rng.next_u64() % CATALOG.len() as u64) as usize];
             if let (Ok(l), Ok(s)) = (id::<LocationId>("WH-EU-1"), id::<Sku>(sku)) {
                 let _ = engine.receive(l, s, 50).await;
@@ -211,7 +212,7 @@ async fn picker(engine: Arc<Engine>, rng: Arc<SeededRng>, location: &'static str
             }
         };
         tokio::time::sleep(Duration::from_millis(80)).await;
-        let short = rng.next_u64() % 50 == 0 && task.qty > 1;
+        let short = rng.next_u64().is_multiple_of(50) && task.qty > 1;
         let done = if short {
             engine.short_pick(task.id.clone(), task.instruction_key.clone(), task.qty - 1, "bin empty".into()).await
         } else {
