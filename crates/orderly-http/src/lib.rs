@@ -39,6 +39,7 @@ pub mod auth;
 pub mod errors;
 pub mod idempotency;
 pub mod limits;
+pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod routes;

@@ -38,6 +38,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
+        .route("/docs", get(crate::openapi::docs))
         .route("/v1/locations", get(list_locations))
         .route("/v1/locations/{id}", put(put_location))
         .route("/v1/inventory/receipts", post(receive))

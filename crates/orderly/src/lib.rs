@@ -3,6 +3,7 @@
 //! into here; tests start [`Application`] on port 0.
 
 pub mod adapters;
+pub mod bench;
 pub mod demo;
 pub mod settings;
 

@@ -42,6 +42,11 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Carrier rate tables.
     Rates {
         #[command(subcommand)]
@@ -73,6 +78,34 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum BenchCommand {
+    /// N orders race for U units of a hot SKU, mixed with regular orders; the naive design runs in the same process for comparison.
+    FlashSale {
+        /// Flash-sale orders.
+        #[arg(long, default_value_t = 20_000)]
+        orders: u64,
+        /// Units of the hot SKU.
+        #[arg(long, default_value_t = 1_000)]
+        units: u32,
+        /// Regular SKUs.
+        #[arg(long, default_value_t = 20)]
+        skus: u32,
+        /// Through the HTTP API or the service layer.
+        #[arg(long, value_enum, default_value = "http")]
+        via: orderly::bench::Via,
+        /// Orders in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Skip the comparison run with the same orders over many SKUs.
+        #[arg(long)]
+        skip_uniform: bool,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum RatesCommand {
     /// Validate a rate table file and print its version and size.
     Check {
@@ -96,7 +129,8 @@ enum KeysCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    // Benchmarks log warnings only, so the log does not become the workload.
+    init_tracing(if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" });
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
@@ -120,6 +154,21 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { listen, data_dir } => orderly::demo::run(listen, data_dir, shutdown_signal()).await,
+        Command::Bench {
+            command: BenchCommand::FlashSale { orders, units, skus, via, concurrency, skip_uniform, json },
+        } => {
+            let cfg = orderly::bench::FlashSale { orders, units, skus, via, concurrency, skip_uniform };
+            let report = orderly::bench::run(&cfg).await?;
+            if !json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            if report.oversold != 0 || !report.invariants_ok {
+                eprintln!("FAILED: oversold {} units, invariants ok: {}", report.oversold, report.invariants_ok);
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Rates { command: RatesCommand::Check { file } } => {
             let table = orderly::adapters::read_rates(&file)?;
             println!(
@@ -183,9 +232,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("ORDERLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("ORDERLY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("ORDERLY_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {

@@ -403,6 +403,35 @@ impl Inventory {
 }
 
 /// Maps a ledger rejection to what the API answers.
+impl Inventory {
+    /// A manual write-off may only take stock no order holds: taking reserved
+    /// units would leave orders allocated to stock that is gone. (A cycle
+    /// count records physical truth and may; the bumped lines are backordered.)
+    async fn check_free_stock(
+        &mut self,
+        tx: &mut Tx,
+        sku: &Sku,
+        location: &LocationId,
+        units: u64,
+    ) -> Result<(), ApiError> {
+        self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
+        let free = self
+            .ledgers
+            .get(sku.as_str())
+            .and_then(|l| l.location(location))
+            .map_or(0, |l| l.on_hand.saturating_sub(l.reserved));
+        if units > free {
+            return Err(ApiError::conflict(
+                "stock-reserved",
+                format!(
+                    "only {free} units at {location} are not reserved; cancel or reassign orders first, or record a cycle count"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn ledger_error(e: LedgerError) -> ApiError {
     match e {
         LedgerError::Insufficient { .. } => ApiError::conflict("insufficient-stock", e.to_string()),
@@ -522,9 +551,6 @@ impl Inventory {
     async fn on_order_created(&mut self, tx: &mut Tx, ev: OrderCreated) -> Result<(), EventError> {
         if ev.lines.is_empty() || ev.lines.len() > ORDER_LINES_MAX {
             return Err(EventError::Poison(format!("order {} has {} lines", ev.order_id, ev.lines.len())));
-        }
-        if self.orders.load(tx.store(), ev.order_id.as_str()).await? {
-            return Ok(()); // Already allocated: a redelivery.
         }
         let hold_skus: Vec<Sku> = ev.hold_ids.iter().filter_map(|h| self.holds.get(h).map(|r| r.sku.clone())).collect();
         let skus = ev.lines.iter().map(|l| l.sku.clone()).chain(hold_skus).collect();
@@ -696,6 +722,12 @@ impl Service for Inventory {
                 tx.reply(reply, r);
             }
             Command::Adjust { sku, location, delta, counted, reason, user, reply } => {
+                if counted.is_none() && delta < 0 {
+                    if let Err(e) = self.check_free_stock(tx, &sku, &location, delta.unsigned_abs()).await {
+                        tx.reply(reply, Err(e));
+                        return;
+                    }
+                }
                 let cmd = match counted {
                     Some(counted) => {
                         LedgerCommand::CycleCount { location: location.clone(), counted, user, at: tx.now }

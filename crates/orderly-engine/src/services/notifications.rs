@@ -350,7 +350,9 @@ impl Notifications {
         order: &OrderId,
         email: Option<String>,
     ) -> Result<Option<String>, StoreError> {
-        self.contacts.load(tx.store(), order.as_str()).await?;
+        if email.is_none() {
+            self.contacts.load(tx.store(), order.as_str()).await?;
+        }
         let known = self.contacts.get(order.as_str()).map(|c| c.email.clone());
         match email {
             Some(email) if known.as_deref() != Some(email.as_str()) => {
@@ -644,8 +646,10 @@ impl Service for Notifications {
         if !wants(event.event_type.as_str()) {
             return Ok(());
         }
-        if self.notifications.load(tx.store(), &event.id).await? {
-            // A redelivered event: its notification exists already.
+        if self.notifications.get(&event.id).is_some() {
+            // A redelivered event: its notification exists already. (The
+            // runtime's cursor or inbox delivers each event once; this is a
+            // cheap second guard, not a store read per event.)
             return Ok(());
         }
         if let Some(state) = order_state(event.event_type.as_str()) {

@@ -13,7 +13,8 @@ use crate::runtime::{EventError, Service, Tx};
 use crate::table::{Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::order::{
-    AllocationEntry, LineQty, NewOrder, Order, OrderChange, OrderCommand, OrderError, OrderEvent, OrderPolicy, Origin,
+    AllocationEntry, LineQty, NewOrder, Order, OrderChange, OrderCommand, OrderError, OrderEvent, OrderPolicy,
+    OrderState, Origin,
 };
 use orderly_domain::{LocationId, OrderId, Priority, Timestamp};
 use serde_json::{Value, json};
@@ -75,7 +76,9 @@ impl Orders {
     }
 
     async fn create(&mut self, tx: &mut Tx, new: &NewOrder) -> Result<Order, ApiError> {
-        if self.orders.load(tx.store(), new.order_id.as_str()).await? {
+        // Ids are server-made UUIDv7s, so a new id cannot exist in the store;
+        // only a repeat within the cache is possible (a client-chosen id).
+        if self.orders.get(new.order_id.as_str()).is_some() {
             return Err(ApiError::conflict("order-exists", format!("order {} already exists", new.order_id)));
         }
         let evs = Order::decide_create(new, &self.policy, tx.now).map_err(order_error)?;
@@ -112,6 +115,7 @@ impl Orders {
             return Err(EventError::Poison(format!("{} for unknown order {order_id}", env.event_type)));
         }
         let metrics = tx.ctx().metrics.clone();
+        let before = self.orders.get(order_id.as_str()).map(Order::state);
         for (i, cmd) in cmds.iter().enumerate() {
             let order = self.orders.get_mut(order_id.as_str()).expect("loaded above");
             match order.execute(cmd, &self.policy, tx.now) {
@@ -128,11 +132,19 @@ impl Orders {
                     metrics.inc("orderly_ignored_events_total", &[("consumer", "orders")], 1);
                     tracing::debug!(order_id = %order_id, event_id = %env.id, event_type = %env.event_type, "event not applicable in the order's state");
                 }
-                Err(OrderError::Rejected(r)) if i == 0 => return Err(EventError::Poison(r.to_string())),
+                // Events from different producers race (a short pick's
+                // re-allocation can overtake the pick itself): a rejection
+                // may only mean "not yet", so retry before dead-lettering.
+                Err(OrderError::Rejected(r)) if i == 0 => return Err(EventError::Transient(r.to_string())),
                 Err(e) => {
                     tracing::warn!(order_id = %order_id, event_id = %env.id, error = %e, "follow-up command rejected")
                 }
             }
+        }
+        let after = self.orders.get(order_id.as_str()).map(Order::state);
+        if before == Some(OrderState::Allocating) && after != before {
+            // The order's first allocation decision: allocated (in part) or backordered.
+            metrics.inc("orderly_orders_decided_total", &[], 1);
         }
         Ok(())
     }

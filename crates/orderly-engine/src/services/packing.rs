@@ -173,14 +173,14 @@ impl Service for Packing {
         }
     }
 
-    async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
+    async fn on_event(&mut self, _tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
         match event.event_type {
             EventType::PickCompleted | EventType::PickShort => {
                 let pick: PickData = events::parse(event)?;
                 if pick.qty_picked == 0 {
                     return Ok(());
                 }
-                self.picked.load(tx.store(), pick.pick_id.as_str()).await?;
+                // The runtime delivers each event once (cursor or inbox): no store lookup.
                 if self.picked.get(pick.pick_id.as_str()).is_none() {
                     self.picked.insert(pick.pick_id.as_str().to_owned(), PickedItem { pick, package_id: None });
                 }

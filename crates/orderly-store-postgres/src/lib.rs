@@ -1,0 +1,242 @@
+//! The distributed store: each service keeps its documents, outbox, cursors
+//! and inbox in its own PostgreSQL schema (or database). A batch commits as
+//! one transaction with `synchronous_commit=on`, written with one multi-row
+//! statement per kind of change.
+//!
+//! Outbox positions are dense and visible in commit order, even with several
+//! writers (replicas) in one schema: appending events takes the lock on the
+//! single `outbox_head` row, held until commit, and numbers the events after
+//! it. A consumer that reads `position > cursor` therefore never skips an
+//! event committed late (see `write::append_outbox`). The price is that
+//! commits carrying events are serialized per schema, so their rate is bounded
+//! by the commit latency; batch many events per commit.
+//!
+//! Schemas are created and migrated on [`PgStore::connect`], with embedded,
+//! versioned migrations (`migrations/`) run under a per-schema advisory lock.
+
+mod error;
+mod schema;
+mod write;
+
+pub use schema::{LOCK_TIMEOUT_MS, SCHEMA_NAME_MAX, STATEMENT_TIMEOUT_MS};
+pub use write::Expect;
+
+use async_trait::async_trait;
+use error::{store_error, unavailable};
+use orderly_domain::event::Envelope;
+use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError};
+use schema::SchemaName;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::time::Duration;
+
+/// The most connections one store's pool may open.
+pub const POOL_SIZE_MAX: u32 = 64;
+
+/// How long an operation waits for a pooled connection before failing with
+/// [`StoreError::Unavailable`].
+pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+
+/// A PostgreSQL-backed [`Store`] for one service, confined to one schema.
+/// Cloning is cheap and shares the connection pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    options: PgConnectOptions,
+    schema: SchemaName,
+}
+
+impl PgStore {
+    /// Connects to `url` (e.g. `postgres://user@host:5432/db`), creates
+    /// `schema` if it is missing, migrates it, and opens a pool of up to
+    /// `pool_size` connections (clamped to 1..=[`POOL_SIZE_MAX`]) whose
+    /// sessions all live in that schema.
+    ///
+    /// A malformed url or schema name, or an unreachable server, is
+    /// [`StoreError::Unavailable`]: the store cannot be opened.
+    pub async fn connect(url: &str, schema: &str, pool_size: u32) -> Result<PgStore, StoreError> {
+        let schema = SchemaName::parse(schema).map_err(unavailable)?;
+        let options = schema::connect_options(url, &schema)?;
+        schema::migrate(&options, &schema).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.clamp(1, POOL_SIZE_MAX))
+            .min_connections(0)
+            .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect_with(options.clone())
+            .await
+            .map_err(store_error)?;
+        tracing::info!(schema = schema.as_str(), "postgres store ready");
+        Ok(PgStore { pool, options, schema })
+    }
+
+    /// Applies any pending migrations (idempotent; what `orderly migrate`
+    /// runs) and returns the schema version reached.
+    pub async fn migrate(&self) -> Result<i64, StoreError> {
+        schema::migrate(&self.options, &self.schema).await
+    }
+
+    /// The schema this store reads and writes.
+    pub fn schema(&self) -> &str {
+        self.schema.as_str()
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Reads one document with its version (the number of times it was put).
+    pub async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+        let found: Option<(String, Option<String>, Vec<u8>, i64)> =
+            sqlx::query_as("SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND key = $2")
+                .bind(table)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        Ok(found.map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)))
+    }
+
+    /// Commits a batch like [`Store::commit`], but only if every document in
+    /// `expect` is at the stated version (0: absent) when the batch commits;
+    /// otherwise nothing is written and the answer is [`StoreError::Conflict`].
+    ///
+    /// Documents that exist are locked until commit. An expectation of
+    /// absence on a document the batch does not put is checked but not
+    /// locked (there is no row to lock).
+    pub async fn commit_expecting(&self, batch: Batch, expect: &[Expect]) -> Result<u64, StoreError> {
+        let columns = write::Columns::from_batch(batch)?;
+        let tx = self.pool.begin().await.map_err(store_error)?;
+        write::commit(tx, columns, expect).await
+    }
+
+    /// Deletes inbox entries older than `age`, at most `limit` of them (oldest
+    /// first); returns how many went. Run it once redelivery of such old event
+    /// ids is no longer possible (beyond the bus's retention).
+    pub async fn prune_inbox(&self, age: Duration, limit: u32) -> Result<u64, StoreError> {
+        let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let done = sqlx::query(
+            "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox \
+             WHERE created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2)",
+        )
+        .bind(age_ms)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_query(
+        &self,
+        sql: &'static str,
+        first: impl for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+        limit: u32,
+    ) -> Result<Vec<OutboxRecord>, StoreError> {
+        let raw: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as(sql).bind(first).bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(store_error)?;
+        raw.iter().map(|(position, event)| decode_outbox(*position, event)).collect()
+    }
+}
+
+fn decode_outbox(position: i64, event: &[u8]) -> Result<OutboxRecord, StoreError> {
+    let envelope: Envelope = serde_json::from_slice(event).map_err(|e| StoreError::Corrupt {
+        table: "outbox".into(),
+        key: position.to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(OutboxRecord { position: position as u64, envelope })
+}
+
+type DocRow = (String, Option<String>, Vec<u8>);
+
+#[async_trait]
+impl Store for PgStore {
+    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
+        Ok(self.get_versioned(table, key).await?.map(|(row, _)| row))
+    }
+
+    async fn scan(
+        &self,
+        table: &'static str,
+        idx: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Row>, StoreError> {
+        let sql = match idx {
+            Some(_) => "SELECT key, idx, doc FROM docs WHERE tbl = $1 AND idx = $2 AND key > $3 ORDER BY key LIMIT $4",
+            None => {
+                "SELECT key, idx, doc FROM docs WHERE tbl = $1 AND $2::text IS NULL AND key > $3 \
+                     ORDER BY key LIMIT $4"
+            }
+        };
+        let rows: Vec<DocRow> = sqlx::query_as(sql)
+            .bind(table)
+            .bind(idx)
+            .bind(after.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(rows.into_iter().map(|(key, idx, doc)| Row { table, key, idx, doc }).collect())
+    }
+
+    async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT idx, count(*) FROM docs WHERE tbl = $1 AND idx IS NOT NULL GROUP BY idx ORDER BY idx",
+        )
+        .bind(table)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(counts.into_iter().map(|(idx, n)| (idx, n as u64)).collect())
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
+        self.commit_expecting(batch, &[]).await
+    }
+
+    async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        // Past the largest BIGINT nothing can follow.
+        let Ok(position) = i64::try_from(position) else { return Ok(Vec::new()) };
+        self.outbox_query(
+            "SELECT position, event FROM outbox WHERE position > $1 ORDER BY position LIMIT $2",
+            position,
+            limit,
+        )
+        .await
+    }
+
+    async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.outbox_query(
+            "SELECT position, event FROM outbox WHERE subject = $1 ORDER BY position LIMIT $2",
+            subject.to_owned(),
+            limit,
+        )
+        .await
+    }
+
+    async fn outbox_head(&self) -> Result<u64, StoreError> {
+        let head: i64 =
+            sqlx::query_scalar("SELECT position FROM outbox_head").fetch_one(&self.pool).await.map_err(store_error)?;
+        Ok(head as u64)
+    }
+
+    async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
+        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM cursors WHERE producer = $1")
+            .bind(producer)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(position.map_or(0, |p| p as u64))
+    }
+
+    async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM inbox WHERE id = $1")
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(found.is_some())
+    }
+}

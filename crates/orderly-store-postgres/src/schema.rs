@@ -1,0 +1,153 @@
+//! Where a service's data lives and how it gets there: the validated schema
+//! name, the session settings every connection carries, and the embedded,
+//! versioned migrations run under a per-schema advisory lock.
+
+use crate::error::{store_error, unavailable};
+use orderly_engine::ports::StoreError;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, SqlSafeStr};
+use std::str::FromStr;
+
+/// The longest schema name PostgreSQL keeps without truncating (NAMEDATALEN - 1).
+pub const SCHEMA_NAME_MAX: usize = 63;
+
+/// How long one statement may run on a store connection before PostgreSQL
+/// cancels it (the cancel surfaces as [`StoreError::Unavailable`]).
+pub const STATEMENT_TIMEOUT_MS: u32 = 30_000;
+
+/// How long a statement may wait for a row lock (e.g. the outbox head) before
+/// giving up with [`StoreError::Conflict`], so a stuck writer cannot wedge the rest.
+pub const LOCK_TIMEOUT_MS: u32 = 10_000;
+
+/// The embedded migrations: (version, description, SQL). Append only.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "orderly store", include_str!("../migrations/0001_orderly_store.sql"))];
+
+/// The first key of the two-key advisory lock Orderly takes around migrations
+/// ("OR" in ASCII); the second is `hashtext(schema)`. Commits take no
+/// advisory locks, so nothing else shares this key space.
+const MIGRATION_LOCK_CLASS: i32 = 0x4f52;
+
+/// A schema name that is safe to splice into DDL and `search_path`:
+/// lowercase ASCII letters, digits and `_`, not starting with a digit,
+/// at most [`SCHEMA_NAME_MAX`] bytes, and not a `pg_` system name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SchemaName(String);
+
+impl SchemaName {
+    /// Parses a schema name, or says why it is refused.
+    pub(crate) fn parse(name: &str) -> Result<SchemaName, String> {
+        let valid_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let starts_ok = name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+        if !valid_chars || !starts_ok || name.len() > SCHEMA_NAME_MAX || name.starts_with("pg_") {
+            return Err(format!(
+                "invalid schema name {name:?}: use 1 to {SCHEMA_NAME_MAX} lowercase letters, digits and _, \
+                 starting with a letter or _, not pg_"
+            ));
+        }
+        Ok(SchemaName(name.to_owned()))
+    }
+
+    /// The name itself.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Connection options for `url` whose sessions live in `schema`: every
+/// unqualified name resolves there, commits wait for the WAL flush
+/// (`synchronous_commit=on`) and statements and lock waits are bounded.
+pub(crate) fn connect_options(url: &str, schema: &SchemaName) -> Result<PgConnectOptions, StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(|e| unavailable(format!("bad PostgreSQL url: {e}")))?;
+    Ok(options.application_name("orderly").options([
+        ("search_path", schema.as_str().to_owned()),
+        ("synchronous_commit", "on".to_owned()),
+        ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
+        ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
+    ]))
+}
+
+/// Creates `schema` if missing and applies pending migrations; returns the
+/// schema version reached. Safe when several processes start at once: each
+/// runs on its own session holding a per-schema advisory lock, so one
+/// migrates and the others then find nothing to do.
+pub(crate) async fn migrate(options: &PgConnectOptions, schema: &SchemaName) -> Result<i64, StoreError> {
+    // Migrations may legitimately run longer than a store statement, and must
+    // wait for the lock as long as another process is migrating.
+    let options = options.clone().options([("statement_timeout", "0"), ("lock_timeout", "0")]);
+    let mut conn = PgConnection::connect_with(&options).await.map_err(store_error)?;
+    let result = migrate_locked(&mut conn, schema).await;
+    // Closing the session releases the advisory lock even if migrating failed.
+    let closed = conn.close().await.map_err(store_error);
+    let version = result?;
+    closed?;
+    Ok(version)
+}
+
+async fn migrate_locked(conn: &mut PgConnection, schema: &SchemaName) -> Result<i64, StoreError> {
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+        .bind(MIGRATION_LOCK_CLASS)
+        .bind(schema.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(store_error)?;
+    // The name was validated by SchemaName::parse: only [a-z0-9_], so quoting is exact.
+    let create = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", schema.as_str());
+    sqlx::query(AssertSqlSafe(create)).execute(&mut *conn).await.map_err(store_error)?;
+    let mut migrator = Migrator::with_migrations(embedded_migrations());
+    // Our own advisory lock is per schema; sqlx's is per database and would
+    // needlessly serialize services that share one database.
+    migrator.set_locking(false);
+    // `run_direct` is what `run` calls; sqlx keeps it public because `run`'s
+    // `Acquire` bound makes the future unsendable for callers that spawn
+    // `connect` ("Acquire is not general enough").
+    migrator
+        .run_direct(None, &mut *conn, false)
+        .await
+        .map_err(|e| unavailable(format!("migrating schema {}: {e}", schema.as_str())))?;
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(MIGRATION_LOCK_CLASS)
+        .bind(schema.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(store_error)?;
+    Ok(latest_version())
+}
+
+/// The version the embedded migrations bring a schema to.
+pub(crate) fn latest_version() -> i64 {
+    MIGRATIONS.iter().map(|(v, _, _)| *v).max().unwrap_or(0)
+}
+
+fn embedded_migrations() -> Vec<Migration> {
+    MIGRATIONS
+        .iter()
+        .map(|(version, description, sql)| {
+            Migration::new(*version, (*description).into(), MigrationType::Simple, sql.into_sql_str(), false)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_restricted_to_safe_identifiers() {
+        for ok in ["orders", "_x", "svc_01", &"a".repeat(SCHEMA_NAME_MAX)] {
+            assert!(SchemaName::parse(ok).is_ok(), "{ok} should be accepted");
+        }
+        for bad in ["", "1abc", "Orders", "a-b", "a\"b", "a;drop", "pg_catalog", "é", &"a".repeat(SCHEMA_NAME_MAX + 1)]
+        {
+            assert!(SchemaName::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn migrations_are_numbered_from_one_without_holes() {
+        for (i, (version, _, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version, i as i64 + 1);
+        }
+        assert_eq!(latest_version(), MIGRATIONS.len() as i64);
+    }
+}

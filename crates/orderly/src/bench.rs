@@ -1,0 +1,511 @@
+//! `orderly bench flash-sale`: a real engine on a fresh data directory takes
+//! a flash sale (N orders racing for U units of one hot SKU, mixed with
+//! regular orders on other SKUs) through the service layer or the HTTP API.
+//! The same run measures the naive design on the same store (one row per
+//! SKU, one transaction and row lock per order) and the same orders spread
+//! over many SKUs. `oversold` is computed from the stores after the run.
+
+use crate::{Application, RunOptions};
+use anyhow::{Context, Result, bail};
+use orderly_domain::allocation::{Location, LocationKind};
+use orderly_domain::ledger::SkuLedger;
+use orderly_domain::order::{Order, OrderState};
+use orderly_domain::{CustomerId, LocationId, Money, Priority, Sku, Zone};
+use orderly_engine::app::{Customer, Engine, LineRequest, OrderRequest, ShipTo};
+use orderly_engine::config::{ApiKey, Settings};
+use orderly_engine::ports::{Rng, SeededRng};
+use orderly_store_sqlite::Durability;
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Most orders the naive baseline runs (it is slow by design).
+pub const BASELINE_ORDERS_MAX: u64 = 20_000;
+/// Longest the naive baseline runs.
+const BASELINE_SECONDS_MAX: u64 = 15;
+/// Longest the engine may take to settle every accepted order.
+const SETTLE_SECONDS_MAX: u64 = 600;
+/// Regular orders per 100 flash-sale orders.
+const REGULAR_PER_100: u64 = 10;
+/// SKUs the hot stock is spread over in the uniform comparison run.
+const UNIFORM_SKUS: u32 = 100;
+
+/// How orders reach the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// Through the HTTP API with a concurrent client.
+    Http,
+    /// Calling the service layer in-process.
+    Engine,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FlashSale {
+    /// Flash-sale orders.
+    pub orders: u64,
+    /// Units of the hot SKU.
+    pub units: u32,
+    /// Regular SKUs.
+    pub skus: u32,
+    /// How orders are sent.
+    pub via: Via,
+    /// Orders in flight at once.
+    pub concurrency: usize,
+    /// Skip the uniform comparison run.
+    pub skip_uniform: bool,
+}
+
+/// The benchmark's JSON line (PRODUCT.md §7).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Flash-sale orders sent.
+    pub orders: u64,
+    /// Hot units received.
+    pub units: u32,
+    /// Hot units sellable after the safety buffer.
+    pub sellable_units: u64,
+    /// Regular orders sent alongside.
+    pub regular_orders: u64,
+    /// Flash-sale orders acknowledged (2xx).
+    pub accepted: u64,
+    /// Flash-sale orders allocated.
+    pub allocated: u64,
+    /// Flash-sale orders backordered.
+    pub backordered: u64,
+    /// Units allocated beyond stock, from the stores (must be 0).
+    pub oversold: u64,
+    /// Accepted orders per second, first intake to last allocation decision, durable.
+    pub orders_per_sec: f64,
+    /// Acknowledgement latency of flash-sale orders, median.
+    pub p50_ms: f64,
+    /// Acknowledgement latency of flash-sale orders, 99th percentile.
+    pub p99_ms: f64,
+    /// Acknowledgement latency of regular orders during the sale, 99th percentile.
+    pub regular_p99_ms: f64,
+    /// Peak resident memory of this process.
+    pub peak_rss_mb: f64,
+    /// The naive design's throughput on the same store.
+    pub baseline_orders_per_sec: f64,
+    /// orders_per_sec / baseline_orders_per_sec.
+    pub speedup_vs_baseline: f64,
+    /// Throughput with one hot SKU / with the same orders over many SKUs.
+    pub hot_vs_uniform: Option<f64>,
+    /// `embedded` (SQLite + in-process bus).
+    pub mode: &'static str,
+    /// `http` or `engine`.
+    pub via: Via,
+    /// Whether every invariant checked after the run held.
+    pub invariants_ok: bool,
+}
+
+/// Runs the benchmark and returns its report (exit 1 is the caller's call).
+pub async fn run(cfg: &FlashSale) -> Result<Report> {
+    if cfg.orders == 0 || cfg.units == 0 {
+        bail!("--orders and --units must be positive");
+    }
+    let hot = sale(cfg, false).await.context("flash sale run")?;
+    let uniform = if cfg.skip_uniform { None } else { Some(sale(cfg, true).await.context("uniform run")?) };
+    let baseline = naive_baseline(cfg).await.context("naive baseline")?;
+    let flash = &hot.flash_latency_ms;
+    Ok(Report {
+        orders: cfg.orders,
+        units: cfg.units,
+        sellable_units: hot.sellable,
+        regular_orders: hot.regular_sent,
+        accepted: hot.accepted,
+        allocated: hot.allocated,
+        backordered: hot.backordered,
+        oversold: hot.oversold,
+        orders_per_sec: hot.orders_per_sec,
+        p50_ms: percentile(flash, 50.0),
+        p99_ms: percentile(flash, 99.0),
+        regular_p99_ms: percentile(&hot.regular_latency_ms, 99.0),
+        peak_rss_mb: peak_rss_mb(),
+        baseline_orders_per_sec: baseline,
+        speedup_vs_baseline: if baseline > 0.0 { hot.orders_per_sec / baseline } else { 0.0 },
+        hot_vs_uniform: uniform
+            .map(|u| if u.orders_per_sec > 0.0 { hot.orders_per_sec / u.orders_per_sec } else { 0.0 }),
+        mode: "embedded",
+        via: cfg.via,
+        invariants_ok: hot.invariants_ok && hot.oversold == 0,
+    })
+}
+
+struct SaleResult {
+    accepted: u64,
+    allocated: u64,
+    backordered: u64,
+    oversold: u64,
+    sellable: u64,
+    regular_sent: u64,
+    orders_per_sec: f64,
+    flash_latency_ms: Vec<f64>,
+    regular_latency_ms: Vec<f64>,
+    invariants_ok: bool,
+}
+
+/// One order to send: its SKU, price, and whether it is part of the sale.
+#[derive(Clone)]
+struct Planned {
+    sku: Sku,
+    flash: bool,
+    priority: Priority,
+}
+
+fn id<T: TryFrom<String>>(s: &str) -> Result<T>
+where
+    T::Error: std::fmt::Display,
+{
+    T::try_from(s.to_owned()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn plan(cfg: &FlashSale, uniform: bool) -> Result<Vec<Planned>> {
+    let rng = SeededRng::new(0x5A1E);
+    let regular = cfg.orders * REGULAR_PER_100 / 100;
+    let mut v = Vec::with_capacity((cfg.orders + regular) as usize);
+    let hot = id::<Sku>("HOT-1")?;
+    for i in 0..cfg.orders {
+        let sku = if uniform { id(&format!("U-{}", i % u64::from(UNIFORM_SKUS)))? } else { hot.clone() };
+        v.push(Planned { sku, flash: true, priority: Priority::SameDay });
+    }
+    for i in 0..regular {
+        let sku = id(&format!("REG-{}", rng.next_u64() % u64::from(cfg.skus.max(1))))?;
+        let priority = if i % 3 == 0 { Priority::SameDay } else { Priority::Standard };
+        v.push(Planned { sku, flash: false, priority });
+    }
+    // Interleave deterministically so regular orders arrive during the sale.
+    for i in (1..v.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    Ok(v)
+}
+
+fn bench_settings() -> Result<(Settings, String)> {
+    let mut s = Settings::default();
+    let (key, hash) = orderly_http::auth::generate_key().context("no randomness")?;
+    s.auth.keys.push(ApiKey { name: "bench".into(), role: "ops".into(), hash });
+    s.bus.queue_capacity = 65_536;
+    s.http.max_connections = 8192;
+    Ok((s, key))
+}
+
+async fn stock(engine: &Engine, cfg: &FlashSale, uniform: bool) -> Result<()> {
+    for (loc, zone) in [("WH-1", "EU"), ("WH-2", "EU")] {
+        engine.put_location(Location { id: id(loc)?, zone: id(zone)?, kind: LocationKind::Warehouse }).await?;
+    }
+    let receive = |sku: String, qty: u32, loc: &'static str| async move {
+        let mut left = qty;
+        while left > 0 {
+            let chunk = left.min(orderly_domain::order::LINE_QTY_MAX);
+            engine.receive(id::<LocationId>(loc)?, id::<Sku>(&sku)?, chunk).await?;
+            left -= chunk;
+        }
+        anyhow::Ok(())
+    };
+    if uniform {
+        for i in 0..UNIFORM_SKUS {
+            let per = cfg.units / UNIFORM_SKUS + u32::from(i < cfg.units % UNIFORM_SKUS);
+            receive(format!("U-{i}"), per.div_ceil(2), "WH-1").await?;
+            receive(format!("U-{i}"), per / 2, "WH-2").await?;
+        }
+    } else {
+        receive("HOT-1".into(), cfg.units.div_ceil(2), "WH-1").await?;
+        receive("HOT-1".into(), cfg.units / 2, "WH-2").await?;
+    }
+    for i in 0..cfg.skus.max(1) {
+        receive(format!("REG-{i}"), 1_000_000, "WH-1").await?;
+    }
+    Ok(())
+}
+
+fn request(p: &Planned, n: usize) -> Result<OrderRequest> {
+    let price = if p.flash { "29.00" } else { "12.50" };
+    Ok(OrderRequest {
+        customer: Customer {
+            id: id::<CustomerId>(&format!("c-{}", n % 100_000))?,
+            email: format!("c{}@example.com", n % 100_000),
+        },
+        ship_to: ShipTo { zone: id::<Zone>("EU")? },
+        priority: p.priority,
+        lines: vec![LineRequest {
+            sku: p.sku.clone(),
+            qty: 1,
+            unit_price: Money::parse(price).map_err(|e| anyhow::anyhow!("{e}"))?,
+        }],
+        hold_ids: vec![],
+        delivery_window: None,
+    })
+}
+
+/// Sends every planned order with `concurrency` workers; returns per-order
+/// latency (ms) and whether it was accepted.
+async fn drive(
+    cfg: &FlashSale,
+    engine: Arc<Engine>,
+    addr: std::net::SocketAddr,
+    key: &str,
+    planned: Arc<Vec<Planned>>,
+) -> Result<Vec<(bool, f64, bool)>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let bar = progress(planned.len() as u64);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(cfg.concurrency).build().context("HTTP client")?;
+    let url = format!("http://{addr}/v1/orders");
+    let mut workers = Vec::new();
+    for _ in 0..cfg.concurrency.max(1) {
+        let (engine, planned, next, done, client, url, key, via) = (
+            engine.clone(),
+            planned.clone(),
+            next.clone(),
+            done.clone(),
+            client.clone(),
+            url.clone(),
+            key.to_owned(),
+            cfg.via,
+        );
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = planned.get(i) else { break };
+                let req = request(p, i)?;
+                let start = Instant::now();
+                let ok = match via {
+                    Via::Engine => engine.create_order(req).await.is_ok(),
+                    Via::Http => {
+                        let r = client.post(&url).bearer_auth(&key).json(&req).send().await;
+                        matches!(r, Ok(r) if r.status().is_success())
+                    }
+                };
+                out.push((p.flash, start.elapsed().as_secs_f64() * 1000.0, ok));
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let ticker = {
+        let (done, bar) = (done.clone(), bar.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(done.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut all = Vec::with_capacity(planned.len());
+    for w in workers {
+        all.extend(w.await.context("worker panicked")??);
+    }
+    ticker.abort();
+    bar.finish_and_clear();
+    Ok(all)
+}
+
+fn progress(len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} orders [{elapsed_precise}] {per_sec}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn sale(cfg: &FlashSale, uniform: bool) -> Result<SaleResult> {
+    let dir = tempfile::tempdir().context("temp dir")?;
+    let (settings, key) = bench_settings()?;
+    let options =
+        RunOptions { data_dir: dir.path().to_owned(), listen: "127.0.0.1:0".parse()?, durability: Durability::Full };
+    let app = Application::build(settings, &options).await?;
+    let (engine, addr) = (app.engine(), app.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    stock(&engine, cfg, uniform).await?;
+    let sellable = hot_sellable(&engine, uniform).await?;
+    let planned = Arc::new(plan(cfg, uniform)?);
+    let start = Instant::now();
+    let results = drive(cfg, engine.clone(), addr, &key, planned.clone()).await?;
+    let accepted_total = results.iter().filter(|r| r.2).count() as u64;
+    settle(&engine, accepted_total).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let check = check_stores(&engine, cfg, uniform).await?;
+    let _ = stop.send(());
+    let _ = server.await;
+    let flash_latency_ms: Vec<f64> = results.iter().filter(|r| r.0 && r.2).map(|r| r.1).collect();
+    Ok(SaleResult {
+        accepted: results.iter().filter(|r| r.0 && r.2).count() as u64,
+        allocated: check.allocated,
+        backordered: check.backordered,
+        oversold: check.oversold,
+        sellable,
+        regular_sent: results.iter().filter(|r| !r.0).count() as u64,
+        orders_per_sec: accepted_total as f64 / elapsed,
+        flash_latency_ms,
+        regular_latency_ms: results.iter().filter(|r| !r.0 && r.2).map(|r| r.1).collect(),
+        invariants_ok: check.invariants_ok,
+    })
+}
+
+async fn hot_sellable(engine: &Engine, uniform: bool) -> Result<u64> {
+    if uniform {
+        return Ok(0);
+    }
+    Ok(engine.inventory(id("HOT-1")?).await?.available)
+}
+
+/// Waits until every accepted order has had its allocation decided (the
+/// orders service counts first decisions; polling a counter costs nothing).
+async fn settle(engine: &Engine, accepted: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(SETTLE_SECONDS_MAX);
+    let metrics = engine.runtime.metrics.clone();
+    loop {
+        let decided = metrics.counter("orderly_orders_decided_total", &[]);
+        if decided >= accepted {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} orders still waiting for allocation after {SETTLE_SECONDS_MAX} s", accepted - decided);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+struct StoreCheck {
+    allocated: u64,
+    backordered: u64,
+    oversold: u64,
+    invariants_ok: bool,
+}
+
+/// Reads the stores after the run: allocation per flash order, oversell per
+/// ledger partition and against the units received, every ledger's invariants.
+async fn check_stores(engine: &Engine, cfg: &FlashSale, uniform: bool) -> Result<StoreCheck> {
+    let store = engine.runtime.store("inventory").context("inventory store")?;
+    let mut oversold = 0u64;
+    let mut invariants_ok = true;
+    let mut after: Option<String> = None;
+    loop {
+        let rows = store.scan("ledgers", None, after.as_deref(), 500).await?;
+        for row in &rows {
+            let ledger: SkuLedger = serde_json::from_slice(&row.doc).context("ledger")?;
+            if let Err(e) = ledger.check_invariants() {
+                eprintln!("invariant violated for {}: {e}", row.key);
+                invariants_ok = false;
+            }
+            for loc in ledger.snapshot().locations {
+                for p in loc.partitions {
+                    oversold += (p.reserved + p.safety).saturating_sub(p.on_hand);
+                }
+            }
+        }
+        after = rows.last().map(|r| r.key.clone());
+        if rows.len() < 500 {
+            break;
+        }
+    }
+    let (mut allocated, mut backordered, mut hot_units) = (0u64, 0u64, 0u64);
+    let mut cursor: Option<String> = None;
+    loop {
+        let orders: Vec<Order> = engine.orders(None, cursor.as_deref(), 500).await?;
+        for o in &orders {
+            let flash = o.lines().iter().any(|l| l.sku.as_str() == "HOT-1" || l.sku.as_str().starts_with("U-"));
+            if !flash {
+                continue;
+            }
+            let units: u64 = o.lines().iter().map(|l| u64::from(l.allocated_qty())).sum();
+            hot_units += units;
+            if o.state() == OrderState::Backordered {
+                backordered += 1;
+            } else if units > 0 {
+                allocated += 1;
+            }
+            if o.check_invariants().is_err() {
+                invariants_ok = false;
+            }
+        }
+        cursor = orders.last().map(|o| o.id().to_string());
+        if orders.len() < 500 {
+            break;
+        }
+    }
+    oversold += hot_units.saturating_sub(u64::from(cfg.units));
+    let _ = uniform;
+    Ok(StoreCheck { allocated, backordered, oversold, invariants_ok })
+}
+
+/// The naive design on the same store: one row per SKU, one transaction and
+/// one row write lock per order, fsync per commit.
+async fn naive_baseline(cfg: &FlashSale) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("naive.db");
+    {
+        let c = rusqlite::Connection::open(&path)?;
+        c.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE stock (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL);
+             CREATE TABLE orders (id INTEGER PRIMARY KEY, sku TEXT NOT NULL, status TEXT NOT NULL);",
+        )?;
+        c.execute("INSERT INTO stock VALUES ('HOT-1', ?1)", [cfg.units])?;
+    }
+    let total = cfg.orders.min(BASELINE_ORDERS_MAX);
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(BASELINE_SECONDS_MAX);
+    let start = Instant::now();
+    let workers = cfg.concurrency.clamp(1, 16);
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let (path, next) = (path.clone(), next.clone());
+        handles.push(tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut c = rusqlite::Connection::open(&path)?;
+            c.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=60000;")?;
+            let mut done = 0;
+            while next.fetch_add(1, Ordering::Relaxed) < total && Instant::now() < deadline {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let took = tx.execute("UPDATE stock SET qty = qty - 1 WHERE sku = 'HOT-1' AND qty > 0", [])?;
+                let status = if took == 1 { "allocated" } else { "backordered" };
+                tx.execute("INSERT INTO orders (sku, status) VALUES ('HOT-1', ?1)", [status])?;
+                tx.commit()?;
+                done += 1;
+            }
+            Ok(done)
+        }));
+    }
+    let mut done = 0;
+    for h in handles {
+        done += h.await??;
+    }
+    let c = rusqlite::Connection::open(&path)?;
+    let left: i64 = c.query_row("SELECT qty FROM stock WHERE sku = 'HOT-1'", [], |r| r.get(0))?;
+    anyhow::ensure!(left >= 0, "the naive baseline oversold");
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
