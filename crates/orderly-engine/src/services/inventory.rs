@@ -722,11 +722,12 @@ impl Service for Inventory {
                 tx.reply(reply, r);
             }
             Command::Adjust { sku, location, delta, counted, reason, user, reply } => {
-                if counted.is_none() && delta < 0 {
-                    if let Err(e) = self.check_free_stock(tx, &sku, &location, delta.unsigned_abs()).await {
-                        tx.reply(reply, Err(e));
-                        return;
-                    }
+                if counted.is_none()
+                    && delta < 0
+                    && let Err(e) = self.check_free_stock(tx, &sku, &location, delta.unsigned_abs()).await
+                {
+                    tx.reply(reply, Err(e));
+                    return;
                 }
                 let cmd = match counted {
                     Some(counted) => {
