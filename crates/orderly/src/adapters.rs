@@ -28,6 +28,63 @@ pub fn sqlite_adapters(data_dir: &Path, durability: Durability) -> Result<Adapte
     Ok(Adapters { stores, clock: Arc::new(SystemClock), rng: Arc::new(SeededRng::from_entropy()) })
 }
 
+/// Connections per service schema in the distributed mode.
+const PG_POOL_PER_SERVICE: u32 = 8;
+
+/// One PostgreSQL schema per service (`orderly_orders`, …) in the database at `url`.
+pub async fn postgres_adapters(url: &str) -> Result<Adapters> {
+    let mut stores: HashMap<&'static str, Arc<dyn Store>> = HashMap::new();
+    for name in SERVICES {
+        let store = orderly_store_postgres::PgStore::connect(url, &format!("orderly_{name}"), PG_POOL_PER_SERVICE)
+            .await
+            .with_context(|| format!("cannot open the {name} store in PostgreSQL"))?;
+        stores.insert(name, Arc::new(store));
+    }
+    Ok(Adapters { stores, clock: Arc::new(SystemClock), rng: Arc::new(SeededRng::from_entropy()) })
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// SQLite files in a directory (embedded mode).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database (distributed mode).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `--store` (a `postgres://` URL) wins over `--data-dir`.
+    pub fn from_args(store: Option<&str>, data_dir: &Path) -> Result<StoreLocation> {
+        match store {
+            None => Ok(StoreLocation::Sqlite(data_dir.to_owned())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreLocation::Postgres(url.to_owned()))
+            }
+            Some(other) => {
+                anyhow::bail!("--store must be a postgres:// URL (or omitted for SQLite in --data-dir), not {other:?}")
+            }
+        }
+    }
+
+    /// Opens every service's store, and the API's own (idempotency keys).
+    pub async fn open(&self, durability: Durability) -> Result<(Adapters, Arc<dyn Store>)> {
+        match self {
+            StoreLocation::Sqlite(dir) => {
+                let adapters = sqlite_adapters(dir, durability)?;
+                let api = SqliteStore::open(&dir.join("api.db"), durability).context("cannot open the API store")?;
+                Ok((adapters, Arc::new(api)))
+            }
+            StoreLocation::Postgres(url) => {
+                let adapters = postgres_adapters(url).await?;
+                let api = orderly_store_postgres::PgStore::connect(url, "orderly_api", PG_POOL_PER_SERVICE)
+                    .await
+                    .context("cannot open the API store in PostgreSQL")?;
+                Ok((adapters, Arc::new(api)))
+            }
+        }
+    }
+}
+
 /// A carrier reached over HTTP.
 pub struct HttpCarrier(pub CarrierClient);
 

@@ -322,8 +322,12 @@ fn progress(len: u64) -> indicatif::ProgressBar {
 async fn sale(cfg: &FlashSale, uniform: bool) -> Result<SaleResult> {
     let dir = tempfile::tempdir().context("temp dir")?;
     let (settings, key) = bench_settings()?;
-    let options =
-        RunOptions { data_dir: dir.path().to_owned(), listen: "127.0.0.1:0".parse()?, durability: Durability::Full };
+    let options = RunOptions {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse()?,
+        store: None,
+        durability: Durability::Full,
+    };
     let app = Application::build(settings, &options).await?;
     let (engine, addr) = (app.engine(), app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

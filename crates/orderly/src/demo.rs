@@ -56,7 +56,7 @@ pub async fn run(
     let (settings, keys) = demo_settings(carrier.url(), &rates_dir)?;
     let app = Application::build(
         settings,
-        &RunOptions { data_dir: data_dir.clone(), listen, durability: Durability::Normal },
+        &RunOptions { data_dir: data_dir.clone(), listen, store: None, durability: Durability::Normal },
     )
     .await?;
     let engine = app.engine();

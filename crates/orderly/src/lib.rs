@@ -10,10 +10,10 @@ pub mod settings;
 use anyhow::{Context, Result};
 use orderly_engine::app::Engine;
 use orderly_engine::config::Settings;
-use orderly_engine::ports::{Store, SystemClock};
+use orderly_engine::ports::SystemClock;
 use orderly_http::routes::{AppState, router};
 use orderly_http::{HttpLayers, Idempotency, IdempotencyConfig, KeyRing, Limits, SharedKeyRing};
-use orderly_store_sqlite::{Durability, SqliteStore};
+use orderly_store_sqlite::Durability;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +24,8 @@ use std::sync::Arc;
 pub struct RunOptions {
     /// Directory of the embedded stores.
     pub data_dir: PathBuf,
+    /// A `postgres://` URL: state in PostgreSQL (one schema per service) instead of `data_dir`.
+    pub store: Option<String>,
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
     /// fsync on every commit (`full`) or at checkpoints (`normal`).
@@ -49,7 +51,8 @@ impl Application {
                 "no API keys configured: every /v1 request will be refused (create one with `orderly keys new --role ops`)"
             );
         }
-        let adapters = adapters::sqlite_adapters(&options.data_dir, options.durability)?;
+        let location = adapters::StoreLocation::from_args(options.store.as_deref(), &options.data_dir)?;
+        let (adapters, api_store) = location.open(options.durability).await?;
         let carriers = adapters::carriers(&settings)?;
         let notifier = adapters::notifier(&settings)?;
         let rates = match &settings.carriers.rates_dir {
@@ -57,10 +60,6 @@ impl Application {
             None => None,
         };
         let limits = Limits::from_settings(&settings.http);
-        let api_store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&options.data_dir.join("api.db"), options.durability)
-                .context("cannot open the API store")?,
-        );
         let engine = Arc::new(
             Engine::start(settings, adapters, carriers, rates, notifier).await.context("engine failed to start")?,
         );

@@ -29,6 +29,9 @@ enum Command {
         /// Address to listen on (port 0 picks a free port; the log says which).
         #[arg(long, default_value = "127.0.0.1:8080", env = "ORDERLY_LISTEN")]
         listen: SocketAddr,
+        /// State in PostgreSQL instead of --data-dir: `postgres://user@host/db` (one schema per service).
+        #[arg(long, env = "ORDERLY_STORE")]
+        store: Option<String>,
         /// `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
         #[arg(long, default_value = "full", env = "ORDERLY_DURABILITY")]
         durability: String,
@@ -68,6 +71,15 @@ enum Command {
         /// Carrier spec, repeatable: `fastship:latency_ms=20,error_rate=0.1,outage=5000+2000,base_price=4.95`.
         #[arg(long = "carrier")]
         carriers: Vec<String>,
+    },
+    /// Create or upgrade every service's schema, then exit (serve also does this at startup).
+    Migrate {
+        /// Directory of the embedded stores.
+        #[arg(long, default_value = "./data", env = "ORDERLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// A `postgres://` URL instead of --data-dir.
+        #[arg(long, env = "ORDERLY_STORE")]
+        store: Option<String>,
     },
     /// Check a configuration file without starting anything.
     CheckConfig {
@@ -138,9 +150,9 @@ fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, data_dir, listen, durability } => {
+        Command::Serve { config, data_dir, listen, store, durability } => {
             let settings = settings::load(config.as_deref(), std::env::vars())?;
-            let options = RunOptions { data_dir, listen, durability: parse_durability(&durability)? };
+            let options = RunOptions { data_dir, listen, store, durability: parse_durability(&durability)? };
             let app = Application::build(settings, &options).await?;
             app.run_until(shutdown_signal()).await
         }
@@ -181,6 +193,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CarrierSim { listen, seed, carriers } => carrier_sim(listen, seed, &carriers).await,
+        Command::Migrate { data_dir, store } => {
+            let location = orderly::adapters::StoreLocation::from_args(store.as_deref(), &data_dir)?;
+            location.open(Durability::Full).await?;
+            println!("every service's store is migrated to the current schema ({location:?})");
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let s = settings::load(config.as_deref(), std::env::vars())?;
             println!(
