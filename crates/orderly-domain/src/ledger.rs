@@ -567,7 +567,13 @@ pub struct SkuLedger {
     lines: BTreeMap<LineId, LineClaim>,
     holds: BTreeMap<HoldId, HoldClaim>,
     hold_expiries: BTreeSet<(Timestamp, HoldId)>,
-    backorders: VecDeque<BackorderEntry>,
+    /// The FIFO of backorder tickets; a ticket whose line has left the queue
+    /// (or re-entered it with a newer ticket) is stale and skipped, so
+    /// removal anywhere is O(log n) and the queue is compacted lazily.
+    backorders: VecDeque<(u64, LineId)>,
+    /// Waiting lines by id, with their current ticket.
+    backorder_entries: BTreeMap<LineId, (u64, BackorderEntry)>,
+    next_ticket: u64,
     done: VecDeque<DoneKey>,
     done_index: BTreeSet<DoneKey>,
     next_claim_seq: u64,
@@ -648,7 +654,10 @@ impl SkuLedger {
                 self.unclaim_hold(hold_id, parts);
             }
             E::Backordered { order, line, qty, since, .. } => self.enqueue_backorder(order, line, *qty, *since),
-            E::BackorderCanceled { line, .. } => self.backorders.retain(|b| &b.line != line),
+            E::BackorderCanceled { line, .. } => {
+                self.backorder_entries.remove(line);
+                self.compact_backorders();
+            }
         }
         self.version += 1;
     }
@@ -662,6 +671,8 @@ impl SkuLedger {
             holds: BTreeMap::new(),
             hold_expiries: BTreeSet::new(),
             backorders: VecDeque::new(),
+            backorder_entries: BTreeMap::new(),
+            next_ticket: 0,
             done: VecDeque::new(),
             done_index: BTreeSet::new(),
             next_claim_seq: 0,
@@ -737,12 +748,15 @@ impl SkuLedger {
 
     /// The backorder queue, oldest first.
     pub fn backorders(&self) -> impl Iterator<Item = &BackorderEntry> {
-        self.backorders.iter()
+        self.backorders.iter().filter_map(|(ticket, line)| match self.backorder_entries.get(line) {
+            Some((t, entry)) if t == ticket => Some(entry),
+            _ => None,
+        })
     }
 
     /// A line's place in the backorder queue, if it waits.
     pub fn backorder(&self, line: &LineId) -> Option<&BackorderEntry> {
-        self.backorders.iter().find(|b| &b.line == line)
+        self.backorder_entries.get(line).map(|(_, entry)| entry)
     }
 
     /// A live hold.
@@ -804,7 +818,10 @@ impl SkuLedger {
 
     fn check_queues(&self) -> Result<(), String> {
         let mut seen = BTreeSet::new();
-        for b in &self.backorders {
+        if self.backorders().count() != self.backorder_entries.len() {
+            return Err("the backorder queue and its index disagree".to_owned());
+        }
+        for b in self.backorders() {
             if b.qty == 0 || !seen.insert(&b.line) {
                 return Err(format!("backorder entry for {} is empty or repeated", b.line));
             }
@@ -1284,7 +1301,7 @@ impl SkuLedger {
     /// available at `locations`. Partially filling the head is fine; a later
     /// entry gets units only once every earlier one is filled.
     fn push_backorder_fills(&self, events: &mut Vec<LedgerEvent>, locations: &[LocationId]) {
-        if self.backorders.is_empty() || locations.is_empty() {
+        if self.backorder_entries.is_empty() || locations.is_empty() {
             return;
         }
         let mut scratch = self.stock.clone();
@@ -1300,7 +1317,7 @@ impl SkuLedger {
         let locations: BTreeSet<&LocationId> = locations.iter().collect();
         for location in locations {
             let Some(parts) = scratch.get_mut(location) else { continue };
-            for entry in self.backorders.iter().filter(|b| !canceled.contains(&b.line)) {
+            for entry in self.backorders().filter(|b| !canceled.contains(&b.line)) {
                 let available: u64 = parts.iter().map(PartitionStock::available).sum();
                 let done = filled.get(&entry.line).copied().unwrap_or(0);
                 if available == 0 {
@@ -1552,18 +1569,40 @@ impl SkuLedger {
     }
 
     fn enqueue_backorder(&mut self, order: &OrderId, line: &LineId, qty: u64, since: Timestamp) {
-        match self.backorders.iter_mut().find(|b| &b.line == line) {
-            Some(entry) => entry.qty += qty,
-            None => self.backorders.push_back(BackorderEntry { order: order.clone(), line: line.clone(), qty, since }),
+        if let Some((_, entry)) = self.backorder_entries.get_mut(line) {
+            entry.qty += qty;
+            return;
         }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.backorders.push_back((ticket, line.clone()));
+        let entry = BackorderEntry { order: order.clone(), line: line.clone(), qty, since };
+        self.backorder_entries.insert(line.clone(), (ticket, entry));
     }
 
     fn shorten_backorder(&mut self, line: &LineId, qty: u64) {
-        let at = self.backorders.iter().position(|b| &b.line == line).expect("apply: a filled backorder is queued");
-        let entry = &mut self.backorders[at];
+        let (_, entry) = self.backorder_entries.get_mut(line).expect("apply: a filled backorder is queued");
         entry.qty = entry.qty.checked_sub(qty).expect("apply: a backorder is never overfilled");
         if entry.qty == 0 {
-            self.backorders.remove(at);
+            self.backorder_entries.remove(line);
+            self.compact_backorders();
+        }
+    }
+
+    /// Drops stale tickets from the front at once, and from anywhere when
+    /// they outnumber live ones, so the queue stays O(live entries).
+    fn compact_backorders(&mut self) {
+        while let Some((ticket, line)) = self.backorders.front() {
+            match self.backorder_entries.get(line) {
+                Some((t, _)) if t == ticket => break,
+                _ => {
+                    self.backorders.pop_front();
+                }
+            }
+        }
+        if self.backorders.len() > 2 * self.backorder_entries.len() + 64 {
+            let entries = &self.backorder_entries;
+            self.backorders.retain(|(ticket, line)| entries.get(line).is_some_and(|(t, _)| t == ticket));
         }
     }
 }
