@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod dashboard;
 pub mod errors;
 pub mod idempotency;
 pub mod limits;

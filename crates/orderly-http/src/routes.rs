@@ -35,6 +35,7 @@ const ANY: &[Role] = Role::ALL;
 /// Every route, without the cross-cutting layers (see [`crate::HttpLayers`]).
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(crate::dashboard::dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
