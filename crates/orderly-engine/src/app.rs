@@ -29,6 +29,7 @@ pub const LIST_LIMIT_MAX: u32 = 500;
 
 /// A new order as the storefront sends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrderRequest {
     /// Who.
     pub customer: Customer,
@@ -49,6 +50,7 @@ pub struct OrderRequest {
 
 /// The customer of an order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Customer {
     /// Customer id.
     pub id: CustomerId,
@@ -58,6 +60,7 @@ pub struct Customer {
 
 /// Where an order ships.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShipTo {
     /// Shipping zone.
     pub zone: Zone,
@@ -65,6 +68,7 @@ pub struct ShipTo {
 
 /// One requested line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LineRequest {
     /// What.
     pub sku: Sku,
@@ -150,7 +154,7 @@ impl Engine {
                 Packing::new(s.shipping.unit_weight_g),
                 &[
                     ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
-                    ("orders", |t| t == "orderly.order.created"),
+                    ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled")),
                 ],
             )
             .await?;
@@ -228,6 +232,14 @@ impl Engine {
     /// are reserved first (a shortage answers 409 and creates nothing);
     /// the rest is allocated after the order is acknowledged.
     pub async fn create_order(&self, req: OrderRequest) -> Result<Order, ApiError> {
+        self.create_order_keyed(req, None).await
+    }
+
+    /// Creates an order at most once per caller's idempotency key
+    /// (`request_key`): the key is committed with the order, so a retry whose
+    /// first answer was lost (a crash, a timeout) gets the order it created,
+    /// and the same key with a different request is refused (422).
+    pub async fn create_order_keyed(&self, req: OrderRequest, request_key: Option<String>) -> Result<Order, ApiError> {
         if req.lines.is_empty() || req.lines.len() > inventory::ORDER_LINES_MAX {
             return Err(ApiError::invalid(
                 "invalid-lines",
@@ -236,6 +248,12 @@ impl Engine {
         }
         for l in &req.lines {
             positive(l.qty)?;
+        }
+        let key = request_key.map(|key| orders::RequestKey { key, fingerprint: fingerprint(&req) });
+        if let Some(k) = &key
+            && let Some(existing) = self.keyed_order(k).await?
+        {
+            return Ok(existing);
         }
         let now = self.runtime.now();
         let order_id = OrderId::parse(format!("o-{}", self.runtime.new_id(now)))
@@ -257,7 +275,18 @@ impl Engine {
                 .await?
         };
         let new = new_order(order_id, req, &reserved);
-        self.orders.call(|reply| orders::Command::Create { new: Box::new(new), reply }).await
+        self.orders.call(|reply| orders::Command::Create { new: Box::new(new), key, reply }).await
+    }
+
+    /// The order a request key created, if it is committed.
+    async fn keyed_order(&self, key: &orders::RequestKey) -> Result<Option<Order>, ApiError> {
+        let Some(row) = self.store("orders")?.get(orders::ORDER_KEYS, &key.key).await? else { return Ok(None) };
+        let found: orders::KeyedOrder = serde_json::from_slice(&row.doc)
+            .map_err(|e| ApiError::Unavailable(format!("stored order key unreadable: {e}")))?;
+        if found.fingerprint != key.fingerprint {
+            return Err(orders::key_reuse());
+        }
+        self.order(&found.order_id).await.map(Some)
     }
 
     /// Cancels an order or the unshipped rest of it.
@@ -427,6 +456,12 @@ fn control_error(e: ControlError) -> ApiError {
         ControlError::Failed(detail) => ApiError::conflict("replay-failed", detail),
         ControlError::Unavailable(detail) => ApiError::Unavailable(detail),
     }
+}
+
+/// A stable hash of an order request, to tell a retry from a reused key.
+fn fingerprint(req: &OrderRequest) -> u64 {
+    let bytes = serde_json::to_vec(req).expect("an order request is plain data and always serializes");
+    orderly_domain::ids::fnv1a(&bytes)
 }
 
 fn positive(qty: Qty) -> Result<(), ApiError> {

@@ -94,6 +94,11 @@ pub struct OrderCanceled {
     pub reason: String,
     /// Lines whose unshipped units are released.
     pub lines: Vec<LineId>,
+    /// Units of each line that had shipped, per location, when the order was
+    /// canceled: inventory puts every unit it saw picked beyond these back on
+    /// the shelf.
+    #[serde(default)]
+    pub shipped: Vec<AllocationData>,
 }
 
 /// `orderly.order.returned`: units back in stock at a location.

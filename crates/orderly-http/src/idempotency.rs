@@ -352,6 +352,15 @@ impl Record {
     }
 }
 
+/// The caller's Idempotency-Key of a request scoped to the caller, if it sent
+/// a valid one. A handler passes it to the engine, which commits it with the
+/// resource it creates: the response recorded here is written after that
+/// commit, so a crash (or a timeout) in between would otherwise let a retry
+/// create the resource a second time.
+pub fn scoped_key(principal: &Principal, headers: &HeaderMap) -> Option<String> {
+    idempotency_key(headers).ok().flatten().map(|key| scope_key(principal, &key))
+}
+
 /// The key from the header: `Ok(None)` without one, a 400 problem when it is
 /// repeated, empty, too long or not visible ASCII.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {

@@ -126,9 +126,10 @@ async fn put_location(
     State(s): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    ApiJson(b): ApiJson<LocationBody>,
+    body: Result<ApiJson<LocationBody>, Problem>,
 ) -> ApiResult {
     who.require(OPS)?;
+    let ApiJson(b) = body?;
     let id: LocationId = parse("location", id)?;
     let loc = s.engine.put_location(Location { id, zone: b.zone, kind: b.kind }).await.map_err(problem)?;
     Ok(json_response(StatusCode::OK, loc))
@@ -147,8 +148,9 @@ struct ReceiptBody {
     qty: Qty,
 }
 
-async fn receive(State(s): State<AppState>, who: Principal, ApiJson(b): ApiJson<ReceiptBody>) -> ApiResult {
+async fn receive(State(s): State<AppState>, who: Principal, body: Result<ApiJson<ReceiptBody>, Problem>) -> ApiResult {
     who.require(WAREHOUSE)?;
+    let ApiJson(b) = body?;
     let inv = s.engine.receive(b.location, b.sku, b.qty).await.map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, inv))
 }
@@ -162,8 +164,9 @@ struct AdjustBody {
     reason: String,
 }
 
-async fn adjust(State(s): State<AppState>, who: Principal, ApiJson(b): ApiJson<AdjustBody>) -> ApiResult {
+async fn adjust(State(s): State<AppState>, who: Principal, body: Result<ApiJson<AdjustBody>, Problem>) -> ApiResult {
     who.require(OPS)?;
+    let ApiJson(b) = body?;
     if b.delta == 0 {
         return Err(Problem::unprocessable("delta must not be 0"));
     }
@@ -179,8 +182,13 @@ struct CycleCountBody {
     counted: u32,
 }
 
-async fn cycle_count(State(s): State<AppState>, who: Principal, ApiJson(b): ApiJson<CycleCountBody>) -> ApiResult {
+async fn cycle_count(
+    State(s): State<AppState>,
+    who: Principal,
+    body: Result<ApiJson<CycleCountBody>, Problem>,
+) -> ApiResult {
     who.require(&[Role::Warehouse, Role::Ops])?;
+    let ApiJson(b) = body?;
     let inv = s
         .engine
         .adjust(b.sku, b.location, 0, Some(u64::from(b.counted)), "cycle_count".into(), who.name.clone())
@@ -204,15 +212,23 @@ struct HoldBody {
     location: Option<LocationId>,
 }
 
-async fn create_hold(State(s): State<AppState>, who: Principal, ApiJson(b): ApiJson<HoldBody>) -> ApiResult {
+async fn create_hold(State(s): State<AppState>, who: Principal, body: Result<ApiJson<HoldBody>, Problem>) -> ApiResult {
     who.require(WRITE_ORDERS)?;
+    let ApiJson(b) = body?;
     let hold = s.engine.create_hold(b.sku, b.qty, b.location).await.map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, hold))
 }
 
-async fn create_order(State(s): State<AppState>, who: Principal, ApiJson(b): ApiJson<OrderRequest>) -> ApiResult {
+async fn create_order(
+    State(s): State<AppState>,
+    who: Principal,
+    headers: axum::http::HeaderMap,
+    body: Result<ApiJson<OrderRequest>, Problem>,
+) -> ApiResult {
     who.require(WRITE_ORDERS)?;
-    let order = s.engine.create_order(b).await.map_err(problem)?;
+    let ApiJson(b) = body?;
+    let key = crate::idempotency::scoped_key(&who, &headers);
+    let order = s.engine.create_order_keyed(b, key).await.map_err(problem)?;
     let location = format!("/v1/orders/{}", order.id());
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], ApiJson(order)).into_response())
 }
@@ -307,9 +323,10 @@ async fn return_received(
     State(s): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    ApiJson(b): ApiJson<ReturnReceivedBody>,
+    body: Result<ApiJson<ReturnReceivedBody>, Problem>,
 ) -> ApiResult {
     who.require(WAREHOUSE)?;
+    let ApiJson(b) = body?;
     let id: OrderId = parse("order", id)?;
     Ok(json_response(StatusCode::OK, s.engine.record_return(id, b.location).await.map_err(problem)?))
 }
@@ -340,9 +357,10 @@ async fn confirm_pick(
     State(s): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    ApiJson(b): ApiJson<ConfirmBody>,
+    body: Result<ApiJson<ConfirmBody>, Problem>,
 ) -> ApiResult {
     who.require(WAREHOUSE)?;
+    let ApiJson(b) = body?;
     let id: PickId = parse("pick", id)?;
     let outcome = s.engine.confirm_pick(id, b.instruction_key, b.qty).await.map_err(problem)?;
     Ok(json_response(StatusCode::OK, pick_outcome(outcome)))
@@ -360,9 +378,10 @@ async fn short_pick(
     State(s): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    ApiJson(b): ApiJson<ShortBody>,
+    body: Result<ApiJson<ShortBody>, Problem>,
 ) -> ApiResult {
     who.require(WAREHOUSE)?;
+    let ApiJson(b) = body?;
     let id: PickId = parse("pick", id)?;
     if b.reason.trim().is_empty() || b.reason.len() > 500 {
         return Err(Problem::unprocessable("reason must be 1..=500 characters"));
@@ -387,8 +406,9 @@ struct PackBody {
     pick_ids: Vec<PickId>,
 }
 
-async fn pack(State(s): State<AppState>, who: Principal, ApiJson(b): ApiJson<PackBody>) -> ApiResult {
+async fn pack(State(s): State<AppState>, who: Principal, body: Result<ApiJson<PackBody>, Problem>) -> ApiResult {
     who.require(WAREHOUSE)?;
+    let ApiJson(b) = body?;
     let package = s.engine.pack(b.order_id, b.location, b.pick_ids).await.map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, package))
 }

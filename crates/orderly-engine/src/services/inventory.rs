@@ -35,6 +35,10 @@ pub struct OrderRecord {
     pub zone: Zone,
     /// Lines and their SKUs.
     pub lines: Vec<(LineId, Sku, Qty)>,
+    /// Units the ledger committed as picked, per line and location: what goes
+    /// back on the shelf (less what shipped) if the order is canceled.
+    #[serde(default)]
+    pub picked: Vec<(LineId, LocationId, Qty)>,
 }
 
 /// Where a hold lives.
@@ -574,6 +578,7 @@ impl Inventory {
             order_id: ev.order_id.clone(),
             zone: ev.zone.clone(),
             lines: ev.lines.iter().map(|l| (l.line_id.clone(), l.sku.clone(), l.qty)).collect(),
+            picked: Vec::new(),
         };
         self.orders.insert(ev.order_id.as_str().to_owned(), record);
         self.flush(tx, out);
@@ -628,15 +633,77 @@ impl Inventory {
             .filter(|(l, _, _)| ev.lines.contains(l))
             .map(|(l, s, _)| (l.clone(), s.clone()))
             .collect();
-        self.load_ledgers(tx.store(), lines.iter().map(|(_, s)| s.clone()).collect()).await?;
+        // Every SKU of the order: released lines and restocked picks alike.
+        self.load_ledgers(tx.store(), record.lines.iter().map(|(_, s, _)| s.clone()).collect()).await?;
         let mut out = Outcome::default();
         for (line, sku) in lines {
             if let Err(e) = self.exec(&sku, &LedgerCommand::Release { line }, &mut out) {
                 tracing::debug!(order_id = %ev.order_id, error = %e, "nothing to release");
             }
         }
+        self.restock_unshipped(tx.now, &ev, &mut out);
         self.flush(tx, out);
         Ok(())
+    }
+
+    /// Puts the picked but unshipped units of a canceled order back on the
+    /// shelf, as an adjustment with a recorded reason. Inventory counts what
+    /// its own ledger committed, so a pick confirmed while the cancel was in
+    /// flight (which the order never recorded) goes back too. The order's
+    /// ledgers must be loaded.
+    fn restock_unshipped(&mut self, now: Timestamp, ev: &OrderCanceled, out: &mut Outcome) {
+        let Some(record) = self.orders.get(ev.order_id.as_str()) else { return };
+        let mut back: Vec<(Sku, LocationId, Qty)> = Vec::new();
+        for (line, location, picked) in &record.picked {
+            let shipped: Qty =
+                ev.shipped.iter().filter(|a| &a.line_id == line && &a.location == location).map(|a| a.qty).sum();
+            let sku = record.lines.iter().find(|(l, _, _)| l == line).map(|(_, s, _)| s.clone());
+            if let Some(sku) = sku
+                && *picked > shipped
+            {
+                back.push((sku, location.clone(), picked - shipped));
+            }
+        }
+        if back.is_empty() {
+            return;
+        }
+        if let Some(record) = self.orders.get_mut(ev.order_id.as_str()) {
+            record.picked.clear(); // Restocked once: a repeat gives nothing back.
+        }
+        for (sku, location, qty) in back {
+            let cmd = LedgerCommand::Adjust {
+                location,
+                delta: i64::from(qty),
+                reason: "canceled_after_pick".into(),
+                user: format!("order:{}", ev.order_id),
+                at: now,
+            };
+            if let Err(e) = self.exec(&sku, &cmd, out) {
+                tracing::warn!(order_id = %ev.order_id, error = %e, "canceled units not restocked");
+            }
+        }
+    }
+
+    /// Remembers what the ledger committed for an order's lines.
+    fn record_picked(&mut self, order: &OrderId, evs: &[LedgerEvent]) {
+        let committed: Vec<(&LineId, &LocationId, u64)> = evs
+            .iter()
+            .filter_map(|e| match e {
+                LedgerEvent::Committed { line, location, qty, .. } => Some((line, location, *qty)),
+                _ => None,
+            })
+            .collect();
+        if committed.is_empty() {
+            return;
+        }
+        let Some(record) = self.orders.get_mut(order.as_str()) else { return };
+        for (line, location, qty) in committed {
+            let qty = Qty::try_from(qty).unwrap_or(Qty::MAX);
+            match record.picked.iter_mut().find(|(l, loc, _)| l == line && loc == location) {
+                Some(entry) => entry.2 = entry.2.saturating_add(qty),
+                None => record.picked.push((line.clone(), location.clone(), qty)),
+            }
+        }
     }
 
     async fn on_pick(&mut self, tx: &mut Tx, pick: PickData, short: bool) -> Result<(), EventError> {
@@ -661,6 +728,7 @@ impl Inventory {
         };
         match self.exec(&pick.sku, &cmd, &mut out) {
             Ok(evs) => {
+                self.record_picked(&pick.order_id, &evs);
                 let missing: u64 = evs
                     .iter()
                     .map(|e| if let LedgerEvent::Shorted { qty_missing, .. } = e { *qty_missing } else { 0 })

@@ -646,10 +646,11 @@ impl Service for Notifications {
         if !wants(event.event_type.as_str()) {
             return Ok(());
         }
-        if self.notifications.get(&event.id).is_some() {
-            // A redelivered event: its notification exists already. (The
-            // runtime's cursor or inbox delivers each event once; this is a
-            // cheap second guard, not a store read per event.)
+        if self.notifications.load(tx.store(), &event.id).await? {
+            // A redelivered event (a lost cursor, a broker without inbox):
+            // its notification exists already. Customers must never get the
+            // same notification twice, so this guard reads the store even
+            // though the runtime already delivers each event once.
             return Ok(());
         }
         if let Some(state) = order_state(event.event_type.as_str()) {

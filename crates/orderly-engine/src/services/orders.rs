@@ -17,10 +17,33 @@ use orderly_domain::order::{
     OrderState, Origin,
 };
 use orderly_domain::{LocationId, OrderId, Priority, Timestamp};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Orders kept in memory beyond what the store holds.
 const ORDER_CACHE_MAX: usize = 100_000;
+/// The table mapping a caller's scoped idempotency key to the order it created.
+pub const ORDER_KEYS: &str = "order_keys";
+
+/// A caller's scoped idempotency key and the fingerprint of its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestKey {
+    /// The key, scoped to the caller (see `orderly_http::idempotency::scoped_key`).
+    pub key: String,
+    /// A hash of the request body, to tell a retry from a reuse of the key.
+    pub fingerprint: u64,
+}
+
+/// The order a request key created (table [`ORDER_KEYS`]), stored in the
+/// same commit as the order, so a retry whose first answer was lost to a
+/// crash or a timeout finds the order instead of creating a second one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedOrder {
+    /// The order.
+    pub order_id: OrderId,
+    /// The fingerprint of the request that created it.
+    pub fingerprint: u64,
+}
 
 /// Commands from the API.
 pub enum Command {
@@ -28,6 +51,8 @@ pub enum Command {
     Create {
         /// The order.
         new: Box<NewOrder>,
+        /// The caller's idempotency key: a second create with it answers the first order.
+        key: Option<RequestKey>,
         /// Answer.
         reply: Reply<Order>,
     },
@@ -63,6 +88,7 @@ pub enum Command {
 /// The orders service.
 pub struct Orders {
     orders: Table<Order>,
+    keys: Table<KeyedOrder>,
     policy: OrderPolicy,
 }
 
@@ -71,11 +97,17 @@ impl Orders {
     pub fn new(policy: OrderPolicy) -> Orders {
         Orders {
             orders: Table::new("orders", ORDER_CACHE_MAX, |o: &Order| Some(o.state().as_str().to_owned())),
+            keys: Table::new(ORDER_KEYS, ORDER_CACHE_MAX, |_| None),
             policy,
         }
     }
 
-    async fn create(&mut self, tx: &mut Tx, new: &NewOrder) -> Result<Order, ApiError> {
+    async fn create(&mut self, tx: &mut Tx, new: &NewOrder, key: Option<RequestKey>) -> Result<Order, ApiError> {
+        if let Some(k) = &key
+            && let Some(existing) = self.keyed(tx, k).await?
+        {
+            return Ok(existing);
+        }
         // Ids are server-made UUIDv7s, so a new id cannot exist in the store;
         // only a repeat within the cache is possible (a client-chosen id).
         if self.orders.get(new.order_id.as_str()).is_some() {
@@ -89,7 +121,26 @@ impl Orders {
         }
         tx.ctx().metrics.inc("orderly_orders_created_total", &[("priority", order.priority().as_str())], 1);
         self.orders.insert(order.id().as_str().to_owned(), order.clone());
+        if let Some(k) = key {
+            self.keys.insert(k.key, KeyedOrder { order_id: order.id().clone(), fingerprint: k.fingerprint });
+        }
         Ok(order)
+    }
+
+    /// The order a request key already created, if any; a different request
+    /// under the same key is refused.
+    async fn keyed(&mut self, tx: &mut Tx, key: &RequestKey) -> Result<Option<Order>, ApiError> {
+        if !self.keys.load(tx.store(), &key.key).await? {
+            return Ok(None);
+        }
+        let found = self.keys.get(&key.key).cloned().expect("loaded above");
+        if found.fingerprint != key.fingerprint {
+            return Err(key_reuse());
+        }
+        if !self.orders.load(tx.store(), found.order_id.as_str()).await? {
+            return Err(ApiError::Unavailable(format!("order {} of an idempotency key is missing", found.order_id)));
+        }
+        Ok(self.orders.get(found.order_id.as_str()).cloned())
     }
 
     async fn execute_api(&mut self, tx: &mut Tx, order_id: &OrderId, cmd: OrderCommand) -> Result<Order, ApiError> {
@@ -263,6 +314,7 @@ fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
             order_id: order.id().clone(),
             reason: reason.clone(),
             lines: lines.iter().map(|l| l.line_id.clone()).collect(),
+            shipped: shipped_units(order),
         }),
         OrderChange::Returned { location, lines } => events::data(&events::OrderReturned {
             order_id: order.id().clone(),
@@ -288,6 +340,22 @@ fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
     tracing::debug!(order_id = %subject, event_id = %envelope.id, event_type = ev.type_name(), "order event");
 }
 
+/// Units shipped per line and location.
+fn shipped_units(order: &Order) -> Vec<AllocationData> {
+    order
+        .lines()
+        .iter()
+        .flat_map(|l| {
+            l.allocations.iter().filter(|a| a.shipped > 0).map(|a| AllocationData {
+                line_id: l.line_id.clone(),
+                sku: l.sku.clone(),
+                location: a.location.clone(),
+                qty: a.shipped,
+            })
+        })
+        .collect()
+}
+
 /// Adds what every order event carries for notifications: state, e-mail,
 /// the promised ship date and the shipment concerned.
 fn decorate(data: &mut Value, order: &Order, ev: &OrderEvent) {
@@ -307,6 +375,14 @@ fn decorate(data: &mut Value, order: &Order, ev: &OrderEvent) {
     }
 }
 
+/// The answer to an idempotency key reused for a different order.
+pub fn key_reuse() -> ApiError {
+    ApiError::invalid(
+        "idempotency-key-reuse",
+        "this Idempotency-Key was already used for a different order; use a new key for a new request",
+    )
+}
+
 /// Maps an order rejection to what the API answers.
 fn order_error(e: OrderError) -> ApiError {
     match e {
@@ -321,8 +397,8 @@ impl Service for Orders {
 
     async fn on_command(&mut self, tx: &mut Tx, cmd: Command) {
         match cmd {
-            Command::Create { new, reply } => {
-                let r = self.create(tx, &new).await;
+            Command::Create { new, key, reply } => {
+                let r = self.create(tx, &new, key).await;
                 tx.reply(reply, r);
             }
             Command::Cancel { order_id, reason, reply } => {
@@ -351,6 +427,6 @@ impl Service for Orders {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.orders]
+        vec![&mut self.orders, &mut self.keys]
     }
 }

@@ -22,11 +22,14 @@ pub struct PickedItem {
     pub package_id: Option<String>,
 }
 
-/// What packing knows of an order: where it ships.
+/// What packing knows of an order: where it ships, and whether it was canceled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderInfo {
     /// Destination zone.
     pub zone: Zone,
+    /// Canceled: its picked units go back on the shelf, nothing more is packed.
+    #[serde(default)]
+    pub canceled: bool,
 }
 
 /// A package.
@@ -95,6 +98,14 @@ impl Packing {
                 format!("pick_ids must list 1 to {PACKAGE_PICKS_MAX} picks"),
             ));
         }
+        self.orders.load(tx.store(), order_id.as_str()).await?;
+        let zone = match self.orders.get(order_id.as_str()) {
+            None => return Err(ApiError::conflict("order-unknown", "packing has not seen this order yet")),
+            Some(o) if o.canceled => {
+                return Err(ApiError::conflict("order-canceled", "the order was canceled; put the items back"));
+            }
+            Some(o) => o.zone.clone(),
+        };
         let mut lines = Vec::new();
         let mut priority = orderly_domain::Priority::Standard;
         for id in &pick_ids {
@@ -125,11 +136,6 @@ impl Packing {
         if dedup.len() != pick_ids.len() {
             return Err(ApiError::invalid("duplicate-pick", "a pick is listed twice"));
         }
-        self.orders.load(tx.store(), order_id.as_str()).await?;
-        let zone = self.orders.get(order_id.as_str()).map(|o| o.zone.clone());
-        let Some(zone) = zone else {
-            return Err(ApiError::conflict("order-unknown", "packing has not seen this order yet"));
-        };
         let units: u32 = lines.iter().map(|l| l.qty).sum();
         let package = Package {
             id: format!("pkg-{}", tx.new_id()),
@@ -173,7 +179,7 @@ impl Service for Packing {
         }
     }
 
-    async fn on_event(&mut self, _tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
+    async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
         match event.event_type {
             EventType::PickCompleted | EventType::PickShort => {
                 let pick: PickData = events::parse(event)?;
@@ -188,7 +194,17 @@ impl Service for Packing {
             }
             EventType::OrderCreated => {
                 let created: events::OrderCreated = events::parse(event)?;
-                self.orders.insert(created.order_id.as_str().to_owned(), OrderInfo { zone: created.zone });
+                self.orders
+                    .insert(created.order_id.as_str().to_owned(), OrderInfo { zone: created.zone, canceled: false });
+                Ok(())
+            }
+            EventType::OrderCanceled => {
+                let canceled: events::OrderCanceled = events::parse(event)?;
+                if self.orders.load(tx.store(), canceled.order_id.as_str()).await?
+                    && let Some(info) = self.orders.get_mut(canceled.order_id.as_str())
+                {
+                    info.canceled = true;
+                }
                 Ok(())
             }
             _ => Ok(()),

@@ -277,6 +277,10 @@ impl Server {
 }
 
 pub fn client() -> reqwest::Client {
+    // In a workspace build reqwest is compiled without a TLS provider of its
+    // own (orderly-carrier picks ring for the whole process), and building a
+    // client panics unless one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
