@@ -164,7 +164,7 @@ impl Engine {
                 shipping::OpenError::Store(e) => StartError::Store(e),
                 other => StartError::Config(other.to_string()),
             })?;
-        let shipping = b.spawn("shipping", svc, &[("packing", shipping::wants)]).await?;
+        let shipping = b.spawn("shipping", svc, &[("packing", shipping::wants), ("orders", shipping::wants)]).await?;
         b.keep(tokio::spawn(worker.run(shipping.sender())));
         let (svc, worker) =
             Notifications::open(b.store("notifications").as_ref(), &s, webhook).await.map_err(|e| match e {

@@ -175,3 +175,47 @@ async fn cancel_releases_stock_and_backorders_fill_on_receipt() {
     assert_eq!(inv.locations[0].reserved, 10, "a's units were released and b took them");
     e.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_package_of_a_canceled_order_never_gets_a_label() {
+    let e = engine(Settings::default()).await; // No carrier routes: labels wait.
+    stock(&e, "SKU-C", 100).await;
+    let order = e.create_order(order_req("SKU-C", 1, "10.00", Priority::Standard)).await.expect("created");
+    let task = loop {
+        if let Some(t) = e.next_pick(id("WH-EU-1")).await.expect("next") {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    e.confirm_pick(task.id.clone(), task.instruction_key.clone(), 1).await.expect("confirm");
+    let package = loop {
+        match e.pack(order.id().clone(), id("WH-EU-1"), vec![task.id.clone()]).await {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let shipment_id: orderly_domain::ShipmentId = id(&format!("{}.shp", package.id));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.shipment(shipment_id.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "shipment never created");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    e.cancel_order(order.id().clone(), "changed mind".into()).await.expect("cancel");
+    loop {
+        let s = e.shipment(shipment_id.clone()).await.expect("shipment");
+        if s.state == orderly_engine::services::shipping::ShipmentState::Canceled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shipment still {:?}", s.state);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = e.delivered(shipment_id).await;
+    assert!(
+        matches!(
+            delivered,
+            Err(orderly_engine::services::common::ApiError::Conflict { kind: "shipment-canceled", .. })
+        ),
+        "{delivered:?}"
+    );
+    e.shutdown().await;
+}

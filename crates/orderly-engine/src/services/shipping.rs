@@ -63,6 +63,8 @@ pub enum ShipmentState {
     /// Both carriers rejected the label request outright; parked for ops
     /// ([`Command::Retry`] puts it back in the queue).
     Failed,
+    /// Its order was canceled before a label was made: no label will be.
+    Canceled,
 }
 
 impl ShipmentState {
@@ -73,6 +75,7 @@ impl ShipmentState {
             ShipmentState::Labeled => "labeled",
             ShipmentState::Delivered => "delivered",
             ShipmentState::Failed => "failed",
+            ShipmentState::Canceled => "canceled",
         }
     }
 }
@@ -389,6 +392,27 @@ impl Shipping {
         }
     }
 
+    /// A canceled order's packages must not reach a carrier: every shipment
+    /// of it still waiting for a label is canceled (a call already in flight
+    /// is ignored when it answers).
+    async fn on_order_canceled(&mut self, tx: &mut Tx, ev: events::OrderCanceled) -> Result<(), EventError> {
+        let ids = self.queue.ids();
+        for id in &ids {
+            self.shipments.load(tx.store(), id).await?;
+        }
+        for id in ids {
+            let Some(s) = self.shipments.get_mut(&id) else { continue };
+            if s.order_id != ev.order_id || !matches!(s.state, ShipmentState::LabelPending | ShipmentState::Failed) {
+                continue;
+            }
+            s.state = ShipmentState::Canceled;
+            self.queue.unschedule(&id);
+            tx.ctx().metrics.inc("orderly_shipments_canceled_total", &[], 1);
+            tracing::info!(shipment = %id, order_id = %ev.order_id, "label canceled with its order");
+        }
+        Ok(())
+    }
+
     async fn on_packed(&mut self, tx: &mut Tx, ev: PackCompleted) -> Result<(), EventError> {
         let id = ShipmentId::parse(derived_id(&ev.package_id, ".shp"))
             .map_err(|e| EventError::Poison(format!("package id {:?}: {e}", ev.package_id)))?;
@@ -677,6 +701,12 @@ impl Shipping {
             ShipmentState::LabelPending | ShipmentState::Failed => {
                 return Err(ApiError::conflict("shipment-not-labeled", format!("shipment {id} has no label yet")));
             }
+            ShipmentState::Canceled => {
+                return Err(ApiError::conflict(
+                    "shipment-canceled",
+                    format!("shipment {id} was canceled with its order"),
+                ));
+            }
             ShipmentState::Labeled => {}
         }
         let s = self.shipments.get_mut(id.as_str()).ok_or_else(|| ApiError::NotFound(format!("shipment {id}")))?;
@@ -695,6 +725,12 @@ impl Shipping {
             ShipmentState::LabelPending => return Ok(s),
             ShipmentState::Labeled | ShipmentState::Delivered => {
                 return Err(ApiError::conflict("shipment-labeled", format!("shipment {id} already has a label")));
+            }
+            ShipmentState::Canceled => {
+                return Err(ApiError::conflict(
+                    "shipment-canceled",
+                    format!("shipment {id} was canceled with its order"),
+                ));
             }
             ShipmentState::Failed => {}
         }
@@ -789,6 +825,7 @@ impl Service for Shipping {
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
         match event.event_type {
             EventType::PackCompleted => self.on_packed(tx, events::parse(event)?).await,
+            EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
             _ => Ok(()),
         }
     }
@@ -832,9 +869,9 @@ pub fn describe_metrics(m: &Metrics) {
 }
 
 /// Whether the shipping service consumes an event type (the embedded bus's
-/// filter for its subscription to packing).
+/// filter for its subscriptions: packages from packing, cancellations from orders).
 pub fn wants(event_type: &str) -> bool {
-    event_type == EventType::PackCompleted.as_str()
+    event_type == EventType::PackCompleted.as_str() || event_type == EventType::OrderCanceled.as_str()
 }
 
 fn emit_label_events(tx: &mut Tx, s: &Shipment) {
@@ -1129,6 +1166,15 @@ impl<F> DueQueue<F> {
             self.due.remove(&(old, id.to_owned()));
         }
         self.due.insert((at, id.to_owned()));
+    }
+
+    /// Every id scheduled or in flight.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.due.iter().map(|(_, id)| id.clone()).collect();
+        ids.extend(self.in_flight.keys().cloned());
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Forgets a scheduled item.
