@@ -406,6 +406,22 @@ impl Engine {
         self.notifications.call(|reply| notifications::Command::Summary { reply }).await
     }
 
+    /// Notifications that failed after every attempt, oldest id first,
+    /// resuming after `after`.
+    pub async fn failed_notifications(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<notifications::Notification>, ApiError> {
+        self.notifications.call(|reply| notifications::Command::ListFailed { after, limit, reply }).await
+    }
+
+    /// Puts a failed notification back in the delivery queue with a fresh
+    /// set of attempts. Idempotent while it is pending; 409 once sent.
+    pub async fn retry_notification(&self, id: String) -> Result<notifications::Notification, ApiError> {
+        self.notifications.call(|reply| notifications::Command::Retry { id, reply }).await
+    }
+
     /// Every service's dead letters (at most `limit` per service).
     pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, ApiError> {
         let mut out = Vec::new();

@@ -223,13 +223,28 @@ impl Default for CarrierSettings {
 }
 
 /// `[notifications]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotificationSettings {
     /// Where customer notifications are POSTed; none means the log only.
     pub webhook_url: Option<String>,
     /// HMAC-SHA256 secret for the `Orderly-Signature` header.
     pub webhook_secret: Option<String>,
+    /// Failed deliveries in a row that open the webhook endpoint's breaker.
+    pub breaker_failures: u32,
+    /// How long the webhook breaker stays open before one probe.
+    pub breaker_cooldown: Millis,
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        NotificationSettings {
+            webhook_url: None,
+            webhook_secret: None,
+            breaker_failures: 5,
+            breaker_cooldown: Millis(30_000),
+        }
+    }
 }
 
 /// `[alerts]`

@@ -66,6 +66,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ops/dead-letters/replay", post(replay_all))
         .route("/v1/ops/dead-letters/{id}/replay", post(replay_dead_letter))
         .route("/v1/ops/dead-letters/{id}/discard", post(discard_dead_letter))
+        .route("/v1/ops/notifications/failed", get(failed_notifications))
+        .route("/v1/ops/notifications/{id}/retry", post(retry_notification))
         .with_state(state)
 }
 
@@ -470,6 +472,34 @@ async fn discard_dead_letter(State(s): State<AppState>, who: Principal, Path(id)
     who.require(OPS)?;
     s.engine.discard_dead_letter(&id).await.map_err(problem)?;
     Ok(json_response(StatusCode::OK, json!({"id": id, "discarded": true})))
+}
+
+/// Query of `GET /v1/ops/notifications/failed`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailedNotificationsQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Notifications that failed after every attempt (a page, oldest id first).
+async fn failed_notifications(
+    State(s): State<AppState>,
+    who: Principal,
+    Query(q): Query<FailedNotificationsQuery>,
+) -> ApiResult {
+    who.require(ANY)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 500);
+    let page = s.engine.failed_notifications(q.after, limit).await.map_err(problem)?;
+    let next = (page.len() == limit as usize).then(|| page.last().map(|n| n.id.clone())).flatten();
+    Ok(json_response(StatusCode::OK, json!({"notifications": page, "next": next})))
+}
+
+/// Sends a failed notification again (fresh attempts); the customer still
+/// gets it at most once.
+async fn retry_notification(State(s): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult {
+    who.require(OPS)?;
+    Ok(json_response(StatusCode::OK, s.engine.retry_notification(id).await.map_err(problem)?))
 }
 
 /// Replays every dead letter (bounded); reports what succeeded and failed.

@@ -41,15 +41,22 @@ slowpost,EU,1000,3.50\nslowpost,EU,5000,6.00\nslowpost,US,1000,4.50\nslowpost,US
 pub async fn run(
     listen: SocketAddr,
     data_dir: Option<PathBuf>,
+    carriers_down: &[String],
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let data_dir = match data_dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("orderly-demo-{}", std::process::id())),
     };
-    let carrier = orderly_carrier::sim::spawn_local(orderly_carrier::sim::SimConfig::demo(7))
-        .await
-        .context("carrier simulator")?;
+    let mut sim = orderly_carrier::sim::SimConfig::demo(7);
+    for name in carriers_down {
+        let mut settings = sim
+            .settings(name)
+            .with_context(|| format!("--carrier-down {name}: the demo's carriers are fastship and slowpost"))?;
+        settings.down = true;
+        sim = sim.with_carrier(name, &settings)?;
+    }
+    let carrier = orderly_carrier::sim::spawn_local(sim).await.context("carrier simulator")?;
     let rates_dir = data_dir.join("rates");
     std::fs::create_dir_all(&rates_dir)?;
     std::fs::write(rates_dir.join("demo.csv"), RATES)?;

@@ -44,6 +44,10 @@ enum Command {
         /// Where to keep the demo's data (default: a fresh temporary directory).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Start with this simulated carrier down (repeatable), e.g.
+        /// `--carrier-down fastship` to watch labels fall back to slowpost.
+        #[arg(long = "carrier-down", value_name = "CARRIER")]
+        carriers_down: Vec<String>,
     },
     /// Benchmarks.
     Bench {
@@ -165,7 +169,9 @@ async fn run(cli: Cli) -> Result<()> {
             println!("Add this to orderly.toml:\n\n{}", orderly_http::auth::render_key_block(&name, role, &hash));
             Ok(())
         }
-        Command::Demo { listen, data_dir } => orderly::demo::run(listen, data_dir, shutdown_signal()).await,
+        Command::Demo { listen, data_dir, carriers_down } => {
+            orderly::demo::run(listen, data_dir, &carriers_down, shutdown_signal()).await
+        }
         Command::Bench {
             command: BenchCommand::FlashSale { orders, units, skus, via, concurrency, skip_uniform, json },
         } => {

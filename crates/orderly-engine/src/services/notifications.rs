@@ -266,6 +266,10 @@ impl Notifications {
     ) -> Result<(Notifications, DeliveryWorker), OpenError> {
         let retry = RetryPolicy::new(settings.bus.max_attempts, RETRY_BASE_MS, RETRY_MAX_MS, 2)
             .map_err(|e| OpenError::Config(format!("bus.max_attempts: {e}")))?;
+        let cooldown_ms = u64::try_from(settings.notifications.breaker_cooldown.0)
+            .map_err(|_| OpenError::Config("notifications.breaker_cooldown must not be negative".to_owned()))?;
+        let breaker = BreakerConfig::new(settings.notifications.breaker_failures, cooldown_ms)
+            .map_err(|e| OpenError::Config(format!("notifications.breaker_*: {e}")))?;
         let (jobs_tx, jobs_rx) = mpsc::channel(DELIVERIES_IN_FLIGHT_MAX);
         let mut svc = Notifications {
             notifications: Table::new("notifications", NOTIFICATION_CACHE_MAX, |n: &Notification| {
@@ -274,7 +278,7 @@ impl Notifications {
             contacts: Table::new("contacts", CONTACT_CACHE_MAX, |_| None),
             queue: DueQueue::new(),
             endpoint: endpoint_label(settings.notifications.webhook_url.as_deref()),
-            breaker: CircuitBreaker::new(BreakerConfig::default()),
+            breaker: CircuitBreaker::new(breaker),
             retry,
             jobs: jobs_tx,
             next_job: 0,

@@ -379,9 +379,17 @@ impl TestApp {
 
     /// Starts the application with `extra` TOML appended to the test config.
     pub async fn spawn_with(extra: &str) -> TestApp {
-        let sim = spawn_local(SimConfig::demo(7)).await.expect("carrier simulator starts");
-        let settings = orderly::settings::parse_str(&config_toml(Some(sim.url()), extra)).expect("valid test config");
+        TestApp::spawn_custom(SimConfig::demo(7), |_| extra.to_owned()).await
+    }
+
+    /// Starts the application against a carrier simulator configured with
+    /// `sim`; `extra(dir)` is TOML appended to the test config, given the
+    /// test's own directory (for rate files and the like).
+    pub async fn spawn_custom(sim: SimConfig, extra: impl FnOnce(&Path) -> String) -> TestApp {
+        let sim = spawn_local(sim).await.expect("carrier simulator starts");
         let dir = tempfile::tempdir().expect("temp dir");
+        let extra = extra(dir.path());
+        let settings = orderly::settings::parse_str(&config_toml(Some(sim.url()), &extra)).expect("valid test config");
         let options = RunOptions {
             data_dir: dir.path().join("data"),
             store: None,
@@ -396,6 +404,11 @@ impl TestApp {
             let _ = rx.await;
         }));
         TestApp { api, engine, shutdown: Some(tx), task: Some(task), _sim: Some(sim), _dir: dir }
+    }
+
+    /// The carrier simulator's base URL.
+    pub fn sim_url(&self) -> &str {
+        self._sim.as_ref().map(LocalSim::url).expect("this app runs with a carrier simulator")
     }
 
     /// Creates the warehouse and receives `qty` of `sku` there.
