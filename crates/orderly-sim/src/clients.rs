@@ -185,7 +185,7 @@ impl Clients {
 
     fn create(&mut self, nodes: &mut Nodes, plan: OrderPlan, reserved: &SyncReservation) {
         let new = Box::new(new_order(plan.order_id, plan.req, reserved));
-        let rx = ask(&mut nodes.orders, |reply| orders::Command::Create { new, reply });
+        let rx = ask(&mut nodes.orders, |reply| orders::Command::Create { new, key: None, reply });
         self.calls.push(Call::Create { rx });
     }
 

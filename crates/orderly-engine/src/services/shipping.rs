@@ -1140,13 +1140,14 @@ async fn call_carrier(
 pub struct DueQueue<F> {
     due: BTreeSet<(Timestamp, String)>,
     due_at: HashMap<String, Timestamp>,
-    in_flight: HashMap<String, F>,
+    // Ordered: calls presumed lost are settled in id order, so a seed replays.
+    in_flight: BTreeMap<String, F>,
     settled: Vec<String>,
 }
 
 impl<F> Default for DueQueue<F> {
     fn default() -> Self {
-        DueQueue { due: BTreeSet::new(), due_at: HashMap::new(), in_flight: HashMap::new(), settled: Vec::new() }
+        DueQueue { due: BTreeSet::new(), due_at: HashMap::new(), in_flight: BTreeMap::new(), settled: Vec::new() }
     }
 }
 
