@@ -197,6 +197,7 @@ impl Orders {
         let before = self.orders.get(order_id.as_str()).map(Order::state);
         for (i, cmd) in cmds.iter().enumerate() {
             let order = self.orders.get_mut(order_id.as_str()).expect("loaded by the caller");
+            let state = order.state();
             match order.execute(cmd, &self.policy, tx.now) {
                 Ok(evs) => {
                     let order = order.clone();
@@ -214,6 +215,13 @@ impl Orders {
                 // Events from different producers race (a short pick's
                 // re-allocation can overtake the pick itself): such a
                 // rejection only means "not yet", so the event waits.
+                // A shipment labeled while the order was being canceled: the
+                // cancel came first here (its label was ignored), so its
+                // delivery has nothing to apply to either.
+                Err(OrderError::Rejected(Rejection::UnknownShipment(_))) if state == OrderState::Canceled => {
+                    metrics.inc("orderly_ignored_events_total", &[("consumer", "orders")], 1);
+                    tracing::info!(order_id = %order_id, event_id = %env.id, "delivery of a shipment labeled after its order was canceled");
+                }
                 Err(OrderError::Rejected(r)) if i == 0 && waits_for_another_fact(&r) => return Applied::Early,
                 Err(OrderError::Rejected(r)) if i == 0 => return Applied::Poison(r.to_string()),
                 Err(e) => {
