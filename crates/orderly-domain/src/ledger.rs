@@ -2256,8 +2256,7 @@ mod tests {
         // The line holds 10 at WH-1 from two reservations (two picks of 6 and 4);
         // the pick of 4 finds 1: 3 are written off, the other pick's 6 stay held.
         let cfg = cfg(1, 0);
-        let mut ledger =
-            given(&cfg, &[receive("WH-1", 20), reserve("o1", 6, "WH-1", 0), reserve("o1", 4, "WH-1", 0)]);
+        let mut ledger = given(&cfg, &[receive("WH-1", 20), reserve("o1", 6, "WH-1", 0), reserve("o1", 4, "WH-1", 0)]);
         let short = C::Short {
             line: line("o1:1"),
             location: loc("WH-1"),
