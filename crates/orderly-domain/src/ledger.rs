@@ -47,6 +47,9 @@ pub const LEDGER_EVENT_VERSION: u32 = 1;
 pub struct LedgerConfig {
     partitions: u32,
     safety_stock_pct: u8,
+    /// A deliberate bug for the simulator's bug-finding test: reservations
+    /// count the safety buffer as available. No configuration key sets it.
+    reserve_ignores_safety: bool,
 }
 
 impl LedgerConfig {
@@ -60,7 +63,17 @@ impl LedgerConfig {
         if safety_stock_pct > 100 {
             return Err(LedgerError::InvalidConfig("safety_stock_pct must be between 0 and 100"));
         }
-        Ok(LedgerConfig { partitions, safety_stock_pct })
+        Ok(LedgerConfig { partitions, safety_stock_pct, reserve_ignores_safety: false })
+    }
+
+    /// The same config with a deliberate bug: reservations take the safety
+    /// buffer as if it were available. Only `orderly-sim`'s bug-finding test
+    /// calls this, to prove the simulator catches an oversell; no setting,
+    /// flag or endpoint reaches it.
+    #[doc(hidden)]
+    pub fn with_reservations_ignoring_safety(mut self) -> LedgerConfig {
+        self.reserve_ignores_safety = true;
+        self
     }
 
     /// Allocation partitions per location.
@@ -81,7 +94,7 @@ impl LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> LedgerConfig {
-        LedgerConfig { partitions: 1, safety_stock_pct: SAFETY_STOCK_PCT_DEFAULT }
+        LedgerConfig { partitions: 1, safety_stock_pct: SAFETY_STOCK_PCT_DEFAULT, reserve_ignores_safety: false }
     }
 }
 
@@ -140,7 +153,10 @@ pub enum LedgerCommand {
         line: LineId,
         /// Where it was picked.
         location: LocationId,
-        /// Units actually found, fewer than the line holds there.
+        /// Units the pick was for: the line may hold more at the location
+        /// (another pick of it), which this short does not touch.
+        qty: Qty,
+        /// Units actually found, fewer than `qty`.
         qty_found: Qty,
         /// `order line id + sequence`; a repeated key changes nothing.
         instruction_key: String,
@@ -587,14 +603,14 @@ impl SkuLedger {
         match cmd {
             C::Receive { location, qty } => self.decide_receive(location, *qty, cfg),
             C::Reserve { order, line, qty, location, partition_hint } => {
-                self.decide_reserve(order, line, *qty, location, *partition_hint)
+                self.decide_reserve(order, line, *qty, location, *partition_hint, cfg)
             }
             C::Release { line } => Ok(self.decide_release(line)),
             C::Commit { line, location, qty, instruction_key } => {
                 self.decide_commit(line, location, *qty, instruction_key)
             }
-            C::Short { line, location, qty_found, instruction_key, at } => {
-                self.decide_short(line, location, *qty_found, instruction_key, *at)
+            C::Short { line, location, qty, qty_found, instruction_key, at } => {
+                self.decide_short(line, location, (*qty, *qty_found), instruction_key, *at)
             }
             C::Adjust { location, delta, reason, user, at } => {
                 self.decide_adjust(location, *delta, Audit { reason, user, at: *at }, cfg)
@@ -708,6 +724,12 @@ impl SkuLedger {
     /// Units available for new reservations at one location.
     pub fn available_at(&self, location: &LocationId) -> u64 {
         self.partitions_at(location).iter().map(PartitionStock::available).sum()
+    }
+
+    /// Units a reservation may take at one location under `cfg`: what is
+    /// available (more only with the simulator's deliberate bug on).
+    pub fn reservable_at(&self, location: &LocationId, cfg: &LedgerConfig) -> u64 {
+        self.partitions_at(location).iter().map(|p| p.reservable(cfg)).sum()
     }
 
     /// The body of `GET /v1/inventory/{sku}`.
@@ -983,11 +1005,12 @@ impl SkuLedger {
         qty: Qty,
         location: &LocationId,
         hint: u32,
+        cfg: &LedgerConfig,
     ) -> Result<Vec<LedgerEvent>, LedgerError> {
         let qty = positive(qty)?;
         self.check_line_order(order, line)?;
         let parts = self.partitions_at(location);
-        let available: u64 = parts.iter().map(PartitionStock::available).sum();
+        let available: u64 = parts.iter().map(|p| p.reservable(cfg)).sum();
         if available < qty {
             return Err(LedgerError::Insufficient { available });
         }
@@ -996,7 +1019,7 @@ impl SkuLedger {
             line: line.clone(),
             location: location.clone(),
             qty,
-            parts: plan_take(parts, hint, qty),
+            parts: plan_take(parts, hint, qty, |p| p.reservable(cfg)),
             from_backorder: false,
         }])
     }
@@ -1061,12 +1084,14 @@ impl SkuLedger {
     }
 
     /// A short pick does not serve the backorder queue: the shorted line's
-    /// remainder is re-routed by the engine first.
+    /// remainder is re-routed by the engine first. Only the pick's own units
+    /// (`qty`, `found` of them found) are concerned: what else the line holds
+    /// at the location belongs to its other picks.
     fn decide_short(
         &self,
         line: &LineId,
         location: &LocationId,
-        found: Qty,
+        (qty, found): (Qty, Qty),
         key: &str,
         at: Timestamp,
     ) -> Result<Vec<LedgerEvent>, LedgerError> {
@@ -1075,16 +1100,17 @@ impl SkuLedger {
             return Ok(Vec::new());
         }
         let (claim, held) = self.holding(line, location)?;
-        let (held_qty, found_qty) = (held.values().sum::<u64>(), u64::from(found));
-        if found_qty > held_qty {
-            return Err(LedgerError::FoundMoreThanReserved { reserved: held_qty, found: found_qty });
+        let held_qty = held.values().sum::<u64>();
+        let (pick_qty, found_qty) = (u64::from(qty).min(held_qty), u64::from(found));
+        if found_qty > pick_qty {
+            return Err(LedgerError::FoundMoreThanReserved { reserved: pick_qty, found: found_qty });
         }
-        if found_qty == held_qty {
+        if found_qty == pick_qty {
             return self.decide_commit(line, location, found, key);
         }
         let found_parts = take_in_order(held, found_qty);
-        let missing_parts = parts_minus(held, &found_parts);
-        let missing = held_qty - found_qty;
+        let missing_parts = parts_minus(&parts_map(&take_in_order(held, pick_qty)), &found_parts);
+        let missing = pick_qty - found_qty;
         let absorbed = self.safety_at(location, missing_parts.iter().map(|p| (p.partition, p.qty)))?;
         let (order, line_id, loc) = (&claim.order, line.clone(), location.clone());
         let mut events = Vec::new();
@@ -1212,7 +1238,7 @@ impl SkuLedger {
         }
         Ok(vec![LedgerEvent::HoldCreated {
             hold_id: hold_id.clone(),
-            parts: plan_take(parts, hint_of(hold_id.as_str()), qty),
+            parts: plan_take(parts, hint_of(hold_id.as_str()), qty, PartitionStock::available),
             location,
             qty,
             created_at: now,
@@ -1327,7 +1353,7 @@ impl SkuLedger {
                 if qty == 0 {
                     continue;
                 }
-                let take = plan_take(parts, hint_of(entry.line.as_str()), qty);
+                let take = plan_take(parts, hint_of(entry.line.as_str()), qty, PartitionStock::available);
                 for p in &take {
                     parts[p.partition as usize].reserved += p.qty;
                 }
@@ -1692,6 +1718,12 @@ impl PartitionStock {
         self.on_hand.saturating_sub(self.reserved).saturating_sub(self.safety)
     }
 
+    /// What a reservation may take: [`Self::available`], unless the
+    /// simulator's deliberate bug counts the safety buffer in.
+    fn reservable(&self, cfg: &LedgerConfig) -> u64 {
+        if cfg.reserve_ignores_safety { self.on_hand.saturating_sub(self.reserved) } else { self.available() }
+    }
+
     /// `reserved + safety <= on_hand` (no oversell) and `on_hand == received + adjusted - committed`.
     fn check(&self) -> Result<(), String> {
         if self.reserved + self.safety > self.on_hand {
@@ -1753,7 +1785,7 @@ enum DoneKey {
 
 /// Takes `qty` available units starting at the hinted partition and falling back
 /// to the others in ring order. The caller has checked the location has enough.
-fn plan_take(parts: &[PartitionStock], hint: u32, qty: u64) -> Vec<PartQty> {
+fn plan_take(parts: &[PartitionStock], hint: u32, qty: u64, room: impl Fn(&PartitionStock) -> u64) -> Vec<PartQty> {
     let n = parts.len();
     let mut out = Vec::new();
     let mut need = qty;
@@ -1762,7 +1794,7 @@ fn plan_take(parts: &[PartitionStock], hint: u32, qty: u64) -> Vec<PartQty> {
             break;
         }
         let p = (hint as usize + i) % n;
-        let take = parts[p].available().min(need);
+        let take = room(&parts[p]).min(need);
         if take > 0 {
             out.push(PartQty { partition: partition_index(p), qty: take });
             need -= take;
@@ -2164,6 +2196,7 @@ mod tests {
         let short = C::Short {
             line: line("o1:1"),
             location: loc("WH-1"),
+            qty: 10,
             qty_found: 7,
             instruction_key: "o1:1#1".into(),
             at: Timestamp(9),
@@ -2219,12 +2252,39 @@ mod tests {
     }
 
     #[test]
+    fn a_short_pick_touches_only_its_own_units_of_the_line() {
+        // The line holds 10 at WH-1 from two reservations (two picks of 6 and 4);
+        // the pick of 4 finds 1: 3 are written off, the other pick's 6 stay held.
+        let cfg = cfg(1, 0);
+        let mut ledger = given(&cfg, &[receive("WH-1", 20), reserve("o1", 6, "WH-1", 0), reserve("o1", 4, "WH-1", 0)]);
+        let short = C::Short {
+            line: line("o1:1"),
+            location: loc("WH-1"),
+            qty: 4,
+            qty_found: 1,
+            instruction_key: "o1:1#2".into(),
+            at: Timestamp(0),
+        };
+        let events = when(&mut ledger, &cfg, &short).expect("accepted");
+        let missing: u64 = events
+            .iter()
+            .map(|e| match e {
+                E::Shorted { qty_missing, .. } => *qty_missing,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(missing, 3);
+        assert_eq!(when(&mut ledger, &cfg, &commit("o1", 6, "o1:1#1")).map(|e| e.len()), Ok(1));
+    }
+
+    #[test]
     fn a_short_pick_finding_more_than_reserved_is_rejected() {
         let cfg = cfg(1, 0);
         let mut ledger = given(&cfg, &[receive("WH-1", 10), reserve("o1", 3, "WH-1", 0)]);
         let short = C::Short {
             line: line("o1:1"),
             location: loc("WH-1"),
+            qty: 3,
             qty_found: 4,
             instruction_key: "k".into(),
             at: Timestamp(0),

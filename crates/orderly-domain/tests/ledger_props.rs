@@ -96,6 +96,7 @@ fn command(op: &Op, now: &mut i64) -> LedgerCommand {
         Op::Short { line, loc, found, key } => LedgerCommand::Short {
             line: line_id(line),
             location: location(loc),
+            qty: u32::MAX,
             qty_found: found,
             instruction_key: format!("{}#{key}", line_id(line)),
             at,

@@ -4,7 +4,7 @@
 //! owning service's queue.
 
 use crate::config::Settings;
-use crate::engine::{Adapters, EngineBuilder, Handle, Runtime, StartError};
+use crate::engine::{Adapters, EngineBuilder, Handle, Runtime, StartError, Subscription};
 use crate::events::AllocationData;
 use crate::ports::{CarrierApi, OutboxRecord, WebhookSink};
 use crate::runtime::{Control, ControlError, DEAD_LETTERS, DeadLetter};
@@ -102,25 +102,8 @@ impl Engine {
     ) -> Result<Engine, StartError> {
         let mut b = EngineBuilder::new(settings, adapters).await?;
         let s = b.settings().clone();
-        let pct = u8::try_from(s.inventory.safety_stock_pct)
-            .map_err(|_| StartError::Config("inventory.safety_stock_pct must be 0..=100".into()))?;
-        let ledger = LedgerConfig::new(s.inventory.partitions, pct).map_err(|e| StartError::Config(e.to_string()))?;
-        let policy = OrderPolicy { min_order_value_for_partial: s.split.min_order_value_for_partial };
-
-        let orders = b
-            .spawn(
-                "orders",
-                Orders::new(policy),
-                &[
-                    ("inventory", |t| matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered")),
-                    ("picking", |t| {
-                        matches!(t, "orderly.pick.requested" | "orderly.pick.completed" | "orderly.pick.short")
-                    }),
-                    ("packing", |t| t == "orderly.pack.completed"),
-                    ("shipping", |t| matches!(t, "orderly.shipment.label_created" | "orderly.shipment.delivered")),
-                ],
-            )
-            .await?;
+        let ledger = ledger_config(&s)?;
+        let orders = b.spawn("orders", Orders::new(order_policy(&s)), subscriptions("orders")).await?;
         let inv = Inventory::open(
             b.store("inventory").as_ref(),
             ledger,
@@ -128,52 +111,24 @@ impl Engine {
             s.inventory.hold_release_jitter.0,
         )
         .await?;
-        let inventory = b
-            .spawn(
-                "inventory",
-                inv,
-                &[
-                    ("orders", |t| {
-                        matches!(t, "orderly.order.created" | "orderly.order.canceled" | "orderly.order.returned")
-                    }),
-                    ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
-                ],
-            )
-            .await?;
+        let inventory = b.spawn("inventory", inv, subscriptions("inventory")).await?;
         let pick = Picking::open(b.store("picking").as_ref(), s.picking.starvation_limit.0).await?;
-        let picking = b
-            .spawn(
-                "picking",
-                pick,
-                &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled"))],
-            )
-            .await?;
-        let packing = b
-            .spawn(
-                "packing",
-                Packing::new(s.shipping.unit_weight_g),
-                &[
-                    ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
-                    ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled")),
-                ],
-            )
-            .await?;
+        let picking = b.spawn("picking", pick, subscriptions("picking")).await?;
+        let packing = b.spawn("packing", Packing::new(s.shipping.unit_weight_g), subscriptions("packing")).await?;
         let (svc, worker) = Shipping::open(b.store("shipping").as_ref(), &s, carriers, rates, b.clock().as_ref())
             .await
             .map_err(|e| match e {
                 shipping::OpenError::Store(e) => StartError::Store(e),
                 other => StartError::Config(other.to_string()),
             })?;
-        let shipping = b.spawn("shipping", svc, &[("packing", shipping::wants), ("orders", shipping::wants)]).await?;
+        let shipping = b.spawn("shipping", svc, subscriptions("shipping")).await?;
         b.keep(tokio::spawn(worker.run(shipping.sender())));
         let (svc, worker) =
             Notifications::open(b.store("notifications").as_ref(), &s, webhook).await.map_err(|e| match e {
                 notifications::OpenError::Store(e) => StartError::Store(e),
                 other => StartError::Config(other.to_string()),
             })?;
-        let notifications = b
-            .spawn("notifications", svc, &[("orders", notifications::wants), ("shipping", notifications::wants)])
-            .await?;
+        let notifications = b.spawn("notifications", svc, subscriptions("notifications")).await?;
         b.keep(tokio::spawn(worker.run(notifications.sender())));
         let m = b.metrics();
         shipping::describe_metrics(&m);
@@ -258,14 +213,7 @@ impl Engine {
         let now = self.runtime.now();
         let order_id = OrderId::parse(format!("o-{}", self.runtime.new_id(now)))
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        let threshold = self.runtime.settings.allocation.sync_min_line_value;
-        let sync_lines: Vec<RouteLine> = req
-            .lines
-            .iter()
-            .zip(1u32..)
-            .filter(|(l, _)| allocation_mode(l.unit_price.times(l.qty), threshold) == AllocationMode::Sync)
-            .map(|(l, n)| RouteLine { line_id: LineId::for_order(&order_id, n), sku: l.sku.clone(), qty: l.qty })
-            .collect();
+        let sync_lines = sync_lines(&order_id, &req, self.runtime.settings.allocation.sync_min_line_value);
         let reserved = if sync_lines.is_empty() {
             SyncReservation { allocations: Vec::new(), hold_ids: Vec::new() }
         } else {
@@ -490,7 +438,65 @@ fn positive(qty: Qty) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn new_order(order_id: OrderId, req: OrderRequest, reserved: &SyncReservation) -> NewOrder {
+/// What each service consumes: per producer, the event types it wants.
+/// The engine and the simulator wire their buses from this one table.
+pub fn subscriptions(consumer: &str) -> &'static [Subscription] {
+    match consumer {
+        "orders" => ORDERS_SUBSCRIPTIONS,
+        "inventory" => INVENTORY_SUBSCRIPTIONS,
+        "picking" => PICKING_SUBSCRIPTIONS,
+        "packing" => PACKING_SUBSCRIPTIONS,
+        "shipping" => SHIPPING_SUBSCRIPTIONS,
+        "notifications" => NOTIFICATIONS_SUBSCRIPTIONS,
+        _ => &[],
+    }
+}
+
+const ORDERS_SUBSCRIPTIONS: &[Subscription] = &[
+    ("inventory", |t| matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered")),
+    ("picking", |t| matches!(t, "orderly.pick.requested" | "orderly.pick.completed" | "orderly.pick.short")),
+    ("packing", |t| t == "orderly.pack.completed"),
+    ("shipping", |t| matches!(t, "orderly.shipment.label_created" | "orderly.shipment.delivered")),
+];
+const INVENTORY_SUBSCRIPTIONS: &[Subscription] = &[
+    ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled" | "orderly.order.returned")),
+    ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
+];
+const PICKING_SUBSCRIPTIONS: &[Subscription] =
+    &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled"))];
+const PACKING_SUBSCRIPTIONS: &[Subscription] = &[
+    ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
+    ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled")),
+];
+const SHIPPING_SUBSCRIPTIONS: &[Subscription] = &[("packing", shipping::wants), ("orders", shipping::wants)];
+const NOTIFICATIONS_SUBSCRIPTIONS: &[Subscription] =
+    &[("orders", notifications::wants), ("shipping", notifications::wants)];
+
+/// The ledger settings (`inventory.partitions`, `inventory.safety_stock_pct`), validated.
+pub fn ledger_config(s: &Settings) -> Result<LedgerConfig, StartError> {
+    let pct = u8::try_from(s.inventory.safety_stock_pct)
+        .map_err(|_| StartError::Config("inventory.safety_stock_pct must be 0..=100".into()))?;
+    LedgerConfig::new(s.inventory.partitions, pct).map_err(|e| StartError::Config(e.to_string()))
+}
+
+/// The order split policy (`split.min_order_value_for_partial`).
+pub fn order_policy(s: &Settings) -> OrderPolicy {
+    OrderPolicy { min_order_value_for_partial: s.split.min_order_value_for_partial }
+}
+
+/// The lines of a new order reserved before it is acknowledged: those worth
+/// at least `threshold` (`allocation.sync_min_line_value`).
+pub fn sync_lines(order_id: &OrderId, req: &OrderRequest, threshold: Money) -> Vec<RouteLine> {
+    req.lines
+        .iter()
+        .zip(1u32..)
+        .filter(|(l, _)| allocation_mode(l.unit_price.times(l.qty), threshold) == AllocationMode::Sync)
+        .map(|(l, n)| RouteLine { line_id: LineId::for_order(order_id, n), sku: l.sku.clone(), qty: l.qty })
+        .collect()
+}
+
+/// The order to create from a request and its synchronous reservation.
+pub fn new_order(order_id: OrderId, req: OrderRequest, reserved: &SyncReservation) -> NewOrder {
     let allocations_for = |line: &LineId| -> Vec<LocationQty> {
         reserved
             .allocations

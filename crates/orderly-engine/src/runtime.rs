@@ -221,6 +221,15 @@ pub enum ControlError {
     Unavailable(String),
 }
 
+/// Deliberate bugs the simulator switches on to prove that its invariants
+/// catch them (`orderly-sim`'s bug-finding tests). Production code never sets
+/// any: [`Mutations::default`] is all off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mutations {
+    /// The consumer skips the inbox check, so a redelivered event is applied again.
+    pub skip_inbox_check: bool,
+}
+
 /// A service with everything it needs to take steps: its context, its event
 /// sources, retry bookkeeping and its outbox head. [`run`] steps it in a loop;
 /// the simulator steps it one batch at a time.
@@ -231,6 +240,7 @@ pub struct Driver<S: Service> {
     retry: RetryState,
     head: u64,
     publish: Box<dyn Fn(u64) + Send + Sync>,
+    mutations: Mutations,
 }
 
 impl<S: Service> Driver<S> {
@@ -242,7 +252,20 @@ impl<S: Service> Driver<S> {
         publish: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Driver<S>, StoreError> {
         let head = ctx.store.outbox_head().await?;
-        Ok(Driver { service, ctx, sources, retry: RetryState::default(), head, publish: Box::new(publish) })
+        Ok(Driver {
+            service,
+            ctx,
+            sources,
+            retry: RetryState::default(),
+            head,
+            publish: Box::new(publish),
+            mutations: Mutations::default(),
+        })
+    }
+
+    /// Switches deliberate bugs on (the simulator's bug-finding tests only).
+    pub fn set_mutations(&mut self, mutations: Mutations) {
+        self.mutations = mutations;
     }
 
     /// The service.
@@ -282,7 +305,8 @@ impl<S: Service> Driver<S> {
                 continue;
             }
             self.retry.blocked_until.remove(source.producer());
-            match consume(&mut self.service, &mut tx, source.as_ref(), &mut self.retry).await {
+            let dedupe = source.at_least_once() && !self.mutations.skip_inbox_check;
+            match consume(&mut self.service, &mut tx, source.as_ref(), &mut self.retry, dedupe).await {
                 Ok(Some(upto)) => {
                     source.mark(upto, &mut tx.batch);
                     marks.push((i, upto));
@@ -419,15 +443,17 @@ impl RetryState {
     }
 }
 
-/// Processes one producer's pending events; returns how far to advance its cursor.
+/// Processes one producer's pending events; returns how far to advance its
+/// cursor. `dedupe` checks the inbox (at-least-once sources).
 async fn consume<S: Service>(
     service: &mut S,
     tx: &mut Tx,
     source: &dyn EventSource,
     retry: &mut RetryState,
+    dedupe: bool,
 ) -> Result<Option<u64>, StoreError> {
     let polled = source.poll(EVENT_BATCH_MAX).await?;
-    let dedupe = source.at_least_once();
+    let record_inbox = source.at_least_once();
     // A source may deliver a batch in any order that keeps each subject's
     // order; on a failure the cursor only moves below the first event not
     // handled, so nothing is skipped (what was handled past it comes again
@@ -446,13 +472,13 @@ async fn consume<S: Service>(
         match service.on_event(tx, &record.envelope).await {
             Ok(()) => {
                 retry.attempts.remove(id);
-                if dedupe {
+                if record_inbox {
                     tx.batch.inbox.push(id.clone());
                 }
             }
             Err(e) => {
                 if handle_failure(tx, source.producer(), &record.envelope, e, retry) {
-                    if dedupe {
+                    if record_inbox {
                         tx.batch.inbox.push(id.clone());
                     }
                     continue;
@@ -525,6 +551,12 @@ async fn commit<S: Service>(
         }
     }
     if tx.batch.is_empty() && staged.is_ok() {
+        // Nothing to make durable: the events polled were all filtered out or
+        // duplicates. A broker must still hear they are done, or it
+        // redelivers them for ever.
+        for (i, upto) in marks {
+            sources[*i].committed(*upto);
+        }
         tx.after_commit.drain(..).for_each(|f| f());
         return None;
     }

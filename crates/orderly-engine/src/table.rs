@@ -161,6 +161,44 @@ impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
     }
 }
 
+/// Marks in-memory indexes a service builds over its rows (queues,
+/// schedules, whole-table caches) as stale when a commit fails: unlike a
+/// [`Table`] they cannot roll back, so the service rebuilds them from the
+/// store before it trusts them again.
+#[derive(Debug, Default)]
+pub struct IndexGuard {
+    stale: bool,
+}
+
+impl IndexGuard {
+    /// A guard whose indexes are not built yet.
+    pub fn unbuilt() -> IndexGuard {
+        IndexGuard { stale: true }
+    }
+
+    /// Whether the indexes must be rebuilt from the store.
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Records that the indexes were just rebuilt from the store.
+    pub fn rebuilt(&mut self) {
+        self.stale = false;
+    }
+}
+
+impl Staged for IndexGuard {
+    fn stage(&mut self, _batch: &mut Batch) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        self.stale = true;
+    }
+
+    fn committed(&mut self) {}
+}
+
 fn decode<T: DeserializeOwned>(table: &str, row: &Row) -> Result<T, StoreError> {
     serde_json::from_slice(&row.doc).map_err(|e| StoreError::Corrupt {
         table: table.to_owned(),

@@ -1,3 +1,9 @@
+//! Digging into seeds while developing the simulator:
+//! `cargo run -p orderly-sim --example explore -- FIRST N STEPS [stats]` runs
+//! seeds FIRST..FIRST+N one after another and prints each one's outcome and
+//! violations with their trace; `TRACE=n` keeps n lines of trace, and
+//! `MUT=inbox` or `MUT=safety` switches one of the deliberate bugs on.
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let seed: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);

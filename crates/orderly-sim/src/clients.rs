@@ -15,6 +15,7 @@ use crate::rng::SimRng;
 use crate::workload;
 use crate::world::World;
 use orderly_domain::allocation::Location;
+use orderly_domain::ids::fnv1a;
 use orderly_domain::ledger::InventorySnapshot;
 use orderly_domain::order::Order;
 use orderly_domain::{LineId, LocationId, OrderId, PickId, Qty, ShipmentId, Sku};
@@ -76,6 +77,8 @@ pub struct Books {
     pub line_qty: BTreeMap<LineId, Qty>,
     /// Call outcomes by name, for the report.
     pub counters: BTreeMap<&'static str, u64>,
+    /// Idempotency keys that created a second order on a retry.
+    pub keys_broken: Vec<String>,
 }
 
 impl Books {
@@ -88,6 +91,10 @@ impl Books {
 struct OrderPlan {
     order_id: OrderId,
     req: OrderRequest,
+    /// The storefront's idempotency key: the same on a retry.
+    key: String,
+    /// The order the first try created, when its answer was lost on the way back.
+    first: Option<OrderId>,
 }
 
 /// A call in flight.
@@ -96,7 +103,7 @@ enum Call {
     Receive { sku: Sku, qty: Qty, rx: Rx<InventorySnapshot> },
     Hold { for_order: bool, rx: Rx<HoldInfo> },
     Reserve { plan: OrderPlan, rx: Rx<SyncReservation> },
-    Create { rx: Rx<Order> },
+    Create { key: String, req: OrderRequest, first: Option<OrderId>, rx: Rx<Order> },
     Next { rx: Rx<Option<PickTask>> },
     Finish { pick: PickId, rx: Rx<PickOutcome> },
     Pack { key: (OrderId, LocationId), rx: Rx<Package> },
@@ -124,6 +131,8 @@ pub struct Clients {
     returning: BTreeSet<OrderId>,
     returned: BTreeSet<OrderId>,
     handouts: Vec<PickTask>,
+    /// Per mille of order answers lost on the way back (then retried with the same key).
+    lose_create_answers: u64,
 }
 
 /// What resolving answers needs.
@@ -165,14 +174,27 @@ impl Clients {
         self.calls.push(Call::Hold { for_order, rx });
     }
 
+    /// Loses `per_mille` of the answers to order creations on the way back
+    /// (the storefront then retries with the same idempotency key).
+    pub fn lose_create_answers(&mut self, per_mille: u64) {
+        self.lose_create_answers = per_mille;
+    }
+
     /// Places an order the way the API does: lines worth a synchronous
     /// reservation are reserved first, then the order is created.
     pub fn place(&mut self, env: &mut Env<'_>, req: OrderRequest) {
         self.orders_placed += 1;
+        let key = format!("storefront:order-{}", self.orders_placed);
+        self.try_place(env, req, key, None);
+    }
+
+    /// One try at placing an order under `key`; `first` is the order an
+    /// earlier try created (its answer lost).
+    fn try_place(&mut self, env: &mut Env<'_>, req: OrderRequest, key: String, first: Option<OrderId>) {
         let now = env.world.clock.now();
         let Ok(order_id) = OrderId::parse(format!("o-{}", uuid_v7(now, env.world.rng.as_ref()))) else { return };
         let lines = sync_lines(&order_id, &req, env.world.settings.allocation.sync_min_line_value);
-        let plan = OrderPlan { order_id, req };
+        let plan = OrderPlan { order_id, req, key, first };
         if lines.is_empty() {
             self.create(env.nodes, plan, &SyncReservation { allocations: Vec::new(), hold_ids: Vec::new() });
             return;
@@ -184,9 +206,11 @@ impl Clients {
     }
 
     fn create(&mut self, nodes: &mut Nodes, plan: OrderPlan, reserved: &SyncReservation) {
+        let req = plan.req.clone();
         let new = Box::new(new_order(plan.order_id, plan.req, reserved));
-        let rx = ask(&mut nodes.orders, |reply| orders::Command::Create { new, reply });
-        self.calls.push(Call::Create { rx });
+        let key = orders::RequestKey { key: plan.key.clone(), fingerprint: fnv1a(plan.key.as_bytes()) };
+        let rx = ask(&mut nodes.orders, |reply| orders::Command::Create { new, key: Some(key), reply });
+        self.calls.push(Call::Create { key: plan.key, req, first: plan.first, rx });
     }
 
     /// Orders placed so far (numbers customers).
@@ -368,9 +392,22 @@ impl Clients {
                     None
                 }
             },
-            Call::Create { mut rx } => match answer(&mut rx) {
-                Answer::Waiting => Some(Call::Create { rx }),
+            Call::Create { key, req, first, mut rx } => match answer(&mut rx) {
+                Answer::Waiting => Some(Call::Create { key, req, first, rx }),
                 Answer::Done(order) => {
+                    if let Some(first) = &first
+                        && first != order.id()
+                    {
+                        env.books
+                            .keys_broken
+                            .push(format!("key {key} created {first}, and its retry created {} as well", order.id()));
+                    }
+                    if first.is_none() && env.rng.chance(self.lose_create_answers) {
+                        env.books.count("order_answers_lost");
+                        env.trace.push(format!("answer for order {} lost; the storefront retries {key}", order.id()));
+                        self.try_place(env, req, key, Some(order.id().clone()));
+                        return None;
+                    }
                     self.acknowledge(env, order);
                     None
                 }

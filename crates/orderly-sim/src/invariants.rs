@@ -103,6 +103,10 @@ impl Checker {
 
     /// Every per-step invariant, on what is committed now.
     pub async fn after_step(&mut self, world: &World, books: &Books) -> Result<(), Failure> {
+        self.checked("no_double_effect");
+        if let Some(broken) = books.keys_broken.first() {
+            return fail("no_double_effect", broken.clone());
+        }
         self.scan_outboxes(world).await?;
         let touched = self.scan_commits(world).await?;
         self.check_ledgers(world, books, &touched.ledgers).await?;

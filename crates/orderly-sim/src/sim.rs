@@ -206,6 +206,9 @@ impl Sim {
         for name in SERVICES {
             self.start(name).await?;
         }
+        if self.enabled(FaultKind::Duplicate) {
+            self.clients.lose_create_answers(40);
+        }
         for location in workload::locations() {
             self.clients.put_location(&mut self.nodes, location);
         }
@@ -318,7 +321,12 @@ impl Sim {
             books: &mut self.books,
             trace: &mut self.trace,
         };
+        let lost = env.books.counters.get("order_answers_lost").copied().unwrap_or(0);
         self.clients.resolve(&mut env);
+        let now_lost = self.books.counters.get("order_answers_lost").copied().unwrap_or(0);
+        if now_lost > lost {
+            self.faults.add(FaultKind::Duplicate, now_lost - lost);
+        }
     }
 
     fn fault(&mut self, kind: FaultKind, what: String) {
@@ -483,6 +491,7 @@ impl Sim {
     async fn heal(&mut self) -> Result<(), Failure> {
         self.quiet = true;
         self.trace.push("faults stop; quiet phase".to_owned());
+        self.clients.lose_create_answers(0);
         self.restart_due().await?;
         for c in self.world.carriers.values() {
             c.set_faults(|f| *f = Default::default());

@@ -76,6 +76,24 @@ enum Command {
         #[arg(long = "carrier")]
         carriers: Vec<String>,
     },
+    /// Deterministic simulation with fault injection: the real services, seeded faults, invariants after every step.
+    Simulate {
+        /// First seed (a seed replays exactly).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many seeds to run: SEED, SEED+1, …
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// Faults to inject: all, none, or a comma-separated list (duplicate, reorder, delay, crash, …).
+        #[arg(long, default_value = "all")]
+        faults: String,
+        /// Steps of each seed's fault phase (a quiet phase follows).
+        #[arg(long, default_value_t = orderly_sim::SimConfig::default().steps)]
+        steps: u64,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create or upgrade every service's schema, then exit (serve also does this at startup).
     Migrate {
         /// Directory of the embedded stores.
@@ -145,8 +163,13 @@ enum KeysCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Benchmarks log warnings only, so the log does not become the workload.
-    init_tracing(if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" });
+    // Benchmarks log warnings only, so the log does not become the workload;
+    // the simulator logs nothing (its faults make the engine warn by design).
+    init_tracing(match cli.command {
+        Command::Bench { .. } => "warn",
+        Command::Simulate { .. } => "off",
+        _ => "info",
+    });
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
@@ -199,6 +222,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CarrierSim { listen, seed, carriers } => carrier_sim(listen, seed, &carriers).await,
+        Command::Simulate { seed, seeds, faults, steps, json } => {
+            let args = orderly::simulate::SimulateArgs { seed, seeds, faults, steps, json };
+            let code = orderly::simulate::run(args).await?;
+            std::process::exit(code);
+        }
         Command::Migrate { data_dir, store } => {
             let location = orderly::adapters::StoreLocation::from_args(store.as_deref(), &data_dir)?;
             location.open(Durability::Full).await?;

@@ -12,7 +12,7 @@ use crate::events::{
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{IndexGuard, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -169,6 +169,7 @@ pub struct Inventory {
     orders: Table<OrderRecord>,
     holds: Table<HoldRef>,
     expiries: BTreeSet<(Timestamp, Sku)>,
+    indexes: IndexGuard,
 }
 
 impl Inventory {
@@ -188,11 +189,25 @@ impl Inventory {
             orders: Table::new("orders", 200_000, |_| None),
             holds: Table::new("holds", usize::MAX, |_| None),
             expiries: BTreeSet::new(),
+            indexes: IndexGuard::unbuilt(),
         };
         svc.locations.load_all(store).await?;
-        svc.holds.load_all(store).await?;
-        svc.expiries = svc.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
+        svc.refresh(store).await?;
         Ok(svc)
+    }
+
+    /// Reloads the holds (kept whole in memory) and rebuilds the expiry
+    /// schedule from them when they are stale: at startup, and after a failed
+    /// commit, which may have dropped holds from the cache and expiries from
+    /// the schedule that the store still has.
+    async fn refresh(&mut self, store: &dyn crate::ports::Store) -> Result<(), crate::ports::StoreError> {
+        if !self.indexes.is_stale() {
+            return Ok(());
+        }
+        self.holds.load_all(store).await?;
+        self.expiries = self.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
+        self.indexes.rebuilt();
+        Ok(())
     }
 
     async fn load_ledgers(
@@ -356,9 +371,9 @@ impl Inventory {
         out: &mut Outcome,
     ) -> Vec<(LineId, Sku, Qty)> {
         let locations = self.all_locations();
-        let ledgers = &self.ledgers;
+        let (ledgers, cfg) = (&self.ledgers, &self.cfg);
         let plan = route(lines, zone, &locations, |sku: &Sku, loc: &LocationId| {
-            ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc))
+            ledgers.get(sku.as_str()).map_or(0, |l| l.reservable_at(loc, cfg))
         });
         let hint = (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32;
         let mut unfilled: Vec<(LineId, Sku, Qty)> = Vec::new();
@@ -498,9 +513,9 @@ impl Inventory {
         }
         self.load_ledgers(tx.store(), lines.iter().map(|l| l.sku.clone()).collect()).await?;
         let locations = self.all_locations();
-        let ledgers = &self.ledgers;
+        let (ledgers, cfg) = (&self.ledgers, &self.cfg);
         let plan = route(&lines, &zone, &locations, |sku: &Sku, loc: &LocationId| {
-            ledgers.get(sku.as_str()).map_or(0, |l| l.available_at(loc))
+            ledgers.get(sku.as_str()).map_or(0, |l| l.reservable_at(loc, cfg))
         });
         if !plan.is_complete() {
             let short: Vec<String> = plan.unfilled().iter().map(|(l, q)| format!("{l} short by {q}")).collect();
@@ -714,6 +729,7 @@ impl Inventory {
             LedgerCommand::Short {
                 line: pick.line_id.clone(),
                 location: pick.location.clone(),
+                qty: pick.qty,
                 qty_found: pick.qty_picked,
                 instruction_key: pick.instruction_key.clone(),
                 at: tx.now,
@@ -776,6 +792,9 @@ impl Service for Inventory {
     type Command = Command;
 
     async fn on_command(&mut self, tx: &mut Tx, cmd: Command) {
+        if let Err(e) = self.refresh(tx.store()).await {
+            tracing::warn!(error = %e, "could not rebuild the hold indexes; retrying at the next input");
+        }
         match cmd {
             Command::PutLocation { location, reply } => {
                 self.locations.insert(location.id.as_str().to_owned(), location.clone());
@@ -829,6 +848,7 @@ impl Service for Inventory {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
+        self.refresh(tx.store()).await?;
         match event.event_type {
             EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
             EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
@@ -840,6 +860,9 @@ impl Service for Inventory {
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {
+        if self.refresh(tx.store()).await.is_err() {
+            return;
+        }
         let due: Vec<Sku> = self.expiries.iter().take_while(|(t, _)| *t <= tx.now).map(|(_, s)| s.clone()).collect();
         if due.is_empty() || self.load_ledgers(tx.store(), due.clone()).await.is_err() {
             return;
@@ -861,10 +884,14 @@ impl Service for Inventory {
     }
 
     fn next_deadline(&self) -> Option<Timestamp> {
+        if self.indexes.is_stale() {
+            // Rebuild at the next turn: the schedule may be missing due holds.
+            return Some(Timestamp(i64::MIN));
+        }
         self.expiries.first().map(|(t, _)| *t)
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds]
+        vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds, &mut self.indexes]
     }
 }

@@ -2,19 +2,24 @@
 //! and other services' events become order commands; each resulting order
 //! event is published with the order's version as its sequence. An event
 //! that is stale (not newer than what was seen from its source) or illegal in
-//! the order's state changes nothing and is counted.
+//! the order's state changes nothing and is counted. Producers do not order
+//! their streams with each other, so an event that depends on a fact from
+//! another producer not recorded yet (a re-allocation before its short pick,
+//! a package before its picks) is parked with its order, durably, and applied
+//! once the order has changed enough for it.
 
 use super::common::{ApiError, Reply};
 use crate::events::{
     self, AllocationData, InventoryBackordered, InventoryReserved, LabelCreated, PackCompleted, PickData,
     ShipmentDelivered,
 };
-use crate::runtime::{EventError, Service, Tx};
+use crate::ports::Row;
+use crate::runtime::{DEAD_LETTERS, DeadLetter, EventError, Service, Tx};
 use crate::table::{Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::order::{
     AllocationEntry, LineQty, NewOrder, Order, OrderChange, OrderCommand, OrderError, OrderEvent, OrderPolicy,
-    OrderState, Origin,
+    OrderState, Origin, Rejection,
 };
 use orderly_domain::{LocationId, OrderId, Priority, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -85,9 +90,13 @@ pub enum Command {
     },
 }
 
+/// Most events one order may have waiting for an earlier fact.
+pub const PARKED_PER_ORDER_MAX: usize = 64;
+
 /// The orders service.
 pub struct Orders {
     orders: Table<Order>,
+    parked: Table<Vec<Envelope>>,
     keys: Table<KeyedOrder>,
     policy: OrderPolicy,
 }
@@ -98,6 +107,7 @@ impl Orders {
         Orders {
             orders: Table::new("orders", ORDER_CACHE_MAX, |o: &Order| Some(o.state().as_str().to_owned())),
             keys: Table::new(ORDER_KEYS, ORDER_CACHE_MAX, |_| None),
+            parked: Table::new("parked", ORDER_CACHE_MAX, |_| None),
             policy,
         }
     }
@@ -165,10 +175,29 @@ impl Orders {
         if !self.orders.load(tx.store(), order_id.as_str()).await? {
             return Err(EventError::Poison(format!("{} for unknown order {order_id}", env.event_type)));
         }
+        self.parked.load(tx.store(), order_id.as_str()).await?;
+        let behind = self.parked.get(order_id.as_str()).is_some_and(|p| p.iter().any(|e| e.source == env.source));
+        if behind {
+            // An earlier event of the same source waits: this one keeps its place.
+            return self.park(tx, &order_id, env);
+        }
+        match self.apply_event(tx, &order_id, env, &cmds) {
+            Applied::Done => {
+                self.unpark(tx, &order_id);
+                Ok(())
+            }
+            Applied::Early => self.park(tx, &order_id, env),
+            Applied::Poison(detail) => Err(EventError::Poison(detail)),
+        }
+    }
+
+    /// Applies an event's commands to its (loaded) order.
+    fn apply_event(&mut self, tx: &mut Tx, order_id: &OrderId, env: &Envelope, cmds: &[OrderCommand]) -> Applied {
         let metrics = tx.ctx().metrics.clone();
         let before = self.orders.get(order_id.as_str()).map(Order::state);
         for (i, cmd) in cmds.iter().enumerate() {
-            let order = self.orders.get_mut(order_id.as_str()).expect("loaded above");
+            let order = self.orders.get_mut(order_id.as_str()).expect("loaded by the caller");
+            let state = order.state();
             match order.execute(cmd, &self.policy, tx.now) {
                 Ok(evs) => {
                     let order = order.clone();
@@ -184,9 +213,17 @@ impl Orders {
                     tracing::debug!(order_id = %order_id, event_id = %env.id, event_type = %env.event_type, "event not applicable in the order's state");
                 }
                 // Events from different producers race (a short pick's
-                // re-allocation can overtake the pick itself): a rejection
-                // may only mean "not yet", so retry before dead-lettering.
-                Err(OrderError::Rejected(r)) if i == 0 => return Err(EventError::Transient(r.to_string())),
+                // re-allocation can overtake the pick itself): such a
+                // rejection only means "not yet", so the event waits.
+                // A shipment labeled while the order was being canceled: the
+                // cancel came first here (its label was ignored), so its
+                // delivery has nothing to apply to either.
+                Err(OrderError::Rejected(Rejection::UnknownShipment(_))) if state == OrderState::Canceled => {
+                    metrics.inc("orderly_ignored_events_total", &[("consumer", "orders")], 1);
+                    tracing::info!(order_id = %order_id, event_id = %env.id, "delivery of a shipment labeled after its order was canceled");
+                }
+                Err(OrderError::Rejected(r)) if i == 0 && waits_for_another_fact(&r) => return Applied::Early,
+                Err(OrderError::Rejected(r)) if i == 0 => return Applied::Poison(r.to_string()),
                 Err(e) => {
                     tracing::warn!(order_id = %order_id, event_id = %env.id, error = %e, "follow-up command rejected")
                 }
@@ -197,8 +234,106 @@ impl Orders {
             // The order's first allocation decision: allocated (in part) or backordered.
             metrics.inc("orderly_orders_decided_total", &[], 1);
         }
+        Applied::Done
+    }
+
+    /// Keeps an event that came before a fact it depends on, in the same commit.
+    fn park(&mut self, tx: &mut Tx, order_id: &OrderId, env: &Envelope) -> Result<(), EventError> {
+        let waiting = self.parked.get(order_id.as_str()).map_or(0, Vec::len);
+        if waiting >= PARKED_PER_ORDER_MAX {
+            return Err(EventError::Poison(format!("{waiting} events already wait for order {order_id}")));
+        }
+        tx.ctx().metrics.inc("orderly_parked_events_total", &[("consumer", "orders")], 1);
+        tracing::debug!(order_id = %order_id, event_id = %env.id, event_type = %env.event_type, "event parked until an earlier fact arrives");
+        match self.parked.get_mut(order_id.as_str()) {
+            Some(p) => p.push(env.clone()),
+            None => self.parked.insert(order_id.as_str().to_owned(), vec![env.clone()]),
+        }
         Ok(())
     }
+
+    /// Retries an order's parked events after it changed: the oldest of each
+    /// source, again and again while one applies. One that can never apply
+    /// goes to the dead letters.
+    fn unpark(&mut self, tx: &mut Tx, order_id: &OrderId) {
+        let mut progress = true;
+        while progress {
+            progress = false;
+            let parked = self.parked.get(order_id.as_str()).cloned().unwrap_or_default();
+            let mut sources = std::collections::BTreeSet::new();
+            for (i, env) in parked.iter().enumerate() {
+                if !sources.insert(env.source.clone()) {
+                    continue;
+                }
+                let outcome = match commands_for(env) {
+                    Ok(cmds) => self.apply_event(tx, order_id, env, &cmds),
+                    Err(e) => Applied::Poison(e.to_string()),
+                };
+                if let Applied::Poison(detail) = &outcome {
+                    dead_letter(tx, env, detail);
+                }
+                if !matches!(outcome, Applied::Early) {
+                    self.take_parked(order_id, i);
+                    progress = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn take_parked(&mut self, order_id: &OrderId, i: usize) {
+        let empty = match self.parked.get_mut(order_id.as_str()) {
+            Some(p) => {
+                p.remove(i);
+                p.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.parked.remove(order_id.as_str());
+        }
+    }
+}
+
+/// What became of an event applied to its order.
+enum Applied {
+    /// Applied (or ignored as stale or not applicable).
+    Done,
+    /// It depends on a fact from another producer not recorded yet.
+    Early,
+    /// It can never apply.
+    Poison(String),
+}
+
+/// A rejection that only means a fact from another producer has not been
+/// recorded yet: a re-allocation before the short pick that freed its units,
+/// a package before its picks, a label before its package. Producers do not
+/// order their streams with each other, so such an event waits for that fact.
+fn waits_for_another_fact(r: &Rejection) -> bool {
+    matches!(
+        r,
+        Rejection::OverAllocated { .. }
+            | Rejection::BackorderExceedsUnallocated { .. }
+            | Rejection::ExceedsAvailable { .. }
+            | Rejection::NotAllocatedAt { .. }
+    )
+}
+
+/// Records a parked event that can never apply as a dead letter, replayable by ops.
+fn dead_letter(tx: &mut Tx, env: &Envelope, detail: &str) {
+    let producer = env.source.rsplit('/').next().unwrap_or_default().to_owned();
+    let letter = DeadLetter {
+        id: env.id.clone(),
+        consumer: "orders".to_owned(),
+        producer: producer.clone(),
+        error: format!("poison: {detail}"),
+        attempts: 1,
+        failed_at: tx.now,
+        envelope: env.clone(),
+    };
+    let doc = serde_json::to_vec(&letter).expect("a dead letter always serializes");
+    tx.put_row(Row { table: DEAD_LETTERS, key: env.id.clone(), idx: Some(producer), doc });
+    tx.ctx().metrics.inc("orderly_dead_letters_total", &[("consumer", "orders")], 1);
 }
 
 /// The order commands an event from another service stands for.
@@ -427,6 +562,6 @@ impl Service for Orders {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.orders, &mut self.keys]
+        vec![&mut self.orders, &mut self.keys, &mut self.parked]
     }
 }

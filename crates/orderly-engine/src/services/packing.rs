@@ -123,12 +123,7 @@ impl Packing {
                 return Err(ApiError::conflict("already-packed", format!("pick {id} is already in package {p}")));
             }
             priority = priority.min(item.pick.priority);
-            lines.push(AllocationData {
-                line_id: item.pick.line_id.clone(),
-                sku: item.pick.sku.clone(),
-                location: location.clone(),
-                qty: item.pick.qty_picked,
-            });
+            add_units(&mut lines, item, &location);
         }
         let mut dedup = pick_ids.clone();
         dedup.sort();
@@ -164,6 +159,20 @@ impl Packing {
         tx.emit(EventType::PackCompleted, order_id.as_str(), events::data(&data));
         self.packages.insert(package.id.clone(), package.clone());
         Ok(package)
+    }
+}
+
+/// Adds a pick's units to the package's lines: one entry per line, however
+/// many picks of it (a re-allocated remainder is a second pick) it holds.
+fn add_units(lines: &mut Vec<AllocationData>, item: &PickedItem, location: &LocationId) {
+    match lines.iter_mut().find(|l| l.line_id == item.pick.line_id) {
+        Some(line) => line.qty += item.pick.qty_picked,
+        None => lines.push(AllocationData {
+            line_id: item.pick.line_id.clone(),
+            sku: item.pick.sku.clone(),
+            location: location.clone(),
+            qty: item.pick.qty_picked,
+        }),
     }
 }
 

@@ -5,13 +5,14 @@
 
 use super::common::{ApiError, Reply, derived_id};
 use crate::events::{self, OrderAllocated, OrderCanceled, PickData};
+use crate::ports::{Store, StoreError};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{IndexGuard, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::pick_queue::PickQueue;
 use orderly_domain::{LineId, LocationId, OrderId, PickId, Priority, Qty, Sku, Timestamp};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// How long a picker may hold a task before it goes back to the queue.
 pub const ASSIGNMENT_TIMEOUT_MS: i64 = 15 * 60_000;
@@ -124,13 +125,17 @@ pub enum Command {
     },
 }
 
-/// The picking service.
+/// The picking service. Its queues, assignments and open tasks per order are
+/// in-memory indexes over the task rows: a failed commit marks them stale and
+/// they are rebuilt from the store before the next input, so a task popped
+/// (or closed) in a batch that never committed is not lost.
 pub struct Picking {
     tasks: Table<PickTask>,
     line_picks: Table<u64>,
-    queues: HashMap<LocationId, PickQueue<PickId>>,
-    assigned: HashMap<PickId, Timestamp>,
+    queues: BTreeMap<LocationId, PickQueue<PickId>>,
+    assigned: BTreeMap<PickId, Timestamp>,
     open_by_order: HashMap<OrderId, Vec<PickId>>,
+    indexes: IndexGuard,
     starvation_limit_ms: i64,
 }
 
@@ -143,11 +148,25 @@ impl Picking {
         let mut svc = Picking {
             tasks: Table::new("picks", TASK_CACHE_MAX, |t: &PickTask| Some(t.status.as_str().to_owned())),
             line_picks: Table::new("line_picks", 100_000, |_| None),
-            queues: HashMap::new(),
-            assigned: HashMap::new(),
+            queues: BTreeMap::new(),
+            assigned: BTreeMap::new(),
             open_by_order: HashMap::new(),
+            indexes: IndexGuard::unbuilt(),
             starvation_limit_ms,
         };
+        svc.refresh(store).await?;
+        Ok(svc)
+    }
+
+    /// Rebuilds the queues, assignments and open tasks from the store's open
+    /// task rows when they are stale (at startup, after a failed commit).
+    async fn refresh(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+        if !self.indexes.is_stale() {
+            return Ok(());
+        }
+        self.queues.clear();
+        self.assigned.clear();
+        self.open_by_order.clear();
         for status in [PickStatus::Queued, PickStatus::Assigned] {
             let mut after: Option<String> = None;
             loop {
@@ -155,9 +174,9 @@ impl Picking {
                 let done = rows.len() < 1000;
                 for row in rows {
                     after = Some(row.key.clone());
-                    svc.tasks.load(store, &row.key).await?;
-                    if let Some(task) = svc.tasks.get(&row.key).cloned() {
-                        svc.track_open(&task);
+                    self.tasks.load(store, &row.key).await?;
+                    if let Some(task) = self.tasks.get(&row.key).cloned() {
+                        self.track_open(&task);
                     }
                 }
                 if done {
@@ -165,7 +184,8 @@ impl Picking {
                 }
             }
         }
-        Ok(svc)
+        self.indexes.rebuilt();
+        Ok(())
     }
 
     /// Open tasks per location and priority (for metrics and the dashboard).
@@ -204,6 +224,7 @@ impl Picking {
     }
 
     async fn on_allocated(&mut self, tx: &mut Tx, ev: OrderAllocated) -> Result<(), EventError> {
+        self.refresh(tx.store()).await?;
         for a in &ev.allocations {
             self.line_picks.load(tx.store(), a.line_id.as_str()).await?;
         }
@@ -241,6 +262,7 @@ impl Picking {
     }
 
     async fn on_canceled(&mut self, tx: &mut Tx, ev: OrderCanceled) -> Result<(), EventError> {
+        self.refresh(tx.store()).await?;
         let Some(ids) = self.open_by_order.get(&ev.order_id).cloned() else { return Ok(()) };
         for id in &ids {
             self.tasks.load(tx.store(), id.as_str()).await?;
@@ -259,6 +281,7 @@ impl Picking {
     }
 
     async fn next(&mut self, tx: &mut Tx, location: &LocationId) -> Result<Option<PickTask>, ApiError> {
+        self.refresh(tx.store()).await?;
         loop {
             let Some(q) = self.queues.get_mut(location) else { return Ok(None) };
             let Some(item) = q.pop(tx.now, self.starvation_limit_ms) else { return Ok(None) };
@@ -288,6 +311,7 @@ impl Picking {
         qty_picked: Qty,
         short_reason: Option<String>,
     ) -> Result<PickOutcome, ApiError> {
+        self.refresh(tx.store()).await?;
         if !self.tasks.load(tx.store(), pick_id.as_str()).await? {
             return Err(ApiError::NotFound(format!("pick {pick_id}")));
         }
@@ -375,6 +399,9 @@ impl Service for Picking {
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {
+        if self.refresh(tx.store()).await.is_err() {
+            return;
+        }
         let expired: Vec<PickId> = self
             .assigned
             .iter()
@@ -411,10 +438,14 @@ impl Service for Picking {
     }
 
     fn next_deadline(&self) -> Option<Timestamp> {
+        if self.indexes.is_stale() {
+            // Rebuild at the next turn: the assignments may be missing some.
+            return Some(Timestamp(i64::MIN));
+        }
         self.assigned.values().min().map(|at| at.plus_ms(ASSIGNMENT_TIMEOUT_MS))
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.tasks, &mut self.line_picks]
+        vec![&mut self.tasks, &mut self.line_picks, &mut self.indexes]
     }
 }

@@ -313,6 +313,9 @@ struct Plan {
 /// The shipping service.
 pub struct Shipping {
     shipments: Table<Shipment>,
+    /// Orders canceled, so a package of one packed after the cancel (the
+    /// events race) never reaches a carrier.
+    canceled_orders: Table<Timestamp>,
     rates: Rates,
     queue: DueQueue<LabelFlight>,
     routes: CarrierRoutes,
@@ -352,6 +355,7 @@ impl Shipping {
         let worker = LabelWorker { jobs: jobs_rx, carriers: apis, timeout_ms };
         let mut svc = Shipping {
             shipments: Table::new("shipments", SHIPMENT_CACHE_MAX, |s: &Shipment| Some(s.state.as_str().to_owned())),
+            canceled_orders: Table::new("canceled_orders", SHIPMENT_CACHE_MAX, |_| None),
             rates: Rates::open(store, initial_rates).await?,
             queue: DueQueue::new(),
             routes: config.routes,
@@ -396,6 +400,7 @@ impl Shipping {
     /// of it still waiting for a label is canceled (a call already in flight
     /// is ignored when it answers).
     async fn on_order_canceled(&mut self, tx: &mut Tx, ev: events::OrderCanceled) -> Result<(), EventError> {
+        self.canceled_orders.insert(ev.order_id.as_str().to_owned(), tx.now);
         let ids = self.queue.ids();
         for id in &ids {
             self.shipments.load(tx.store(), id).await?;
@@ -420,6 +425,7 @@ impl Shipping {
             // A redelivered or repeated pack.completed: the shipment exists.
             return Ok(());
         }
+        let canceled = self.canceled_orders.load(tx.store(), ev.order_id.as_str()).await?;
         let shipment = Shipment {
             id: id.clone(),
             order_id: ev.order_id,
@@ -428,7 +434,7 @@ impl Shipping {
             weight_g: ev.weight_g,
             lines: ev.lines,
             priority: ev.priority,
-            state: ShipmentState::LabelPending,
+            state: if canceled { ShipmentState::Canceled } else { ShipmentState::LabelPending },
             carrier: None,
             tracking_number: None,
             cost: None,
@@ -448,6 +454,11 @@ impl Shipping {
             delivered_at: None,
         };
         self.shipments.insert(id.as_str().to_owned(), shipment);
+        if canceled {
+            tracing::info!(shipment = %id, "packed after its order was canceled: no label");
+            tx.ctx().metrics.inc("orderly_shipments_canceled_total", &[], 1);
+            return Ok(());
+        }
         self.queue.schedule(id.as_str(), tx.now);
         tx.ctx().metrics.inc("orderly_shipments_created_total", &[], 1);
         Ok(())
@@ -847,7 +858,7 @@ impl Service for Shipping {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.shipments, &mut self.rates, &mut self.queue]
+        vec![&mut self.shipments, &mut self.canceled_orders, &mut self.rates, &mut self.queue]
     }
 }
 
@@ -1140,13 +1151,14 @@ async fn call_carrier(
 pub struct DueQueue<F> {
     due: BTreeSet<(Timestamp, String)>,
     due_at: HashMap<String, Timestamp>,
-    in_flight: HashMap<String, F>,
+    // Ordered: calls presumed lost are settled in id order, so a seed replays.
+    in_flight: BTreeMap<String, F>,
     settled: Vec<String>,
 }
 
 impl<F> Default for DueQueue<F> {
     fn default() -> Self {
-        DueQueue { due: BTreeSet::new(), due_at: HashMap::new(), in_flight: HashMap::new(), settled: Vec::new() }
+        DueQueue { due: BTreeSet::new(), due_at: HashMap::new(), in_flight: BTreeMap::new(), settled: Vec::new() }
     }
 }
 
