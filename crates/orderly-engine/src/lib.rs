@@ -6,6 +6,7 @@
 //! No SQL, no NATS, no HTTP here: adapters implement [`ports`].
 
 pub mod app;
+pub mod broker;
 pub mod bus;
 pub mod config;
 pub mod contract;
