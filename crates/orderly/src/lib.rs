@@ -9,6 +9,7 @@ pub mod settings;
 
 use anyhow::{Context, Result};
 use orderly_engine::app::Engine;
+use orderly_engine::broker::Topology;
 use orderly_engine::config::Settings;
 use orderly_engine::ports::SystemClock;
 use orderly_http::routes::{AppState, router};
@@ -32,6 +33,54 @@ pub struct RunOptions {
     pub durability: Durability,
 }
 
+/// The distributed mode: a broker between processes, and which services
+/// this process runs.
+#[derive(Debug, Clone, Default)]
+pub struct Distributed {
+    /// A `nats://` URL: events travel through NATS JetStream.
+    pub bus: Option<String>,
+    /// Names the streams (one deployment per prefix).
+    pub bus_prefix: Option<String>,
+    /// Comma-separated services to run (default: all).
+    pub services: Option<String>,
+}
+
+/// The default stream prefix.
+pub const DEFAULT_BUS_PREFIX: &str = "orderly";
+
+impl Distributed {
+    /// Checks the combination and connects to the broker.
+    pub async fn topology(&self, store: &adapters::StoreLocation) -> Result<Topology> {
+        let services = self
+            .services
+            .as_deref()
+            .map(Topology::parse_services)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--services: {e}"))?;
+        let Some(url) = &self.bus else {
+            anyhow::ensure!(
+                services.is_none(),
+                "--services needs --bus nats://…: services in other processes are reached through the broker"
+            );
+            return Ok(Topology::default());
+        };
+        anyhow::ensure!(url.starts_with("nats://"), "--bus must be a nats:// URL, not {url:?}");
+        anyhow::ensure!(
+            matches!(store, adapters::StoreLocation::Postgres(_)),
+            "--bus needs --store postgres://…: every process must reach every service's state"
+        );
+        let prefix = self.bus_prefix.as_deref().unwrap_or(DEFAULT_BUS_PREFIX);
+        let bus = orderly_bus_nats::NatsBus::connect(orderly_bus_nats::NatsOptions::new(url, prefix))
+            .await
+            .context("cannot use the NATS bus")?;
+        if let Err(e) = bus.ensure_streams().await {
+            tracing::warn!(error = %e, "NATS streams not ready yet; services start and the outbox buffers until it is");
+        }
+        tracing::info!(bus = %url, prefix, services = ?services, "distributed mode");
+        Ok(Topology { broker: Some(Arc::new(bus)), services })
+    }
+}
+
 /// A built, listening application.
 pub struct Application {
     engine: Arc<Engine>,
@@ -44,6 +93,14 @@ pub struct Application {
 impl Application {
     /// Opens the stores, starts the engine and binds the listener.
     pub async fn build(settings: Settings, options: &RunOptions) -> Result<Application> {
+        Application::build_with(settings, options, &Distributed::default()).await
+    }
+
+    /// Like [`Application::build`], in the distributed mode `dist` describes:
+    /// this process runs only the services it names, and every route is
+    /// served; a command for a service that runs elsewhere answers 503
+    /// problem+json naming it, reads work in every process.
+    pub async fn build_with(settings: Settings, options: &RunOptions, dist: &Distributed) -> Result<Application> {
         orderly_carrier::install_crypto_provider();
         let keys = SharedKeyRing::new(KeyRing::from_settings(&settings.auth).context("invalid [auth] keys")?);
         if settings.auth.keys.is_empty() {
@@ -52,6 +109,7 @@ impl Application {
             );
         }
         let location = adapters::StoreLocation::from_args(options.store.as_deref(), &options.data_dir)?;
+        let topology = dist.topology(&location).await?;
         let (adapters, api_store) = location.open(options.durability).await?;
         let carriers = adapters::carriers(&settings)?;
         let notifier = adapters::notifier(&settings)?;
@@ -61,7 +119,9 @@ impl Application {
         };
         let limits = Limits::from_settings(&settings.http);
         let engine = Arc::new(
-            Engine::start(settings, adapters, carriers, rates, notifier).await.context("engine failed to start")?,
+            Engine::start_with(settings, adapters, carriers, rates, notifier, topology)
+                .await
+                .context("engine failed to start")?,
         );
         let idempotency = Idempotency::new(
             api_store,
