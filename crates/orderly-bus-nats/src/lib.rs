@@ -36,9 +36,8 @@ use orderly_domain::event::Envelope;
 use orderly_engine::broker::{Broker, EventFilter};
 use orderly_engine::bus::EventSource;
 use orderly_engine::ports::{Clock, OutboxRecord, Store, StoreError};
-use std::collections::HashMap;
 use std::future::IntoFuture;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -151,7 +150,6 @@ struct Inner {
     js: jetstream::Context,
     opts: NatsOptions,
     streams_ready: tokio::sync::Mutex<bool>,
-    wakers: Mutex<HashMap<&'static str, watch::Sender<u64>>>,
 }
 
 impl NatsBus {
@@ -178,15 +176,7 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::Config(format!("nats url {:?}: {e}", opts.url)))?;
         let js = jetstream::new(client.clone());
-        Ok(NatsBus {
-            inner: Arc::new(Inner {
-                client,
-                js,
-                opts,
-                streams_ready: tokio::sync::Mutex::new(false),
-                wakers: Mutex::new(HashMap::new()),
-            }),
-        })
+        Ok(NatsBus { inner: Arc::new(Inner { client, js, opts, streams_ready: tokio::sync::Mutex::new(false) }) })
     }
 
     /// The options.
@@ -259,6 +249,16 @@ impl NatsBus {
     /// acknowledgement. On an error some may be stored: publishing them again
     /// is harmless (`Nats-Msg-Id` inside the window, the consumers' inbox after).
     pub async fn publish(&self, producer: &str, records: &[OutboxRecord]) -> Result<(), BusError> {
+        let sent = self.publish_once(producer, records).await;
+        if sent.is_err() {
+            // The broker may have come back without its streams (data lost):
+            // make sure they exist before the next attempt.
+            *self.inner.streams_ready.lock().await = false;
+        }
+        sent
+    }
+
+    async fn publish_once(&self, producer: &str, records: &[OutboxRecord]) -> Result<(), BusError> {
         self.ensure_streams().await?;
         let mut acks = Vec::with_capacity(records.len());
         for r in records {
@@ -307,37 +307,6 @@ impl NatsBus {
     pub async fn stream_messages(&self, lane: Lane) -> Result<u64, BusError> {
         let mut s = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
         Ok(timed(s.info()).await?.state.messages)
-    }
-
-    /// A receiver that changes when anything is published for `producer`
-    /// (one core subscription per producer and process), to wake consumers.
-    pub(crate) fn wake(&self, producer: &'static str) -> watch::Receiver<u64> {
-        let mut wakers = self.inner.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = wakers.get(producer) {
-            return tx.subscribe();
-        }
-        let tx = watch::Sender::new(0u64);
-        let rx = tx.subscribe();
-        wakers.insert(producer, tx.clone());
-        let client = self.inner.client.clone();
-        let subject = format!("{}.{producer}.*.*", self.inner.opts.prefix);
-        tokio::spawn(async move {
-            use futures_util::StreamExt;
-            let mut sub = match client.subscribe(subject.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(%subject, error = %e, "no wake-up subscription; consumers poll on their tick");
-                    return;
-                }
-            };
-            while sub.next().await.is_some() {
-                tx.send_modify(|n| *n = n.wrapping_add(1));
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        rx
     }
 
     /// Flushes the connection (tests).

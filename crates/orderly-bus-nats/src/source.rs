@@ -6,14 +6,14 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use orderly_domain::Timestamp;
 use orderly_domain::event::Envelope;
-use orderly_domain::shipping::breaker::CircuitBreaker;
 use orderly_engine::bus::{EventSource, Polled};
 use orderly_engine::ports::{Batch, Clock, OutboxRecord, Row, Store, StoreError};
 use orderly_engine::runtime::{DEAD_LETTERS, DeadLetter};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 
 /// One fetched message, held until the batch that handled it commits.
 struct Item {
@@ -37,11 +37,6 @@ struct Held {
     dead: Vec<(u64, Row)>,
 }
 
-struct Fetcher {
-    consumers: Option<[PullConsumer; 2]>,
-    breaker: CircuitBreaker,
-}
-
 /// Reads one producer's events for one consumer from both lanes' durable
 /// pull consumers. At-least-once: messages are acknowledged once the
 /// consumer's batch that handled them (with its inbox) has committed.
@@ -53,9 +48,94 @@ pub struct JetStreamSource {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     held: Mutex<Held>,
-    fetcher: tokio::sync::Mutex<Fetcher>,
-    pending: AtomicU64,
+    /// Messages the lanes' prefetch tasks fetched, not yet offered.
+    fetched: tokio::sync::Mutex<[mpsc::Receiver<jetstream::Message>; 2]>,
+    pending: Arc<AtomicU64>,
     wake: watch::Receiver<u64>,
+    prefetch: Vec<tokio::task::JoinHandle<()>>,
+    last_progress: Mutex<std::time::Instant>,
+}
+
+impl Drop for JetStreamSource {
+    fn drop(&mut self) {
+        self.prefetch.iter().for_each(|t| t.abort());
+    }
+}
+
+/// Most messages fetched ahead of the consumer, per lane.
+const PREFETCH_MAX: usize = 4096;
+/// How often messages held across polls are reported in progress (well
+/// inside the consumer's `ack_wait`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// How long one pull request waits at the broker for messages.
+const PULL_WAIT: Duration = Duration::from_secs(1);
+
+/// Keeps one lane's durable consumer pulled: messages go to `out` as they
+/// arrive (long polls of [`PULL_WAIT`]), `wake` changes for each. While the
+/// broker fails, a circuit breaker spaces the attempts; the consumer is
+/// created again (idempotently) after every failure.
+async fn prefetch(
+    bus: NatsBus,
+    consumer: &'static str,
+    producer: &'static str,
+    lane: Lane,
+    out: mpsc::Sender<jetstream::Message>,
+    wake: watch::Sender<u64>,
+    pending: Arc<AtomicU64>,
+) {
+    let clock = orderly_engine::ports::SystemClock;
+    let mut breaker = breaker(bus.options());
+    let mut pull: Option<PullConsumer> = None;
+    loop {
+        if out.is_closed() {
+            return;
+        }
+        if !breaker.allow(clock.now()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let round = async {
+            if pull.is_none() {
+                pull = Some(bus.pull_consumer(consumer, producer, lane).await?);
+            }
+            let c = pull.as_ref().expect("consumer was just created");
+            let room = out.capacity().clamp(1, 512);
+            let mut batch = timed(c.batch().max_messages(room).expires(PULL_WAIT).messages()).await?;
+            let mut got = 0u64;
+            loop {
+                match tokio::time::timeout(PULL_WAIT + crate::OP_TIMEOUT, batch.next()).await {
+                    Ok(Some(Ok(m))) => {
+                        if let Ok(info) = m.info() {
+                            pending.store(info.pending, Ordering::Relaxed);
+                        }
+                        if out.send(m).await.is_err() {
+                            return Ok(got);
+                        }
+                        got += 1;
+                        wake.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Ok(Some(Err(e))) => return Err(crate::BusError::Unavailable(e.to_string())),
+                    Ok(None) => return Ok(got),
+                    Err(_) => return Err(crate::BusError::Unavailable("pull timed out".into())),
+                }
+            }
+        };
+        match round.await {
+            Ok(_) => {
+                if breaker.state_name() != "closed" {
+                    tracing::info!(consumer, producer, lane = lane.as_str(), "broker reachable again");
+                }
+                breaker.on_success(clock.now());
+            }
+            Err(e) => {
+                pull = None;
+                breaker.on_failure(clock.now());
+                tracing::warn!(consumer, producer, lane = lane.as_str(), breaker = breaker.state_name(),
+                    error = %e, "pull from the broker failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 impl JetStreamSource {
@@ -68,8 +148,30 @@ impl JetStreamSource {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> JetStreamSource {
-        let wake = bus.wake(producer);
-        let breaker = breaker(bus.options());
+        let (wake_tx, wake) = watch::channel(0u64);
+        let pending = Arc::new(AtomicU64::new(0));
+        let (events_tx, events_rx) = mpsc::channel(PREFETCH_MAX);
+        let (priority_tx, priority_rx) = mpsc::channel(PREFETCH_MAX);
+        let prefetch = vec![
+            tokio::spawn(prefetch(
+                bus.clone(),
+                consumer,
+                producer,
+                Lane::Events,
+                events_tx,
+                wake_tx.clone(),
+                pending.clone(),
+            )),
+            tokio::spawn(prefetch(
+                bus.clone(),
+                consumer,
+                producer,
+                Lane::Priority,
+                priority_tx,
+                wake_tx,
+                pending.clone(),
+            )),
+        ];
         JetStreamSource {
             bus,
             consumer,
@@ -78,41 +180,27 @@ impl JetStreamSource {
             store,
             clock,
             held: Mutex::new(Held::default()),
-            fetcher: tokio::sync::Mutex::new(Fetcher { consumers: None, breaker }),
-            pending: AtomicU64::new(0),
+            fetched: tokio::sync::Mutex::new([events_rx, priority_rx]),
+            pending,
             wake,
+            prefetch,
+            last_progress: Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    /// True at most once per [`PROGRESS_EVERY`]: time to tell the broker
+    /// that messages offered again are still being worked on.
+    fn progress_due(&self) -> bool {
+        let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= PROGRESS_EVERY {
+            *last = std::time::Instant::now();
+            return true;
+        }
+        false
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn fetch(&self, fetcher: &mut Fetcher, want: usize) -> Result<Vec<jetstream::Message>, crate::BusError> {
-        if fetcher.consumers.is_none() {
-            let events = self.bus.pull_consumer(self.consumer, self.producer, Lane::Events).await?;
-            let priority = self.bus.pull_consumer(self.consumer, self.producer, Lane::Priority).await?;
-            fetcher.consumers = Some([events, priority]);
-        }
-        let consumers = fetcher.consumers.as_ref().expect("consumers were just created");
-        // Bulk first, then priority: a bulk event seen here was published
-        // after every earlier priority event, which the second fetch then
-        // sees, so merging by producer position keeps each order's events
-        // in publish order; the priority lane has its own fetch budget, so a
-        // bulk backlog never delays it (bulkhead).
-        let mut out = Vec::new();
-        for c in consumers {
-            let mut batch = timed(c.fetch().max_messages(want.max(1)).messages()).await?;
-            loop {
-                match tokio::time::timeout(crate::OP_TIMEOUT, batch.next()).await {
-                    Ok(Some(Ok(m))) => out.push(m),
-                    Ok(Some(Err(e))) => return Err(crate::BusError::Unavailable(e.to_string())),
-                    Ok(None) => break,
-                    Err(_) => return Err(crate::BusError::Unavailable("fetch timed out".into())),
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Turns fetched messages into held items, oldest producer position first.
@@ -120,11 +208,10 @@ impl JetStreamSource {
         msgs.sort_by_key(producer_position);
         let mut items = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            let (delivered, pending, published_ms) = match msg.info() {
-                Ok(i) => (i.delivered, i.pending, (i.published.unix_timestamp_nanos() / 1_000_000) as i64),
-                Err(_) => (1, 0, self.clock.now().millis()),
+            let (delivered, published_ms) = match msg.info() {
+                Ok(i) => (i.delivered, (i.published.unix_timestamp_nanos() / 1_000_000) as i64),
+                Err(_) => (1, self.clock.now().millis()),
             };
-            self.pending.store(pending, Ordering::Relaxed);
             let envelope = match serde_json::from_slice::<Envelope>(&msg.message.payload) {
                 Ok(env) if (self.filter)(env.event_type.as_str()) => Some(env),
                 Ok(_) => None,
@@ -176,45 +263,42 @@ impl EventSource for JetStreamSource {
 
     async fn poll(&self, max: u32) -> Result<Polled, StoreError> {
         let max = max.max(1) as usize;
-        let mut fetcher = self.fetcher.lock().await;
+        let mut fetched = self.fetched.lock().await;
         let (held_len, reoffered): (usize, Vec<jetstream::Message>) = {
             let held = self.held();
             (held.buffer.len(), held.buffer.iter().take(max).map(|i| i.msg.clone()).collect())
         };
-        if !reoffered.is_empty() {
-            // Still working on them (a retry backoff): keep them ours.
+        if !reoffered.is_empty() && self.progress_due() {
+            // Offered again (a retry, a failed commit): still ours, tell the broker.
             tokio::spawn(async move {
                 for m in reoffered {
                     let _ = m.ack_with(AckKind::Progress).await;
                 }
             });
         }
-        let now = self.clock.now();
-        if held_len < max && fetcher.breaker.allow(now) {
-            match self.fetch(&mut fetcher, max - held_len).await {
-                Ok(msgs) => {
-                    if fetcher.breaker.state_name() != "closed" {
-                        tracing::info!(consumer = self.consumer, producer = self.producer, "broker reachable again");
-                    }
-                    fetcher.breaker.on_success(now);
-                    let items = self.admit(msgs).await?;
-                    let mut held = self.held();
-                    let base = held.next;
-                    for (i, mut item) in items.into_iter().enumerate() {
-                        item.position = base + i as u64 + 1;
-                        held.next = item.position;
-                        if let Some(row) = item.dead.take() {
-                            held.dead.push((item.position, row));
-                        }
-                        held.buffer.push_back(item);
-                    }
+        // Both lanes, each with its own budget, so a bulk backlog never holds
+        // back priority events (bulkhead); merged by producer position.
+        let mut msgs = Vec::new();
+        let room = max.saturating_sub(held_len);
+        for rx in fetched.iter_mut() {
+            while msgs.len() < room {
+                match rx.try_recv() {
+                    Ok(m) => msgs.push(m),
+                    Err(_) => break,
                 }
-                Err(e) => {
-                    fetcher.breaker.on_failure(now);
-                    fetcher.consumers = None;
-                    tracing::warn!(consumer = self.consumer, producer = self.producer,
-                        breaker = fetcher.breaker.state_name(), error = %e, "fetch from the broker failed");
+            }
+        }
+        drop(fetched);
+        if !msgs.is_empty() {
+            let items = self.admit(msgs).await?;
+            let mut held = self.held();
+            for mut item in items {
+                held.next += 1;
+                item.position = held.next;
+                if let Some(row) = item.dead.take() {
+                    held.dead.push((item.position, row));
                 }
+                held.buffer.push_back(item);
             }
         }
         let held = self.held();

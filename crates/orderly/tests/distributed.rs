@@ -89,6 +89,10 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("the processes' logs are kept in {}", self.dir.path().display());
+        }
         psql("postgres", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
         let (url, prefix) = (self.nats_url.clone(), self.prefix.clone());
         // Drop cannot await: delete the streams from a runtime of its own.
@@ -244,9 +248,30 @@ fn id_of(created: &Resp) -> String {
 }
 
 async fn stock(inventory: &Api, sku: &str, qty: u32) {
-    let r = inventory.put(&format!("/v1/locations/{WAREHOUSE}"), OPS_KEY, &json!({"zone": ZONE, "kind": "warehouse"})).await;
+    let r = inventory
+        .put(&format!("/v1/locations/{WAREHOUSE}"), OPS_KEY, &json!({"zone": ZONE, "kind": "warehouse"}))
+        .await;
     assert!(r.status.is_success(), "{}", r.text);
     inventory.receive(WAREHOUSE, sku, qty).await;
+}
+
+/// Places one order the way a careful storefront does: with an idempotency
+/// key, retried (a few times) when the answer is lost or a 503.
+async fn place_one(orders: &Api, sku: &str, key: String) -> String {
+    let body = order_body(sku, 1, "5.00");
+    for attempt in 1..=5 {
+        let rb = orders.request(reqwest::Method::POST, "/v1/orders", Some(SHOP_KEY)).header("Idempotency-Key", &key);
+        match orders.send(rb.json(&body)).await {
+            Ok(r) if r.status == StatusCode::CREATED => return id_of(&r),
+            Ok(r) if r.status == StatusCode::SERVICE_UNAVAILABLE || r.status == StatusCode::TOO_MANY_REQUESTS => {
+                eprintln!("order {key} attempt {attempt}: {} {}", r.status, r.text);
+            }
+            Ok(r) => panic!("order {key}: {} {}", r.status, r.text),
+            Err(e) => eprintln!("order {key} attempt {attempt}: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("order {key} was never accepted");
 }
 
 /// Places `n` one-unit orders of `sku` through `orders`, 16 at a time; returns their ids.
@@ -255,10 +280,8 @@ async fn place(orders: &Api, sku: &str, n: usize) -> Vec<String> {
     let mut left = n;
     while left > 0 {
         let k = left.min(16);
-        let calls = (0..k).map(|_| orders.order(sku, 1, "5.00"));
-        for r in futures_util::future::join_all(calls).await {
-            ids.push(id_of(&r));
-        }
+        let calls = (0..k).map(|_| place_one(orders, sku, unique("key")));
+        ids.extend(futures_util::future::join_all(calls).await);
         left -= k;
     }
     ids
