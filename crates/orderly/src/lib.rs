@@ -88,6 +88,53 @@ pub struct Application {
     app: axum::Router,
     limits: Limits,
     keys: SharedKeyRing,
+    leases: Option<LeaseGuard>,
+}
+
+/// The leases on the services this process runs, watched: if the session
+/// holding them dies, another replica may take over, so this process stops
+/// at once (fail-stop) rather than run on beside it.
+struct LeaseGuard {
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How often the leases' session is checked.
+const LEASE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl LeaseGuard {
+    async fn take(url: &str, topology: &Topology) -> Result<LeaseGuard> {
+        let mut leases = Vec::new();
+        for name in orderly_engine::engine::SERVICES.into_iter().filter(|s| topology.runs(s)) {
+            let lease = orderly_store_postgres::Lease::acquire(url, name, || {
+                println!("standby: waiting for the {name} lease (another replica runs {name})");
+                tracing::warn!(service = name, "standby: another replica holds the lease; waiting to take over");
+            })
+            .await
+            .with_context(|| format!("cannot take the {name} lease"))?;
+            leases.push(lease);
+        }
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_CHECK).await;
+                for lease in &mut leases {
+                    if let Err(e) = lease.check().await {
+                        tracing::error!(service = lease.service(), error = %e,
+                            "lost the service lease: stopping so a standby can take over");
+                        eprintln!("lost the {} lease ({e}): stopping", lease.service());
+                        std::process::exit(75);
+                    }
+                }
+            }
+        });
+        Ok(LeaseGuard { task })
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        // The task owns the leases: aborting it drops them, which ends their sessions.
+        self.task.abort();
+    }
 }
 
 impl Application {
@@ -110,6 +157,10 @@ impl Application {
         }
         let location = adapters::StoreLocation::from_args(options.store.as_deref(), &options.data_dir)?;
         let topology = dist.topology(&location).await?;
+        let leases = match &location {
+            adapters::StoreLocation::Postgres(url) => Some(LeaseGuard::take(url, &topology).await?),
+            adapters::StoreLocation::Sqlite(_) => None,
+        };
         let (adapters, api_store) = location.open(options.durability).await?;
         let carriers = adapters::carriers(&settings)?;
         let notifier = adapters::notifier(&settings)?;
@@ -133,7 +184,7 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
-        Ok(Application { engine, listener, app, limits, keys })
+        Ok(Application { engine, listener, app, limits, keys, leases })
     }
 
     /// The bound address.
@@ -164,6 +215,7 @@ impl Application {
         println!("listening on {addr}");
         let served = orderly_http::serve(self.listener, self.app, &self.limits, shutdown).await;
         self.engine.shutdown().await;
+        drop(self.leases);
         served.context("HTTP server failed")
     }
 }

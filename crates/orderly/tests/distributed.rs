@@ -85,6 +85,11 @@ impl World {
     fn serve(&self, config: &Path, services: &str) -> Proc {
         Proc::start(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
     }
+
+    /// Starts `orderly serve` running `services`, without waiting for it.
+    fn spawn(&self, config: &Path, services: &str) -> Starting {
+        Proc::spawn(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
+    }
 }
 
 impl Drop for World {
@@ -115,8 +120,55 @@ struct Proc {
     services: String,
 }
 
+/// A started `orderly serve` that has not announced its address yet.
+struct Starting {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    services: String,
+    log_path: PathBuf,
+    /// Lines it printed before listening.
+    seen: Vec<String>,
+}
+
+impl Starting {
+    /// Waits for its `listening on` line.
+    fn listening(mut self, within: Duration) -> Proc {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        let addr: SocketAddr = addr.trim().parse().expect("the announced address");
+                        let child = self.child.take().expect("the child is still ours");
+                        return Proc { child, api: Api::new(addr), services: self.services.clone() };
+                    }
+                    self.seen.push(line);
+                }
+                Err(_) => {
+                    let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                    panic!("orderly serve --services {} never listened; its log:\n{log}", self.services);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Proc {
     fn start(config: &Path, store: &str, bus: &str, prefix: &str, services: &str, dir: &Path) -> Proc {
+        Proc::spawn(config, store, bus, prefix, services, dir).listening(Duration::from_secs(60))
+    }
+
+    fn spawn(config: &Path, store: &str, bus: &str, prefix: &str, services: &str, dir: &Path) -> Starting {
         let log_path = dir.join(format!("{}.log", services.replace(',', "+")));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_orderly"))
@@ -132,29 +184,13 @@ impl Proc {
             .spawn()
             .expect("the orderly binary starts");
         let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        let addr: SocketAddr = addr.trim().parse().expect("the announced address");
-                        return Proc { child, api: Api::new(addr), services: services.to_owned() };
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    panic!("orderly serve --services {services} never listened; its log:\n{log}");
-                }
-            }
-        }
+        Starting { child: Some(child), lines, services: services.to_owned(), log_path, seen: Vec::new() }
     }
 
     /// SIGKILL.
@@ -432,4 +468,45 @@ async fn a_nats_outage_mid_load_drains_afterwards_with_nothing_lost() {
     assert!(done.iter().all(|o| allocated_units(o) == 1), "all 200 fit in the 570 sellable units");
     check_ledger(&rest, &done, "SKU-N", 600).await;
     let _ = world.bus().await.stream_messages(orderly_bus_nats::Lane::Events).await.expect("the stream is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_inventory_replicas_in_a_flash_sale_never_oversell() {
+    if !servers_up() {
+        return;
+    }
+    let world = World::new(&format!("nats://{NATS}"));
+    let config = world.config(None);
+    let orders = world.serve(&config, "orders");
+    let active = world.serve(&config, "inventory,picking");
+    // The second replica of the same services: a hot standby on the lease.
+    let mut standby = world.spawn(&config, "inventory,picking");
+    let _rest = world.serve(&config, "packing,shipping,notifications");
+    stock(&active, "SKU-HOT", 100).await;
+
+    let mut ids = place(&orders, "SKU-HOT", 80).await;
+    let waiting = wait_for(Duration::from_secs(20), || {
+        let line = standby.lines.try_recv().ok();
+        if let Some(l) = &line {
+            standby.seen.push(l.clone());
+        }
+        std::future::ready(
+            standby.seen.iter().any(|l| l.starts_with("standby: waiting for the inventory lease")).then_some(()),
+        )
+    })
+    .await;
+    assert!(waiting.is_some(), "the second replica waits on the lease: {:?}", standby.seen);
+    // The active replica dies mid-sale; the standby takes over.
+    active.kill();
+    ids.extend(place(&orders, "SKU-HOT", 80).await);
+    let replica = standby.listening(Duration::from_secs(60));
+    ids.extend(place(&orders, "SKU-HOT", 80).await);
+
+    let done = settled(&orders, &ids, Duration::from_secs(120)).await;
+    assert_eq!(done.len(), 240, "no order lost");
+    check_ledger(&replica, &done, "SKU-HOT", 100).await;
+    let allocated: u64 = done.iter().map(allocated_units).sum();
+    assert_eq!(allocated, 95, "the 95 sellable units (5% safety stock), each sold once: 0 oversold");
+    let backordered = done.iter().filter(|o| state(o) == "backordered").count();
+    assert_eq!(backordered, 240 - 95, "the rest wait as backorders");
 }
