@@ -8,6 +8,7 @@
 pub mod app;
 pub mod broker;
 pub mod bus;
+pub mod bus_contract;
 pub mod config;
 pub mod contract;
 pub mod engine;
