@@ -106,3 +106,63 @@ async fn republishing_the_outbox_is_deduplicated_by_the_broker() {
     bus.delete_streams().await.expect("streams deleted");
     assert_eq!(stored.expect("stream info"), 5, "Nats-Msg-Id dropped the duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_max_deliver_times_is_dead_lettered_not_applied() {
+    if !nats_up() {
+        return;
+    }
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::Batch;
+    use orderly_engine::runtime::{DEAD_LETTERS, DeadLetter};
+    let mut opts = NatsOptions::new(&format!("nats://{NATS}"), &prefix());
+    opts.max_deliver = 2;
+    opts.ack_wait = Duration::from_secs(1);
+    let bus = NatsBus::connect(opts).await.expect("connect");
+    let producer = MemoryStore::new();
+    let env = Envelope::new(
+        "poison-1".into(),
+        "/orderly/orders",
+        EventType::OrderCreated,
+        "o-1",
+        Timestamp(1),
+        1,
+        serde_json::json!({}),
+    );
+    producer.commit(Batch { outbox: vec![env], ..Batch::default() }).await.expect("commit");
+    bus.republish(PRODUCER, &producer, 1).await.expect("publish");
+    let consumer: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let all: EventFilter = |_| true;
+
+    // A consumer that takes the message and dies before committing, twice.
+    let mut last = None;
+    for delivery in 1..=2 {
+        let source =
+            bus.source("inventory", PRODUCER, all, consumer.clone(), Arc::new(SystemClock)).await.expect("source");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = source.poll(16).await.expect("poll");
+            if delivery == 1 && !p.records.is_empty() {
+                assert_eq!(p.records[0].envelope.id, "poison-1");
+                break;
+            }
+            if delivery == 2 && p.upto > p.from {
+                assert!(p.records.is_empty(), "the last delivery is not offered to the service: {:?}", p.records);
+                let mut batch = Batch::default();
+                source.mark(p.upto, &mut batch);
+                consumer.commit(batch).await.expect("commit the dead letter");
+                source.committed(p.upto);
+                last = Some(source);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "delivery {delivery} never came");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let row = consumer.get(DEAD_LETTERS, "poison-1").await.expect("read").expect("dead-lettered");
+    let letter: DeadLetter = serde_json::from_slice(&row.doc).expect("a dead letter");
+    assert_eq!((letter.consumer.as_str(), letter.producer.as_str(), letter.attempts), ("inventory", "orders", 2));
+    drop(last);
+    bus.delete_streams().await.expect("streams deleted");
+}
