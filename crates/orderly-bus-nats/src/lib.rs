@@ -45,6 +45,11 @@ use tokio::task::JoinHandle;
 /// The header carrying the event's position in its producer's outbox.
 pub const POSITION_HEADER: &str = "Orderly-Position";
 
+/// Most messages a durable consumer has out unacknowledged: what a consumer
+/// holds ahead stays well inside `ack_wait`, so a slow consumer is not
+/// mistaken for a crashing one.
+pub const MAX_ACK_PENDING: i64 = 1024;
+
 /// Longest a single broker operation may take before it counts as a failure.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -108,7 +113,7 @@ impl NatsOptions {
             prefix: prefix.to_owned(),
             partitions: 16,
             max_deliver: 10,
-            ack_wait: Duration::from_secs(15),
+            ack_wait: Duration::from_secs(30),
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
             breaker_failures: 3,
@@ -239,7 +244,7 @@ impl NatsBus {
             deliver_policy: consumer::DeliverPolicy::All,
             ack_wait: self.inner.opts.ack_wait,
             max_deliver: self.inner.opts.max_deliver,
-            max_ack_pending: 50_000,
+            max_ack_pending: MAX_ACK_PENDING,
             ..Default::default()
         };
         timed(stream.get_or_create_consumer(&name, config)).await

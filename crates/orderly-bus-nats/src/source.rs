@@ -62,8 +62,9 @@ impl Drop for JetStreamSource {
     }
 }
 
-/// Most messages fetched ahead of the consumer, per lane.
-const PREFETCH_MAX: usize = 4096;
+/// Most messages fetched ahead of the consumer, per lane (the consumer's
+/// `max_ack_pending` bounds what the broker hands out unacknowledged).
+const PREFETCH_MAX: usize = crate::MAX_ACK_PENDING as usize;
 /// How often messages held across polls are reported in progress (well
 /// inside the consumer's `ack_wait`).
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
@@ -221,7 +222,9 @@ impl JetStreamSource {
                     None
                 }
             };
-            let give_up = delivered >= self.bus.options().max_deliver;
+            // Delivered max_deliver times and not a redelivery of a copy we
+            // still hold (a slow consumer, not a crashing one): give up.
+            let give_up = delivered >= self.bus.options().max_deliver && !self.holds(&msg);
             let (envelope, dead) = match envelope {
                 Some(env) if give_up && !self.store.inbox_contains(&env.id).await? => {
                     (None, Some(self.dead_letter(env, delivered)))
@@ -232,6 +235,12 @@ impl JetStreamSource {
             items.push(Item { position: 0, msg, envelope, published_ms, dead });
         }
         Ok(items)
+    }
+
+    /// True when a copy of `msg` (same stream sequence) is held already.
+    fn holds(&self, msg: &jetstream::Message) -> bool {
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else { return false };
+        self.held().buffer.iter().any(|i| i.msg.info().is_ok_and(|j| j.stream_sequence == seq))
     }
 
     fn dead_letter(&self, env: Envelope, delivered: i64) -> Row {

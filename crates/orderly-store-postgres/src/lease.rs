@@ -73,3 +73,26 @@ impl Lease {
         &self.service
     }
 }
+
+/// Creates database `name` on the server at `url` (benchmarks: a fresh one per run).
+pub async fn create_database(url: &str, name: &str) -> Result<(), StoreError> {
+    admin(url, &format!("CREATE DATABASE \"{}\"", checked(name)?)).await
+}
+
+/// Drops database `name` on the server at `url`, closing its sessions.
+pub async fn drop_database(url: &str, name: &str) -> Result<(), StoreError> {
+    admin(url, &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", checked(name)?)).await
+}
+
+fn checked(name: &str) -> Result<&str, StoreError> {
+    let ok = !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok { Ok(name) } else { Err(StoreError::Unavailable(format!("bad database name {name:?}"))) }
+}
+
+async fn admin(url: &str, sql: &str) -> Result<(), StoreError> {
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL url: {e}")))?;
+    let mut conn = PgConnection::connect_with(&options).await.map_err(store_error)?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.map_err(store_error)?;
+    Ok(())
+}

@@ -19,7 +19,7 @@ mod lease;
 mod schema;
 mod write;
 
-pub use lease::{LEASE_RETRY, Lease};
+pub use lease::{LEASE_RETRY, Lease, create_database, drop_database};
 
 pub use schema::{LOCK_TIMEOUT_MS, SCHEMA_NAME_MAX, STATEMENT_TIMEOUT_MS};
 pub use write::Expect;

@@ -128,6 +128,12 @@ enum BenchCommand {
         /// Print one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// Run on a PostgreSQL server (a fresh database per run, dropped after): `postgres://user@host:5432/db`.
+        #[arg(long)]
+        store: Option<String>,
+        /// Events through NATS JetStream (fresh streams per run, deleted after): `nats://host:4222`; needs --store.
+        #[arg(long)]
+        bus: Option<String>,
     },
 }
 
@@ -215,9 +221,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo { listen, data_dir } => orderly::demo::run(listen, data_dir, shutdown_signal()).await,
         Command::Bench {
-            command: BenchCommand::FlashSale { orders, units, skus, via, concurrency, skip_uniform, json },
+            command: BenchCommand::FlashSale { orders, units, skus, via, concurrency, skip_uniform, json, store, bus },
         } => {
-            let cfg = orderly::bench::FlashSale { orders, units, skus, via, concurrency, skip_uniform };
+            let cfg = orderly::bench::FlashSale { orders, units, skus, via, concurrency, skip_uniform, store, bus };
             let report = orderly::bench::run(&cfg).await?;
             if !json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
