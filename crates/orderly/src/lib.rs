@@ -161,7 +161,7 @@ impl Application {
             adapters::StoreLocation::Postgres(url) => Some(LeaseGuard::take(url, &topology).await?),
             adapters::StoreLocation::Sqlite(_) => None,
         };
-        let (adapters, api_store) = location.open(options.durability).await?;
+        let (adapters, api_store) = location.open_for(options.durability, &topology).await?;
         let carriers = adapters::carriers(&settings)?;
         let notifier = adapters::notifier(&settings)?;
         let rates = match &settings.carriers.rates_dir {
