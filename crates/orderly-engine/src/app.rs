@@ -3,6 +3,7 @@
 //! (which is never behind an acknowledged answer); commands go through the
 //! owning service's queue.
 
+use crate::broker::Topology;
 use crate::config::Settings;
 use crate::engine::{Adapters, EngineBuilder, Handle, Runtime, StartError, Subscription};
 use crate::events::AllocationData;
@@ -100,7 +101,20 @@ impl Engine {
         rates: Option<RateTable>,
         webhook: Arc<dyn WebhookSink>,
     ) -> Result<Engine, StartError> {
-        let mut b = EngineBuilder::new(settings, adapters).await?;
+        Engine::start_with(settings, adapters, carriers, rates, webhook, Topology::default()).await
+    }
+
+    /// Like [`Engine::start`], running only the services `topology` selects
+    /// (the others answer [`ApiError::Unavailable`]), over its broker.
+    pub async fn start_with(
+        settings: Settings,
+        adapters: Adapters,
+        carriers: HashMap<String, Arc<dyn CarrierApi>>,
+        rates: Option<RateTable>,
+        webhook: Arc<dyn WebhookSink>,
+        topology: Topology,
+    ) -> Result<Engine, StartError> {
+        let mut b = EngineBuilder::with_topology(settings, adapters, topology).await?;
         let s = b.settings().clone();
         let ledger = ledger_config(&s)?;
         let orders = b.spawn("orders", Orders::new(order_policy(&s)), subscriptions("orders")).await?;
@@ -122,14 +136,18 @@ impl Engine {
                 other => StartError::Config(other.to_string()),
             })?;
         let shipping = b.spawn("shipping", svc, subscriptions("shipping")).await?;
-        b.keep(tokio::spawn(worker.run(shipping.sender())));
+        if shipping.runs_here() {
+            b.keep(tokio::spawn(worker.run(shipping.sender())));
+        }
         let (svc, worker) =
             Notifications::open(b.store("notifications").as_ref(), &s, webhook).await.map_err(|e| match e {
                 notifications::OpenError::Store(e) => StartError::Store(e),
                 other => StartError::Config(other.to_string()),
             })?;
         let notifications = b.spawn("notifications", svc, subscriptions("notifications")).await?;
-        b.keep(tokio::spawn(worker.run(notifications.sender())));
+        if notifications.runs_here() {
+            b.keep(tokio::spawn(worker.run(notifications.sender())));
+        }
         let m = b.metrics();
         shipping::describe_metrics(&m);
         notifications::describe_metrics(&m);

@@ -42,6 +42,11 @@ pub trait EventSource: Send + Sync {
     fn at_least_once(&self) -> bool {
         false
     }
+    /// When the oldest event waiting for this consumer was published, if the
+    /// source knows (a broker source; the embedded one is read from stores).
+    fn oldest_pending(&self) -> Option<orderly_domain::Timestamp> {
+        None
+    }
 }
 
 /// Announces a producer's outbox head to its embedded consumers.

@@ -2,6 +2,7 @@
 //! producers it subscribes to, with a typed way for the API to call them.
 //! The embedded mode, the simulator and the benchmark all start this.
 
+use crate::broker::Topology;
 use crate::bus::{EventSource, OutboxSource, Publisher};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -62,14 +63,16 @@ pub struct ConsumerLag {
 /// A producer to consume, and which of its event types to deliver.
 pub type Subscription = (&'static str, fn(&str) -> bool);
 
-/// A running service's command channel.
+/// A running service's command channel (none when the service runs in
+/// another process: calls then answer [`ApiError::Unavailable`]).
 pub struct Handle<C> {
-    tx: mpsc::Sender<C>,
+    tx: Option<mpsc::Sender<C>>,
+    service: &'static str,
 }
 
 impl<C> Clone for Handle<C> {
     fn clone(&self) -> Self {
-        Handle { tx: self.tx.clone() }
+        Handle { tx: self.tx.clone(), service: self.service }
     }
 }
 
@@ -79,8 +82,15 @@ impl<C: Send + 'static> Handle<C> {
     /// does not answer in time, or whose batch failed to commit, is
     /// [`ApiError::Unavailable`].
     pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> C) -> Result<T, ApiError> {
+        let Some(tx) = &self.tx else {
+            return Err(ApiError::Unavailable(format!(
+                "the {} service does not run in this process; send this request to a process started with \
+                 --services including {}",
+                self.service, self.service
+            )));
+        };
         let (reply, answer) = oneshot::channel();
-        self.tx.try_send(make(reply)).map_err(|e| match e {
+        tx.try_send(make(reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::Busy,
             mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("service stopped".into()),
         })?;
@@ -92,13 +102,21 @@ impl<C: Send + 'static> Handle<C> {
     }
 
     /// The sending side of the command channel (for a service's own workers).
+    ///
+    /// # Panics
+    /// When the service does not run in this process (see [`Handle::runs_here`]).
     pub fn sender(&self) -> mpsc::Sender<C> {
-        self.tx.clone()
+        self.tx.clone().unwrap_or_else(|| panic!("the {} service does not run in this process", self.service))
+    }
+
+    /// True when the service runs in this process.
+    pub fn runs_here(&self) -> bool {
+        self.tx.is_some()
     }
 
     /// Commands waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.as_ref().map_or(0, |tx| tx.max_capacity() - tx.capacity())
     }
 }
 
@@ -112,6 +130,7 @@ pub struct EngineBuilder {
     controls: HashMap<&'static str, mpsc::Sender<Control>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    topology: Topology,
 }
 
 /// Control commands queued per service.
@@ -120,6 +139,16 @@ const CONTROL_QUEUE_MAX: usize = 64;
 impl EngineBuilder {
     /// Prepares an engine: checks every store and reads every outbox head.
     pub async fn new(settings: Settings, adapters: Adapters) -> Result<EngineBuilder, StartError> {
+        EngineBuilder::with_topology(settings, adapters, Topology::default()).await
+    }
+
+    /// Like [`EngineBuilder::new`], running only the services `topology`
+    /// selects, over its broker if it has one.
+    pub async fn with_topology(
+        settings: Settings,
+        adapters: Adapters,
+        topology: Topology,
+    ) -> Result<EngineBuilder, StartError> {
         let mut publishers = HashMap::new();
         for name in SERVICES {
             let store = adapters.stores.get(name).ok_or(StartError::MissingStore(name))?;
@@ -134,7 +163,13 @@ impl EngineBuilder {
             controls: HashMap::new(),
             shutdown: watch::Sender::new(false),
             tasks: Vec::new(),
+            topology,
         })
+    }
+
+    /// True when this process runs `service`.
+    pub fn runs(&self, service: &str) -> bool {
+        self.topology.runs(service)
     }
 
     /// The settings.
@@ -180,17 +215,24 @@ impl EngineBuilder {
         service: S,
         subscriptions: &[Subscription],
     ) -> Result<Handle<S::Command>, StartError> {
+        if !self.runs(name) {
+            return Ok(Handle { tx: None, service: name });
+        }
         let store = self.store(name);
         let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
         for (producer, filter) in subscriptions {
-            let cursor = store.cursor(producer).await?;
-            let source: Arc<dyn EventSource> = Arc::new(OutboxSource::new(
-                producer,
-                self.store(producer),
-                self.publishers[producer].clone(),
-                cursor,
-                *filter,
-            ));
+            let source: Arc<dyn EventSource> = match &self.topology.broker {
+                Some(broker) => {
+                    broker.source(name, producer, *filter, store.clone(), self.adapters.clock.clone()).await?
+                }
+                None => Arc::new(OutboxSource::new(
+                    producer,
+                    self.store(producer),
+                    self.publishers[producer].clone(),
+                    store.cursor(producer).await?,
+                    *filter,
+                )),
+            };
             self.sources.push((name, source.clone()));
             sources.push(source);
         }
@@ -206,11 +248,15 @@ impl EngineBuilder {
         let (tx, rx) = mpsc::channel(self.settings.bus.queue_capacity.max(1));
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
         let publisher = self.publishers[name].clone();
+        if let Some(broker) = &self.topology.broker {
+            let relay = broker.relay(name, self.store(name), publisher.subscribe(), self.shutdown.subscribe());
+            self.tasks.push(relay);
+        }
         let shutdown = self.shutdown.subscribe();
         let driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
         self.tasks.push(tokio::spawn(runtime::run(driver, rx, control_rx, shutdown)));
         self.controls.insert(name, control_tx);
-        Ok(Handle { tx })
+        Ok(Handle { tx: Some(tx), service: name })
     }
 
     /// Finishes building: the running engine's shared parts.
@@ -263,7 +309,12 @@ impl Runtime {
         for (consumer, source) in &self.sources {
             let backlog = source.backlog();
             let mut lag_seconds = 0.0;
-            if backlog > 0 {
+            if source.at_least_once() {
+                // A broker source has no stored cursor: it knows its oldest event.
+                if let Some(oldest) = source.oldest_pending() {
+                    lag_seconds = (now.since(oldest).max(0) as f64) / 1000.0;
+                }
+            } else if backlog > 0 {
                 let producer = self.adapters.stores[source.producer()].clone();
                 let cursor = self.adapters.stores[consumer].cursor(source.producer()).await.unwrap_or(0);
                 if let Ok(first) = producer.outbox_after(cursor, 1).await
@@ -284,7 +335,9 @@ impl Runtime {
         make: impl FnOnce(oneshot::Sender<Result<(), ControlError>>) -> Control,
     ) -> Result<(), ControlError> {
         let Some(tx) = self.controls.get(service) else {
-            return Err(ControlError::NotFound(format!("service {service}")));
+            return Err(ControlError::Unavailable(format!(
+                "the {service} service does not run in this process; send this to a process running it"
+            )));
         };
         let (reply, answer) = oneshot::channel();
         tx.try_send(make(reply)).map_err(|_| ControlError::Unavailable(format!("{service} is busy or stopped")))?;

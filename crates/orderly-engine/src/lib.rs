@@ -6,7 +6,9 @@
 //! No SQL, no NATS, no HTTP here: adapters implement [`ports`].
 
 pub mod app;
+pub mod broker;
 pub mod bus;
+pub mod bus_contract;
 pub mod config;
 pub mod contract;
 pub mod engine;

@@ -15,8 +15,11 @@
 //! versioned migrations (`migrations/`) run under a per-schema advisory lock.
 
 mod error;
+mod lease;
 mod schema;
 mod write;
+
+pub use lease::{LEASE_RETRY, Lease, create_database, drop_database};
 
 pub use schema::{LOCK_TIMEOUT_MS, SCHEMA_NAME_MAX, STATEMENT_TIMEOUT_MS};
 pub use write::Expect;

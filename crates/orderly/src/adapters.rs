@@ -28,14 +28,25 @@ pub fn sqlite_adapters(data_dir: &Path, durability: Durability) -> Result<Adapte
     Ok(Adapters { stores, clock: Arc::new(SystemClock), rng: Arc::new(SeededRng::from_entropy()) })
 }
 
-/// Connections per service schema in the distributed mode.
+/// Connections per service schema when one process runs every service.
 const PG_POOL_PER_SERVICE: u32 = 8;
+/// Connections per schema of a service this process runs, when it runs only some.
+const PG_POOL_RUN_HERE: u32 = 4;
+/// Connections per schema of a service that runs elsewhere (reads only).
+const PG_POOL_ELSEWHERE: u32 = 1;
 
 /// One PostgreSQL schema per service (`orderly_orders`, …) in the database at `url`.
 pub async fn postgres_adapters(url: &str) -> Result<Adapters> {
+    postgres_adapters_sized(url, |_| PG_POOL_PER_SERVICE).await
+}
+
+/// Like [`postgres_adapters`], with `pool(service)` connections per schema.
+/// Several processes share one server's `max_connections`: a process gives
+/// the services it does not run one connection each.
+pub async fn postgres_adapters_sized(url: &str, pool: impl Fn(&str) -> u32) -> Result<Adapters> {
     let mut stores: HashMap<&'static str, Arc<dyn Store>> = HashMap::new();
     for name in SERVICES {
-        let store = orderly_store_postgres::PgStore::connect(url, &format!("orderly_{name}"), PG_POOL_PER_SERVICE)
+        let store = orderly_store_postgres::PgStore::connect(url, &format!("orderly_{name}"), pool(name))
             .await
             .with_context(|| format!("cannot open the {name} store in PostgreSQL"))?;
         stores.insert(name, Arc::new(store));
@@ -68,6 +79,23 @@ impl StoreLocation {
 
     /// Opens every service's store, and the API's own (idempotency keys).
     pub async fn open(&self, durability: Durability) -> Result<(Adapters, Arc<dyn Store>)> {
+        self.open_for(durability, &orderly_engine::broker::Topology::default()).await
+    }
+
+    /// Like [`StoreLocation::open`], with PostgreSQL pools sized for the
+    /// services `topology` runs in this process.
+    pub async fn open_for(
+        &self,
+        durability: Durability,
+        topology: &orderly_engine::broker::Topology,
+    ) -> Result<(Adapters, Arc<dyn Store>)> {
+        let all = topology.services.is_none();
+        let pool = |name: &str| match (all, topology.runs(name)) {
+            (true, _) => PG_POOL_PER_SERVICE,
+            (false, true) => PG_POOL_RUN_HERE,
+            (false, false) => PG_POOL_ELSEWHERE,
+        };
+        let api_pool = if all { PG_POOL_PER_SERVICE } else { PG_POOL_RUN_HERE };
         match self {
             StoreLocation::Sqlite(dir) => {
                 let adapters = sqlite_adapters(dir, durability)?;
@@ -75,8 +103,8 @@ impl StoreLocation {
                 Ok((adapters, Arc::new(api)))
             }
             StoreLocation::Postgres(url) => {
-                let adapters = postgres_adapters(url).await?;
-                let api = orderly_store_postgres::PgStore::connect(url, "orderly_api", PG_POOL_PER_SERVICE)
+                let adapters = postgres_adapters_sized(url, pool).await?;
+                let api = orderly_store_postgres::PgStore::connect(url, "orderly_api", api_pool)
                     .await
                     .context("cannot open the API store in PostgreSQL")?;
                 Ok((adapters, Arc::new(api)))

@@ -56,6 +56,12 @@ pub struct FlashSale {
     pub concurrency: usize,
     /// Skip the uniform comparison run.
     pub skip_uniform: bool,
+    /// A `postgres://` server: each run's state in a fresh database on it
+    /// (dropped after), instead of SQLite.
+    pub store: Option<String>,
+    /// A `nats://` server: events through JetStream (streams under a fresh
+    /// prefix, deleted after), instead of the in-process bus.
+    pub bus: Option<String>,
 }
 
 /// The benchmark's JSON line (PRODUCT.md §7).
@@ -93,7 +99,8 @@ pub struct Report {
     pub speedup_vs_baseline: f64,
     /// Throughput with one hot SKU / with the same orders over many SKUs.
     pub hot_vs_uniform: Option<f64>,
-    /// `embedded` (SQLite + in-process bus).
+    /// `embedded` (SQLite + in-process bus), `postgres` (in-process bus) or
+    /// `postgres+nats` (JetStream between the services; all in this process).
     pub mode: &'static str,
     /// `http` or `engine`.
     pub via: Via,
@@ -128,7 +135,11 @@ pub async fn run(cfg: &FlashSale) -> Result<Report> {
         speedup_vs_baseline: if baseline > 0.0 { hot.orders_per_sec / baseline } else { 0.0 },
         hot_vs_uniform: uniform
             .map(|u| if u.orders_per_sec > 0.0 { hot.orders_per_sec / u.orders_per_sec } else { 0.0 }),
-        mode: "embedded",
+        mode: match (&cfg.store, &cfg.bus) {
+            (None, _) => "embedded",
+            (Some(_), None) => "postgres",
+            (Some(_), Some(_)) => "postgres+nats",
+        },
         via: cfg.via,
         invariants_ok: hot.invariants_ok && hot.oversold == 0,
     })
@@ -319,16 +330,73 @@ fn progress(len: u64) -> indicatif::ProgressBar {
     bar
 }
 
+/// A fresh database (and bus prefix) for one run on `--store`/`--bus`,
+/// removed when the run ends.
+struct Scratch {
+    server_url: String,
+    database: String,
+    bus: Option<orderly_bus_nats::NatsBus>,
+}
+
+impl Scratch {
+    async fn new(cfg: &FlashSale, uniform: bool) -> Result<Option<(Scratch, String, crate::Distributed)>> {
+        let Some(url) = &cfg.store else {
+            anyhow::ensure!(cfg.bus.is_none(), "--bus needs --store postgres://…");
+            return Ok(None);
+        };
+        let base = url.split('?').next().unwrap_or(url);
+        let (server, _) = base
+            .rsplit_once('/')
+            .filter(|(s, _)| s.contains("://"))
+            .context("--store must be postgres://user@host:port/db")?;
+        let tag = format!("bench_{}_{}", std::process::id(), if uniform { "uniform" } else { "hot" });
+        let database = format!("orderly_{tag}");
+        let admin = format!("{server}/postgres");
+        let _ = orderly_store_postgres::drop_database(&admin, &database).await;
+        orderly_store_postgres::create_database(&admin, &database).await.context("cannot create the bench database")?;
+        let bus = match &cfg.bus {
+            Some(b) => Some(orderly_bus_nats::NatsBus::connect(orderly_bus_nats::NatsOptions::new(b, &tag)).await?),
+            None => None,
+        };
+        let dist = crate::Distributed { bus: cfg.bus.clone(), bus_prefix: Some(tag), services: None };
+        Ok(Some((Scratch { server_url: admin, database: database.clone(), bus }, format!("{server}/{database}"), dist)))
+    }
+
+    async fn remove(self) {
+        if let Some(bus) = &self.bus
+            && let Err(e) = bus.delete_streams().await
+        {
+            eprintln!("warning: bench streams not deleted: {e}");
+        }
+        if let Err(e) = orderly_store_postgres::drop_database(&self.server_url, &self.database).await {
+            eprintln!("warning: bench database {} not dropped: {e}", self.database);
+        }
+    }
+}
+
 async fn sale(cfg: &FlashSale, uniform: bool) -> Result<SaleResult> {
+    let scratch = Scratch::new(cfg, uniform).await?;
+    let result = sale_on(cfg, uniform, scratch.as_ref().map(|(_, url, dist)| (url.clone(), dist.clone()))).await;
+    if let Some((s, _, _)) = scratch {
+        s.remove().await;
+    }
+    result
+}
+
+async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::Distributed)>) -> Result<SaleResult> {
     let dir = tempfile::tempdir().context("temp dir")?;
     let (settings, key) = bench_settings()?;
+    let (store, dist) = match remote {
+        Some((url, dist)) => (Some(url), dist),
+        None => (None, crate::Distributed::default()),
+    };
     let options = RunOptions {
         data_dir: dir.path().to_owned(),
         listen: "127.0.0.1:0".parse()?,
-        store: None,
+        store,
         durability: Durability::Full,
     };
-    let app = Application::build(settings, &options).await?;
+    let app = Application::build_with(settings, &options, &dist).await?;
     let (engine, addr) = (app.engine(), app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {

@@ -10,6 +10,7 @@ pub mod simulate;
 
 use anyhow::{Context, Result};
 use orderly_engine::app::Engine;
+use orderly_engine::broker::Topology;
 use orderly_engine::config::Settings;
 use orderly_engine::ports::SystemClock;
 use orderly_http::routes::{AppState, router};
@@ -33,6 +34,54 @@ pub struct RunOptions {
     pub durability: Durability,
 }
 
+/// The distributed mode: a broker between processes, and which services
+/// this process runs.
+#[derive(Debug, Clone, Default)]
+pub struct Distributed {
+    /// A `nats://` URL: events travel through NATS JetStream.
+    pub bus: Option<String>,
+    /// Names the streams (one deployment per prefix).
+    pub bus_prefix: Option<String>,
+    /// Comma-separated services to run (default: all).
+    pub services: Option<String>,
+}
+
+/// The default stream prefix.
+pub const DEFAULT_BUS_PREFIX: &str = "orderly";
+
+impl Distributed {
+    /// Checks the combination and connects to the broker.
+    pub async fn topology(&self, store: &adapters::StoreLocation) -> Result<Topology> {
+        let services = self
+            .services
+            .as_deref()
+            .map(Topology::parse_services)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--services: {e}"))?;
+        let Some(url) = &self.bus else {
+            anyhow::ensure!(
+                services.is_none(),
+                "--services needs --bus nats://…: services in other processes are reached through the broker"
+            );
+            return Ok(Topology::default());
+        };
+        anyhow::ensure!(url.starts_with("nats://"), "--bus must be a nats:// URL, not {url:?}");
+        anyhow::ensure!(
+            matches!(store, adapters::StoreLocation::Postgres(_)),
+            "--bus needs --store postgres://…: every process must reach every service's state"
+        );
+        let prefix = self.bus_prefix.as_deref().unwrap_or(DEFAULT_BUS_PREFIX);
+        let bus = orderly_bus_nats::NatsBus::connect(orderly_bus_nats::NatsOptions::new(url, prefix))
+            .await
+            .context("cannot use the NATS bus")?;
+        if let Err(e) = bus.ensure_streams().await {
+            tracing::warn!(error = %e, "NATS streams not ready yet; services start and the outbox buffers until it is");
+        }
+        tracing::info!(bus = %url, prefix, services = ?services, "distributed mode");
+        Ok(Topology { broker: Some(Arc::new(bus)), services })
+    }
+}
+
 /// A built, listening application.
 pub struct Application {
     engine: Arc<Engine>,
@@ -40,11 +89,66 @@ pub struct Application {
     app: axum::Router,
     limits: Limits,
     keys: SharedKeyRing,
+    leases: Option<LeaseGuard>,
+}
+
+/// The leases on the services this process runs, watched: if the session
+/// holding them dies, another replica may take over, so this process stops
+/// at once (fail-stop) rather than run on beside it.
+struct LeaseGuard {
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How often the leases' session is checked.
+const LEASE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl LeaseGuard {
+    async fn take(url: &str, topology: &Topology) -> Result<LeaseGuard> {
+        let mut leases = Vec::new();
+        for name in orderly_engine::engine::SERVICES.into_iter().filter(|s| topology.runs(s)) {
+            let lease = orderly_store_postgres::Lease::acquire(url, name, || {
+                println!("standby: waiting for the {name} lease (another replica runs {name})");
+                tracing::warn!(service = name, "standby: another replica holds the lease; waiting to take over");
+            })
+            .await
+            .with_context(|| format!("cannot take the {name} lease"))?;
+            leases.push(lease);
+        }
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_CHECK).await;
+                for lease in &mut leases {
+                    if let Err(e) = lease.check().await {
+                        tracing::error!(service = lease.service(), error = %e,
+                            "lost the service lease: stopping so a standby can take over");
+                        eprintln!("lost the {} lease ({e}): stopping", lease.service());
+                        std::process::exit(75);
+                    }
+                }
+            }
+        });
+        Ok(LeaseGuard { task })
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        // The task owns the leases: aborting it drops them, which ends their sessions.
+        self.task.abort();
+    }
 }
 
 impl Application {
     /// Opens the stores, starts the engine and binds the listener.
     pub async fn build(settings: Settings, options: &RunOptions) -> Result<Application> {
+        Application::build_with(settings, options, &Distributed::default()).await
+    }
+
+    /// Like [`Application::build`], in the distributed mode `dist` describes:
+    /// this process runs only the services it names, and every route is
+    /// served; a command for a service that runs elsewhere answers 503
+    /// problem+json naming it, reads work in every process.
+    pub async fn build_with(settings: Settings, options: &RunOptions, dist: &Distributed) -> Result<Application> {
         orderly_carrier::install_crypto_provider();
         let keys = SharedKeyRing::new(KeyRing::from_settings(&settings.auth).context("invalid [auth] keys")?);
         if settings.auth.keys.is_empty() {
@@ -53,7 +157,12 @@ impl Application {
             );
         }
         let location = adapters::StoreLocation::from_args(options.store.as_deref(), &options.data_dir)?;
-        let (adapters, api_store) = location.open(options.durability).await?;
+        let topology = dist.topology(&location).await?;
+        let leases = match &location {
+            adapters::StoreLocation::Postgres(url) => Some(LeaseGuard::take(url, &topology).await?),
+            adapters::StoreLocation::Sqlite(_) => None,
+        };
+        let (adapters, api_store) = location.open_for(options.durability, &topology).await?;
         let carriers = adapters::carriers(&settings)?;
         let notifier = adapters::notifier(&settings)?;
         let rates = match &settings.carriers.rates_dir {
@@ -62,7 +171,9 @@ impl Application {
         };
         let limits = Limits::from_settings(&settings.http);
         let engine = Arc::new(
-            Engine::start(settings, adapters, carriers, rates, notifier).await.context("engine failed to start")?,
+            Engine::start_with(settings, adapters, carriers, rates, notifier, topology)
+                .await
+                .context("engine failed to start")?,
         );
         let idempotency = Idempotency::new(
             api_store,
@@ -74,7 +185,7 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
-        Ok(Application { engine, listener, app, limits, keys })
+        Ok(Application { engine, listener, app, limits, keys, leases })
     }
 
     /// The bound address.
@@ -105,6 +216,7 @@ impl Application {
         println!("listening on {addr}");
         let served = orderly_http::serve(self.listener, self.app, &self.limits, shutdown).await;
         self.engine.shutdown().await;
+        drop(self.leases);
         served.context("HTTP server failed")
     }
 }

@@ -35,6 +35,20 @@ enum Command {
         /// `full` fsyncs every commit (survives power loss); `normal` survives process crashes only.
         #[arg(long, default_value = "full", env = "ORDERLY_DURABILITY")]
         durability: String,
+        /// Events between processes through NATS JetStream: `nats://host:4222` (needs --store postgres://…).
+        #[arg(long, env = "ORDERLY_BUS")]
+        bus: Option<String>,
+        /// Stream and subject prefix on the bus (one deployment per prefix).
+        #[arg(long, env = "ORDERLY_BUS_PREFIX")]
+        bus_prefix: Option<String>,
+        /// Run only these services, comma-separated (orders,inventory,picking,packing,shipping,notifications); needs --bus.
+        #[arg(long, env = "ORDERLY_SERVICES")]
+        services: Option<String>,
+    },
+    /// The event bus.
+    Bus {
+        #[command(subcommand)]
+        command: BusCommand,
     },
     /// Start an embedded engine with a sample catalog, a local carrier and simulated shoppers, pickers and carriers.
     Demo {
@@ -136,6 +150,34 @@ enum BenchCommand {
         /// Print one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// Run on a PostgreSQL server (a fresh database per run, dropped after): `postgres://user@host:5432/db`.
+        #[arg(long)]
+        store: Option<String>,
+        /// Events through NATS JetStream (fresh streams per run, deleted after): `nats://host:4222`; needs --store.
+        #[arg(long)]
+        bus: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BusCommand {
+    /// Publish a service's outbox again from a position (after the broker lost events it had acknowledged); consumers deduplicate.
+    Republish {
+        /// The PostgreSQL database holding the services' schemas.
+        #[arg(long, env = "ORDERLY_STORE")]
+        store: String,
+        /// The NATS server.
+        #[arg(long, env = "ORDERLY_BUS")]
+        bus: String,
+        /// Stream and subject prefix.
+        #[arg(long, env = "ORDERLY_BUS_PREFIX", default_value = orderly::DEFAULT_BUS_PREFIX)]
+        bus_prefix: String,
+        /// The producing service.
+        #[arg(long)]
+        service: String,
+        /// First outbox position to send (1: everything still in the outbox).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
     },
 }
 
@@ -177,11 +219,23 @@ fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, data_dir, listen, store, durability } => {
+        Command::Serve { config, data_dir, listen, store, durability, bus, bus_prefix, services } => {
             let settings = settings::load(config.as_deref(), std::env::vars())?;
             let options = RunOptions { data_dir, listen, store, durability: parse_durability(&durability)? };
-            let app = Application::build(settings, &options).await?;
+            let dist = orderly::Distributed { bus, bus_prefix, services };
+            let app = Application::build_with(settings, &options, &dist).await?;
             app.run_until(shutdown_signal()).await
+        }
+        Command::Bus { command: BusCommand::Republish { store, bus, bus_prefix, service, from } } => {
+            let name = orderly_engine::broker::Topology::parse_services(&service)
+                .map_err(|e| anyhow::anyhow!("--service: {e}"))?;
+            let name = name.into_iter().next().context("--service names one service")?;
+            let location = orderly::adapters::StoreLocation::from_args(Some(&store), std::path::Path::new("."))?;
+            let (adapters, _) = location.open(Durability::Full).await?;
+            let bus = orderly_bus_nats::NatsBus::connect(orderly_bus_nats::NatsOptions::new(&bus, &bus_prefix)).await?;
+            let sent = bus.republish(name, adapters.stores[name].as_ref(), from).await?;
+            println!("republished {sent} {name} events from position {from}");
+            Ok(())
         }
         Command::Keys { command: KeysCommand::New { role, name } } => {
             let role: orderly_http::Role = role.parse().map_err(|_| {
@@ -196,9 +250,9 @@ async fn run(cli: Cli) -> Result<()> {
             orderly::demo::run(listen, data_dir, &carriers_down, shutdown_signal()).await
         }
         Command::Bench {
-            command: BenchCommand::FlashSale { orders, units, skus, via, concurrency, skip_uniform, json },
+            command: BenchCommand::FlashSale { orders, units, skus, via, concurrency, skip_uniform, json, store, bus },
         } => {
-            let cfg = orderly::bench::FlashSale { orders, units, skus, via, concurrency, skip_uniform };
+            let cfg = orderly::bench::FlashSale { orders, units, skus, via, concurrency, skip_uniform, store, bus };
             let report = orderly::bench::run(&cfg).await?;
             if !json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,0 +1,365 @@
+//! Orderly's distributed event bus over NATS JetStream.
+//!
+//! - Two streams per deployment prefix: `<prefix>_events` (bulk) and
+//!   `<prefix>_priority` (events marked `priority: high`, i.e. `same_day`
+//!   orders). Each consumer reads both through its own durable pull
+//!   consumers, so a bulk backlog cannot starve same-day work (bulkhead).
+//! - Subjects are `<prefix>.<producer>.<lane>.<partition>`, the partition a
+//!   hash of the event's subject (the order id), so an order's events stay
+//!   in one partition, in publish order.
+//! - A relay per producing service reads its outbox after commit and
+//!   publishes each event with `Nats-Msg-Id` = event id (the broker drops a
+//!   duplicate inside its window) and `Orderly-Position` = outbox position.
+//!   Its position is stored in the producer's own store (cursor
+//!   [`RELAY_CURSOR`]); a failed publish is retried from there, so the
+//!   outbox buffers while the broker is down, behind a circuit breaker.
+//! - JetStream may acknowledge before fsync: the outbox stays the source of
+//!   truth for a retention horizon, and [`NatsBus::republish`] sends a
+//!   producer's events again from any position after broker data loss.
+//! - Consumers ([`JetStreamSource`]) are at-least-once: the runtime
+//!   deduplicates through the consumer's inbox in the same commit as the
+//!   effect, and messages are acknowledged only after that commit. A failed
+//!   event is retried by the runtime in order (the rest of the fetch is kept
+//!   and re-offered, with in-progress acks); a message JetStream has
+//!   delivered `max_deliver` times (a consumer that crashed on it each time)
+//!   is dead-lettered into the consumer's store instead of being processed.
+
+mod relay;
+mod source;
+
+pub use relay::RELAY_CURSOR;
+pub use source::JetStreamSource;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use orderly_domain::event::Envelope;
+use orderly_engine::broker::{Broker, EventFilter};
+use orderly_engine::bus::EventSource;
+use orderly_engine::ports::{Clock, OutboxRecord, Store, StoreError};
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The header carrying the event's position in its producer's outbox.
+pub const POSITION_HEADER: &str = "Orderly-Position";
+
+/// Most messages a durable consumer has out unacknowledged: what a consumer
+/// holds ahead stays well inside `ack_wait`, so a slow consumer is not
+/// mistaken for a crashing one.
+pub const MAX_ACK_PENDING: i64 = 1024;
+
+/// Longest a single broker operation may take before it counts as a failure.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The two lanes (streams) events travel in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Everything not marked high priority.
+    Events,
+    /// Events marked `priority: high` (same-day orders).
+    Priority,
+}
+
+impl Lane {
+    /// Both lanes.
+    pub const ALL: [Lane; 2] = [Lane::Events, Lane::Priority];
+
+    /// The subject token and stream suffix.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Events => "events",
+            Lane::Priority => "priority",
+        }
+    }
+
+    /// The lane an event travels in.
+    pub fn of(env: &Envelope) -> Lane {
+        if env.priority.as_deref() == Some("high") { Lane::Priority } else { Lane::Events }
+    }
+}
+
+/// How the bus is set up.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// `nats://host:port`.
+    pub url: String,
+    /// Names streams, subjects and nothing else: one deployment per prefix.
+    pub prefix: String,
+    /// Subject partitions per producer and lane.
+    pub partitions: u32,
+    /// Deliveries of one message before it is dead-lettered.
+    pub max_deliver: i64,
+    /// How long a fetched, unacknowledged message is kept from others.
+    pub ack_wait: Duration,
+    /// How long the broker remembers a `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// How long the broker keeps events (the outbox keeps them at least as long).
+    pub max_age: Duration,
+    /// Failures in a row that open the broker circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe.
+    pub breaker_cooldown: Duration,
+    /// Most events the relay publishes before waiting for their acks.
+    pub publish_batch: u32,
+}
+
+impl NatsOptions {
+    /// Defaults for `url` under `prefix`.
+    pub fn new(url: &str, prefix: &str) -> NatsOptions {
+        NatsOptions {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            partitions: 16,
+            max_deliver: 10,
+            ack_wait: Duration::from_secs(30),
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(2),
+            publish_batch: 1024,
+        }
+    }
+}
+
+/// Why the bus failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The options are unusable.
+    #[error("invalid bus configuration: {0}")]
+    Config(String),
+    /// The broker could not be reached or refused an operation.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<BusError> for StoreError {
+    fn from(e: BusError) -> StoreError {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+/// The JetStream bus: a connection, and what is created on it.
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    opts: NatsOptions,
+    streams_ready: tokio::sync::Mutex<bool>,
+}
+
+impl NatsBus {
+    /// Connects to `opts.url`. The connection retries in the background, so
+    /// this succeeds while the broker is down; streams and consumers are
+    /// created (idempotently) on first use.
+    pub async fn connect(opts: NatsOptions) -> Result<NatsBus, BusError> {
+        let prefix_ok = !opts.prefix.is_empty()
+            && opts.prefix.len() <= 32
+            && opts.prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !prefix_ok {
+            return Err(BusError::Config(format!("prefix {:?}: 1 to 32 of A-Z a-z 0-9 _ -", opts.prefix)));
+        }
+        if opts.partitions == 0 || opts.max_deliver < 2 || opts.publish_batch == 0 {
+            return Err(BusError::Config("partitions, publish_batch > 0 and max_deliver >= 2".into()));
+        }
+        let url = opts.url.strip_prefix("nats://").unwrap_or(&opts.url).to_owned();
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(OP_TIMEOUT))
+            .max_reconnects(None)
+            .connect(url.as_str())
+            .await
+            .map_err(|e| BusError::Config(format!("nats url {:?}: {e}", opts.url)))?;
+        let js = jetstream::new(client.clone());
+        Ok(NatsBus { inner: Arc::new(Inner { client, js, opts, streams_ready: tokio::sync::Mutex::new(false) }) })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &NatsOptions {
+        &self.inner.opts
+    }
+
+    /// The stream a lane lives in.
+    pub fn stream_name(&self, lane: Lane) -> String {
+        format!("{}_{}", self.inner.opts.prefix, lane.as_str())
+    }
+
+    /// The subject an event of `producer` is published on.
+    pub fn subject(&self, producer: &str, env: &Envelope) -> String {
+        let partition = orderly_domain::ids::fnv1a(env.subject.as_bytes()) % u64::from(self.inner.opts.partitions);
+        format!("{}.{producer}.{}.{partition}", self.inner.opts.prefix, Lane::of(env).as_str())
+    }
+
+    /// The durable consumer name of `consumer` reading `producer` in `lane`.
+    pub fn durable_name(consumer: &str, producer: &str, lane: Lane) -> String {
+        format!("{consumer}-{producer}-{}", lane.as_str())
+    }
+
+    /// Creates both streams if they are missing (idempotent; cached once done).
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let mut ready = self.inner.streams_ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        for lane in Lane::ALL {
+            let config = stream::Config {
+                name: self.stream_name(lane),
+                subjects: vec![format!("{}.*.{}.*", self.inner.opts.prefix, lane.as_str())],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::Limits,
+                max_age: self.inner.opts.max_age,
+                duplicate_window: self.inner.opts.duplicate_window,
+                ..Default::default()
+            };
+            timed(self.inner.js.get_or_create_stream(config)).await?;
+        }
+        *ready = true;
+        Ok(())
+    }
+
+    /// A durable pull consumer (created if missing, idempotent).
+    pub async fn pull_consumer(
+        &self,
+        consumer: &str,
+        producer: &str,
+        lane: Lane,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        self.ensure_streams().await?;
+        let name = NatsBus::durable_name(consumer, producer, lane);
+        let stream = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("{}.{producer}.{}.*", self.inner.opts.prefix, lane.as_str()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_wait: self.inner.opts.ack_wait,
+            max_deliver: self.inner.opts.max_deliver,
+            max_ack_pending: MAX_ACK_PENDING,
+            ..Default::default()
+        };
+        timed(stream.get_or_create_consumer(&name, config)).await
+    }
+
+    /// Publishes outbox records of `producer` in order and waits for every
+    /// acknowledgement. On an error some may be stored: publishing them again
+    /// is harmless (`Nats-Msg-Id` inside the window, the consumers' inbox after).
+    pub async fn publish(&self, producer: &str, records: &[OutboxRecord]) -> Result<(), BusError> {
+        let sent = self.publish_once(producer, records).await;
+        if sent.is_err() {
+            // The broker may have come back without its streams (data lost):
+            // make sure they exist before the next attempt.
+            *self.inner.streams_ready.lock().await = false;
+        }
+        sent
+    }
+
+    async fn publish_once(&self, producer: &str, records: &[OutboxRecord]) -> Result<(), BusError> {
+        self.ensure_streams().await?;
+        let mut acks = Vec::with_capacity(records.len());
+        for r in records {
+            let payload = serde_json::to_vec(&r.envelope).map_err(|e| BusError::Config(e.to_string()))?;
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload.into())
+                .message_id(&r.envelope.id)
+                .header(POSITION_HEADER, r.position.to_string().as_str());
+            acks.push(timed(self.inner.js.send_publish(self.subject(producer, &r.envelope), msg)).await?);
+        }
+        for ack in acks {
+            timed(ack.into_future()).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `producer`'s outbox from position `from` (inclusive) to its
+    /// head again, e.g. after the broker lost data it had acknowledged.
+    /// Returns how many events were sent. Consumers deduplicate.
+    pub async fn republish(&self, producer: &str, store: &dyn Store, from: u64) -> Result<u64, BusError> {
+        let mut after = from.saturating_sub(1);
+        let mut sent = 0;
+        loop {
+            let records = store.outbox_after(after, self.inner.opts.publish_batch).await.map_err(unavailable)?;
+            let Some(last) = records.last().map(|r| r.position) else { return Ok(sent) };
+            self.publish(producer, &records).await?;
+            sent += records.len() as u64;
+            after = last;
+        }
+    }
+
+    /// Deletes both streams (tests and teardown; consumers go with them).
+    pub async fn delete_streams(&self) -> Result<(), BusError> {
+        for lane in Lane::ALL {
+            match timed(self.inner.js.delete_stream(self.stream_name(lane))).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        *self.inner.streams_ready.lock().await = false;
+        Ok(())
+    }
+
+    /// Messages currently stored in a lane's stream.
+    pub async fn stream_messages(&self, lane: Lane) -> Result<u64, BusError> {
+        let mut s = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
+        Ok(timed(s.info()).await?.state.messages)
+    }
+
+    /// Flushes the connection (tests).
+    pub async fn flush(&self) -> Result<(), BusError> {
+        timed(self.inner.client.flush()).await
+    }
+}
+
+/// Runs a broker operation with [`OP_TIMEOUT`].
+pub(crate) async fn timed<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(BusError::Unavailable(format!("no answer from the broker in {} ms", OP_TIMEOUT.as_millis()))),
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBus {
+    async fn source(
+        &self,
+        consumer: &'static str,
+        producer: &'static str,
+        filter: EventFilter,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<dyn EventSource>, StoreError> {
+        Ok(Arc::new(JetStreamSource::new(self.clone(), consumer, producer, filter, store, clock)))
+    }
+
+    fn relay(
+        &self,
+        producer: &'static str,
+        store: Arc<dyn Store>,
+        head: watch::Receiver<u64>,
+        shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(relay::run(self.clone(), producer, store, head, shutdown))
+    }
+}
+
+/// A breaker over broker calls, on the engine's clock.
+pub(crate) fn breaker(opts: &NatsOptions) -> orderly_domain::shipping::breaker::CircuitBreaker {
+    use orderly_domain::shipping::breaker::{BreakerConfig, CircuitBreaker};
+    let cooldown = u64::try_from(opts.breaker_cooldown.as_millis()).unwrap_or(u64::MAX).clamp(1, 60_000);
+    let config = BreakerConfig::new(opts.breaker_failures.max(1), cooldown)
+        .unwrap_or_else(|_| BreakerConfig::new(3, 2_000).expect("3 failures, 2 s is a valid breaker"));
+    CircuitBreaker::new(config)
+}

@@ -1,0 +1,367 @@
+//! A consumer's view of one producer through JetStream.
+
+use crate::{Lane, NatsBus, POSITION_HEADER, breaker, timed};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use orderly_domain::Timestamp;
+use orderly_domain::event::Envelope;
+use orderly_engine::bus::{EventSource, Polled};
+use orderly_engine::ports::{Batch, Clock, OutboxRecord, Row, Store, StoreError};
+use orderly_engine::runtime::{DEAD_LETTERS, DeadLetter};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// One fetched message, held until the batch that handled it commits.
+struct Item {
+    /// Local position: the order this source offers messages in.
+    position: u64,
+    msg: jetstream::Message,
+    /// None: not for this consumer (filtered), undecodable, or given up on.
+    envelope: Option<Envelope>,
+    published_ms: i64,
+    /// A dead letter to commit in place of handling it (`max_deliver` reached).
+    dead: Option<Row>,
+}
+
+#[derive(Default)]
+struct Held {
+    buffer: VecDeque<Item>,
+    next: u64,
+    acked: u64,
+    /// Dead letters this source decided on, by local position, staged into
+    /// the consumer's commit by `mark`.
+    dead: Vec<(u64, Row)>,
+}
+
+/// Reads one producer's events for one consumer from both lanes' durable
+/// pull consumers. At-least-once: messages are acknowledged once the
+/// consumer's batch that handled them (with its inbox) has committed.
+pub struct JetStreamSource {
+    bus: NatsBus,
+    consumer: &'static str,
+    producer: &'static str,
+    filter: fn(&str) -> bool,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    held: Mutex<Held>,
+    /// Messages the lanes' prefetch tasks fetched, not yet offered.
+    fetched: tokio::sync::Mutex<[mpsc::Receiver<jetstream::Message>; 2]>,
+    pending: Arc<AtomicU64>,
+    wake: watch::Receiver<u64>,
+    prefetch: Vec<tokio::task::JoinHandle<()>>,
+    last_progress: Mutex<std::time::Instant>,
+}
+
+impl Drop for JetStreamSource {
+    fn drop(&mut self) {
+        self.prefetch.iter().for_each(|t| t.abort());
+    }
+}
+
+/// Most messages fetched ahead of the consumer, per lane (the consumer's
+/// `max_ack_pending` bounds what the broker hands out unacknowledged).
+const PREFETCH_MAX: usize = crate::MAX_ACK_PENDING as usize;
+/// How often messages held across polls are reported in progress (well
+/// inside the consumer's `ack_wait`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// How long one pull request waits at the broker for messages.
+const PULL_WAIT: Duration = Duration::from_secs(1);
+
+/// Keeps one lane's durable consumer pulled: messages go to `out` as they
+/// arrive (long polls of [`PULL_WAIT`]), `wake` changes for each. While the
+/// broker fails, a circuit breaker spaces the attempts; the consumer is
+/// created again (idempotently) after every failure.
+async fn prefetch(
+    bus: NatsBus,
+    consumer: &'static str,
+    producer: &'static str,
+    lane: Lane,
+    out: mpsc::Sender<jetstream::Message>,
+    wake: watch::Sender<u64>,
+    pending: Arc<AtomicU64>,
+) {
+    let clock = orderly_engine::ports::SystemClock;
+    let mut breaker = breaker(bus.options());
+    let mut pull: Option<PullConsumer> = None;
+    loop {
+        if out.is_closed() {
+            return;
+        }
+        if !breaker.allow(clock.now()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let round = async {
+            if pull.is_none() {
+                pull = Some(bus.pull_consumer(consumer, producer, lane).await?);
+            }
+            let c = pull.as_ref().expect("consumer was just created");
+            let room = out.capacity().clamp(1, 512);
+            let mut batch = timed(c.batch().max_messages(room).expires(PULL_WAIT).messages()).await?;
+            let mut got = 0u64;
+            loop {
+                match tokio::time::timeout(PULL_WAIT + crate::OP_TIMEOUT, batch.next()).await {
+                    Ok(Some(Ok(m))) => {
+                        if let Ok(info) = m.info() {
+                            pending.store(info.pending, Ordering::Relaxed);
+                        }
+                        if out.send(m).await.is_err() {
+                            return Ok(got);
+                        }
+                        got += 1;
+                        wake.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Ok(Some(Err(e))) => return Err(crate::BusError::Unavailable(e.to_string())),
+                    Ok(None) => return Ok(got),
+                    Err(_) => return Err(crate::BusError::Unavailable("pull timed out".into())),
+                }
+            }
+        };
+        match round.await {
+            Ok(_) => {
+                if breaker.state_name() != "closed" {
+                    tracing::info!(consumer, producer, lane = lane.as_str(), "broker reachable again");
+                }
+                breaker.on_success(clock.now());
+            }
+            Err(e) => {
+                pull = None;
+                breaker.on_failure(clock.now());
+                tracing::warn!(consumer, producer, lane = lane.as_str(), breaker = breaker.state_name(),
+                    error = %e, "pull from the broker failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+impl JetStreamSource {
+    /// A source; the broker's consumers are created on first poll.
+    pub fn new(
+        bus: NatsBus,
+        consumer: &'static str,
+        producer: &'static str,
+        filter: fn(&str) -> bool,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> JetStreamSource {
+        let (wake_tx, wake) = watch::channel(0u64);
+        let pending = Arc::new(AtomicU64::new(0));
+        let (events_tx, events_rx) = mpsc::channel(PREFETCH_MAX);
+        let (priority_tx, priority_rx) = mpsc::channel(PREFETCH_MAX);
+        let prefetch = vec![
+            tokio::spawn(prefetch(
+                bus.clone(),
+                consumer,
+                producer,
+                Lane::Events,
+                events_tx,
+                wake_tx.clone(),
+                pending.clone(),
+            )),
+            tokio::spawn(prefetch(
+                bus.clone(),
+                consumer,
+                producer,
+                Lane::Priority,
+                priority_tx,
+                wake_tx,
+                pending.clone(),
+            )),
+        ];
+        JetStreamSource {
+            bus,
+            consumer,
+            producer,
+            filter,
+            store,
+            clock,
+            held: Mutex::new(Held::default()),
+            fetched: tokio::sync::Mutex::new([events_rx, priority_rx]),
+            pending,
+            wake,
+            prefetch,
+            last_progress: Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// True at most once per [`PROGRESS_EVERY`]: time to tell the broker
+    /// that messages offered again are still being worked on.
+    fn progress_due(&self) -> bool {
+        let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= PROGRESS_EVERY {
+            *last = std::time::Instant::now();
+            return true;
+        }
+        false
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Turns fetched messages into held items, oldest producer position first.
+    async fn admit(&self, mut msgs: Vec<jetstream::Message>) -> Result<Vec<Item>, StoreError> {
+        msgs.sort_by_key(producer_position);
+        let mut items = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let (delivered, published_ms) = match msg.info() {
+                Ok(i) => (i.delivered, (i.published.unix_timestamp_nanos() / 1_000_000) as i64),
+                Err(_) => (1, self.clock.now().millis()),
+            };
+            let envelope = match serde_json::from_slice::<Envelope>(&msg.message.payload) {
+                Ok(env) if (self.filter)(env.event_type.as_str()) => Some(env),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(consumer = self.consumer, producer = self.producer, error = %e,
+                        "undecodable message skipped");
+                    None
+                }
+            };
+            // Delivered max_deliver times and not a redelivery of a copy we
+            // still hold (a slow consumer, not a crashing one): give up.
+            let give_up = delivered >= self.bus.options().max_deliver && !self.holds(&msg);
+            let (envelope, dead) = match envelope {
+                Some(env) if give_up && !self.store.inbox_contains(&env.id).await? => {
+                    (None, Some(self.dead_letter(env, delivered)))
+                }
+                Some(_) if give_up => (None, None),
+                other => (other, None),
+            };
+            items.push(Item { position: 0, msg, envelope, published_ms, dead });
+        }
+        Ok(items)
+    }
+
+    /// True when a copy of `msg` (same stream sequence) is held already.
+    fn holds(&self, msg: &jetstream::Message) -> bool {
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else { return false };
+        self.held().buffer.iter().any(|i| i.msg.info().is_ok_and(|j| j.stream_sequence == seq))
+    }
+
+    fn dead_letter(&self, env: Envelope, delivered: i64) -> Row {
+        let letter = DeadLetter {
+            id: env.id.clone(),
+            consumer: self.consumer.to_owned(),
+            producer: self.producer.to_owned(),
+            error: format!("delivered {delivered} times by the broker without being committed (max_deliver)"),
+            attempts: u32::try_from(delivered).unwrap_or(u32::MAX),
+            failed_at: self.clock.now(),
+            envelope: env,
+        };
+        tracing::warn!(consumer = self.consumer, producer = self.producer, event_id = %letter.id,
+            "dead-lettered after max_deliver");
+        let doc = serde_json::to_vec(&letter).expect("a dead letter always serializes");
+        Row { table: DEAD_LETTERS, key: letter.id, idx: Some(self.producer.to_owned()), doc }
+    }
+}
+
+fn producer_position(m: &jetstream::Message) -> u64 {
+    m.message.headers.as_ref().and_then(|h| h.get(POSITION_HEADER)).and_then(|v| v.as_str().parse().ok()).unwrap_or(0)
+}
+
+#[async_trait]
+impl EventSource for JetStreamSource {
+    fn producer(&self) -> &'static str {
+        self.producer
+    }
+
+    async fn poll(&self, max: u32) -> Result<Polled, StoreError> {
+        let max = max.max(1) as usize;
+        let mut fetched = self.fetched.lock().await;
+        let (held_len, reoffered): (usize, Vec<jetstream::Message>) = {
+            let held = self.held();
+            (held.buffer.len(), held.buffer.iter().take(max).map(|i| i.msg.clone()).collect())
+        };
+        if !reoffered.is_empty() && self.progress_due() {
+            // Offered again (a retry, a failed commit): still ours, tell the broker.
+            tokio::spawn(async move {
+                for m in reoffered {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            });
+        }
+        // Both lanes, each with its own budget, so a bulk backlog never holds
+        // back priority events (bulkhead); merged by producer position.
+        let mut msgs = Vec::new();
+        let room = max.saturating_sub(held_len);
+        for rx in fetched.iter_mut() {
+            while msgs.len() < room {
+                match rx.try_recv() {
+                    Ok(m) => msgs.push(m),
+                    Err(_) => break,
+                }
+            }
+        }
+        drop(fetched);
+        if !msgs.is_empty() {
+            let items = self.admit(msgs).await?;
+            let mut held = self.held();
+            for mut item in items {
+                held.next += 1;
+                item.position = held.next;
+                if let Some(row) = item.dead.take() {
+                    held.dead.push((item.position, row));
+                }
+                held.buffer.push_back(item);
+            }
+        }
+        let held = self.held();
+        let offered: Vec<&Item> = held.buffer.iter().take(max).collect();
+        let upto = offered.last().map_or(held.acked, |i| i.position);
+        let records = offered
+            .iter()
+            .filter_map(|i| i.envelope.clone().map(|envelope| OutboxRecord { position: i.position, envelope }))
+            .collect();
+        Ok(Polled { records, from: held.acked, upto })
+    }
+
+    fn mark(&self, upto: u64, batch: &mut Batch) {
+        let held = self.held();
+        for (position, row) in &held.dead {
+            if *position <= upto {
+                batch.puts.push(row.clone());
+            }
+        }
+    }
+
+    fn committed(&self, upto: u64) {
+        let mut held = self.held();
+        let mut done = Vec::new();
+        while held.buffer.front().is_some_and(|i| i.position <= upto) {
+            done.push(held.buffer.pop_front().expect("front exists").msg);
+        }
+        held.dead.retain(|(p, _)| *p > upto);
+        held.acked = held.acked.max(upto);
+        drop(held);
+        if !done.is_empty() {
+            // Fire-and-forget acks: a lost ack means a redelivery, which the
+            // consumer's inbox absorbs.
+            tokio::spawn(async move {
+                for m in done {
+                    let _ = m.ack().await;
+                }
+            });
+        }
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.wake.clone()
+    }
+
+    fn backlog(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed) + self.held().buffer.len() as u64
+    }
+
+    fn at_least_once(&self) -> bool {
+        true
+    }
+
+    fn oldest_pending(&self) -> Option<Timestamp> {
+        self.held().buffer.front().map(|i| Timestamp(i.published_ms))
+    }
+}

@@ -1,0 +1,168 @@
+//! NATS JetStream against the bus contract (the embedded bus runs the same
+//! checks in `orderly-engine`), on the machine's NATS at 127.0.0.1:4222 with
+//! streams under a prefix of this test's own, deleted afterwards. Under
+//! `CI=true` an unreachable server fails the test; elsewhere it skips.
+
+use async_trait::async_trait;
+use orderly_bus_nats::{NatsBus, NatsOptions};
+use orderly_engine::broker::{Broker, EventFilter};
+use orderly_engine::bus::{EventSource, Publisher};
+use orderly_engine::bus_contract::{BusFixture, PRODUCER, check_bus};
+use orderly_engine::memory_store::MemoryStore;
+use orderly_engine::ports::{Store, SystemClock};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const NATS: &str = "127.0.0.1:4222";
+
+struct JetStream {
+    bus: NatsBus,
+    consumer: Arc<dyn Store>,
+    publisher: Publisher,
+}
+
+#[async_trait]
+impl BusFixture for JetStream {
+    async fn source(&self, filter: EventFilter) -> Arc<dyn EventSource> {
+        self.bus
+            .source("inventory", PRODUCER, filter, self.consumer.clone(), Arc::new(SystemClock))
+            .await
+            .expect("source")
+    }
+
+    fn published(&self, head: u64) {
+        self.publisher.publish(head);
+    }
+}
+
+fn nats_up() -> bool {
+    if std::net::TcpStream::connect_timeout(&NATS.parse().expect("addr"), Duration::from_secs(1)).is_ok() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "NATS at {NATS} is required under CI=true");
+    eprintln!("\n*** SKIPPED: NATS is not reachable at {NATS} (set CI=true to make this a failure) ***\n");
+    false
+}
+
+fn prefix() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("contract_{}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_meets_the_bus_contract() {
+    if !nats_up() {
+        return;
+    }
+    let bus = NatsBus::connect(NatsOptions::new(&format!("nats://{NATS}"), &prefix())).await.expect("connect");
+    bus.ensure_streams().await.expect("streams");
+    bus.ensure_streams().await.expect("creating the streams again is harmless");
+    let producer: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let consumer: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let publisher = Publisher::new(0);
+    let (stop, shutdown) = watch::channel(false);
+    let relay = bus.relay(PRODUCER, producer.clone(), publisher.subscribe(), shutdown);
+    let fixture = JetStream { bus: bus.clone(), consumer: consumer.clone(), publisher };
+    let checked = tokio::spawn(async move { check_bus(producer.as_ref(), consumer.as_ref(), &fixture).await });
+    let result = checked.await;
+    stop.send_replace(true);
+    let _ = relay.await;
+    bus.delete_streams().await.expect("streams deleted");
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republishing_the_outbox_is_deduplicated_by_the_broker() {
+    if !nats_up() {
+        return;
+    }
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::Batch;
+    let bus = NatsBus::connect(NatsOptions::new(&format!("nats://{NATS}"), &prefix())).await.expect("connect");
+    let store = MemoryStore::new();
+    let outbox = (1..=5)
+        .map(|n| {
+            Envelope::new(
+                format!("r{n}"),
+                "/orderly/orders",
+                EventType::OrderCreated,
+                &format!("o-{n}"),
+                Timestamp(1),
+                1,
+                serde_json::json!({}),
+            )
+        })
+        .collect();
+    store.commit(Batch { outbox, ..Batch::default() }).await.expect("commit");
+    let sent = bus.republish(PRODUCER, &store, 1).await.expect("publish");
+    assert_eq!(sent, 5);
+    let again = bus.republish(PRODUCER, &store, 3).await.expect("publish again");
+    assert_eq!(again, 3, "positions 3..=5");
+    let stored = bus.stream_messages(orderly_bus_nats::Lane::Events).await;
+    bus.delete_streams().await.expect("streams deleted");
+    assert_eq!(stored.expect("stream info"), 5, "Nats-Msg-Id dropped the duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_max_deliver_times_is_dead_lettered_not_applied() {
+    if !nats_up() {
+        return;
+    }
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::Batch;
+    use orderly_engine::runtime::{DEAD_LETTERS, DeadLetter};
+    let mut opts = NatsOptions::new(&format!("nats://{NATS}"), &prefix());
+    opts.max_deliver = 2;
+    opts.ack_wait = Duration::from_secs(1);
+    let bus = NatsBus::connect(opts).await.expect("connect");
+    let producer = MemoryStore::new();
+    let env = Envelope::new(
+        "poison-1".into(),
+        "/orderly/orders",
+        EventType::OrderCreated,
+        "o-1",
+        Timestamp(1),
+        1,
+        serde_json::json!({}),
+    );
+    producer.commit(Batch { outbox: vec![env], ..Batch::default() }).await.expect("commit");
+    bus.republish(PRODUCER, &producer, 1).await.expect("publish");
+    let consumer: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let all: EventFilter = |_| true;
+
+    // A consumer that takes the message and dies before committing, twice.
+    let mut last = None;
+    for delivery in 1..=2 {
+        let source =
+            bus.source("inventory", PRODUCER, all, consumer.clone(), Arc::new(SystemClock)).await.expect("source");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = source.poll(16).await.expect("poll");
+            if delivery == 1 && !p.records.is_empty() {
+                assert_eq!(p.records[0].envelope.id, "poison-1");
+                break;
+            }
+            if delivery == 2 && p.upto > p.from {
+                assert!(p.records.is_empty(), "the last delivery is not offered to the service: {:?}", p.records);
+                let mut batch = Batch::default();
+                source.mark(p.upto, &mut batch);
+                consumer.commit(batch).await.expect("commit the dead letter");
+                source.committed(p.upto);
+                last = Some(source);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "delivery {delivery} never came");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let row = consumer.get(DEAD_LETTERS, "poison-1").await.expect("read").expect("dead-lettered");
+    let letter: DeadLetter = serde_json::from_slice(&row.doc).expect("a dead letter");
+    assert_eq!((letter.consumer.as_str(), letter.producer.as_str(), letter.attempts), ("inventory", "orders", 2));
+    drop(last);
+    bus.delete_streams().await.expect("streams deleted");
+}

@@ -1,0 +1,512 @@
+//! The distributed mode end to end: the real `orderly` binary, one process
+//! per group of services, state in PostgreSQL (a database made for each test
+//! and dropped after it), events through NATS JetStream (streams under a
+//! prefix made for each test and deleted after it).
+//!
+//! Under `CI=true` an unreachable PostgreSQL or NATS fails the test;
+//! elsewhere it skips, loudly.
+
+mod support;
+
+use orderly_bus_nats::{NatsBus, NatsOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::*;
+
+const PG: &str = "127.0.0.1:5432";
+const NATS: &str = "127.0.0.1:4222";
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+fn unique(tag: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{tag}_{}_{}", std::process::id(), nanos % 1_000_000_000_000)
+}
+
+fn reachable(addr: &str) -> bool {
+    std::net::TcpStream::connect_timeout(&addr.parse().expect("address"), Duration::from_secs(1)).is_ok()
+}
+
+/// True when PostgreSQL and NATS answer; otherwise fails under CI, skips elsewhere.
+fn servers_up() -> bool {
+    for (name, addr) in [("PostgreSQL", PG), ("NATS", NATS)] {
+        if !reachable(addr) {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{name} at {addr} is required under CI=true");
+            eprintln!("\n*** SKIPPED: {name} is not reachable at {addr} (set CI=true to make this a failure) ***\n");
+            return false;
+        }
+    }
+    true
+}
+
+fn psql(db: &str, sql: &str) -> bool {
+    Command::new("psql")
+        .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-c", sql])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A database and a stream prefix for one test, both removed when it goes.
+struct World {
+    db: String,
+    prefix: String,
+    nats_url: String,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new(nats_url: &str) -> World {
+        let db = unique("orderly_dist");
+        assert!(psql("postgres", &format!("CREATE DATABASE {db}")), "cannot create database {db}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        World { db, prefix: unique("t"), nats_url: nats_url.to_owned(), dir }
+    }
+
+    fn store_url(&self) -> String {
+        format!("postgres://postgres@{PG}/{}", self.db)
+    }
+
+    fn config(&self, carrier_url: Option<&str>) -> PathBuf {
+        let path = self.dir.path().join("orderly.toml");
+        std::fs::write(&path, config_toml(carrier_url, "")).expect("config written");
+        path
+    }
+
+    async fn bus(&self) -> NatsBus {
+        NatsBus::connect(NatsOptions::new(&self.nats_url, &self.prefix)).await.expect("bus")
+    }
+
+    /// Starts `orderly serve` running `services`.
+    fn serve(&self, config: &Path, services: &str) -> Proc {
+        Proc::start(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
+    }
+
+    /// Starts `orderly serve` running `services`, without waiting for it.
+    fn spawn(&self, config: &Path, services: &str) -> Starting {
+        Proc::spawn(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("the processes' logs are kept in {}", self.dir.path().display());
+        }
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
+        let (url, prefix) = (self.nats_url.clone(), self.prefix.clone());
+        // Drop cannot await: delete the streams from a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                if let Ok(bus) = NatsBus::connect(NatsOptions::new(&url, &prefix)).await {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), bus.delete_streams()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One `orderly serve` process.
+struct Proc {
+    child: Child,
+    api: Api,
+    services: String,
+}
+
+/// A started `orderly serve` that has not announced its address yet.
+struct Starting {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    services: String,
+    log_path: PathBuf,
+    /// Lines it printed before listening.
+    seen: Vec<String>,
+}
+
+impl Starting {
+    /// Waits for its `listening on` line.
+    fn listening(mut self, within: Duration) -> Proc {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        let addr: SocketAddr = addr.trim().parse().expect("the announced address");
+                        let child = self.child.take().expect("the child is still ours");
+                        return Proc { child, api: Api::new(addr), services: self.services.clone() };
+                    }
+                    self.seen.push(line);
+                }
+                Err(_) => {
+                    let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                    panic!("orderly serve --services {} never listened; its log:\n{log}", self.services);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Proc {
+    fn start(config: &Path, store: &str, bus: &str, prefix: &str, services: &str, dir: &Path) -> Proc {
+        Proc::spawn(config, store, bus, prefix, services, dir).listening(Duration::from_secs(60))
+    }
+
+    fn spawn(config: &Path, store: &str, bus: &str, prefix: &str, services: &str, dir: &Path) -> Starting {
+        let log_path = dir.join(format!("{}.log", services.replace(',', "+")));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orderly"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(["--store", store, "--bus", bus, "--bus-prefix", prefix, "--services", services])
+            .args(["--listen", "127.0.0.1:0"])
+            .env("ORDERLY_LOG", "warn,orderly_bus_nats=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("the orderly binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Starting { child: Some(child), lines, services: services.to_owned(), log_path, seen: Vec::new() }
+    }
+
+    /// SIGKILL.
+    fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// A private nats-server for tests that stop the broker (never the machine's shared one).
+struct PrivateNats {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateNats {
+    fn start() -> Option<PrivateNats> {
+        if !Path::new(NATS_SERVER).exists() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{NATS_SERVER} is required under CI=true");
+            eprintln!("\n*** SKIPPED: {NATS_SERVER} not installed ***\n");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let mut n = PrivateNats { child: None, port, dir: tempfile::tempdir().expect("temp dir") };
+        n.up();
+        Some(n)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new(NATS_SERVER)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !reachable(&addr) {
+            assert!(Instant::now() < deadline, "the private nats-server never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops it gracefully (SIGTERM: JetStream flushes its store).
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn id_of(created: &Resp) -> String {
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    created.body["id"].as_str().expect("order id").to_owned()
+}
+
+async fn stock(inventory: &Api, sku: &str, qty: u32) {
+    let r = inventory
+        .put(&format!("/v1/locations/{WAREHOUSE}"), OPS_KEY, &json!({"zone": ZONE, "kind": "warehouse"}))
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    inventory.receive(WAREHOUSE, sku, qty).await;
+}
+
+/// Places one order the way a careful storefront does: with an idempotency
+/// key, retried (a few times) when the answer is lost or a 503.
+async fn place_one(orders: &Api, sku: &str, key: String) -> String {
+    let body = order_body(sku, 1, "5.00");
+    for attempt in 1..=5 {
+        let rb = orders.request(reqwest::Method::POST, "/v1/orders", Some(SHOP_KEY)).header("Idempotency-Key", &key);
+        match orders.send(rb.json(&body)).await {
+            Ok(r) if r.status == StatusCode::CREATED => return id_of(&r),
+            Ok(r) if r.status == StatusCode::SERVICE_UNAVAILABLE || r.status == StatusCode::TOO_MANY_REQUESTS => {
+                eprintln!("order {key} attempt {attempt}: {} {}", r.status, r.text);
+            }
+            Ok(r) => panic!("order {key}: {} {}", r.status, r.text),
+            Err(e) => eprintln!("order {key} attempt {attempt}: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("order {key} was never accepted");
+}
+
+/// Places `n` one-unit orders of `sku` through `orders`, 16 at a time; returns their ids.
+async fn place(orders: &Api, sku: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(16);
+        let calls = (0..k).map(|_| place_one(orders, sku, unique("key")));
+        ids.extend(futures_util::future::join_all(calls).await);
+        left -= k;
+    }
+    ids
+}
+
+/// Waits until every order has an allocation decision; returns the orders.
+async fn settled(api: &Api, ids: &[String], within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = api.all_orders(None).await;
+        let done: Vec<Value> = all
+            .into_iter()
+            .filter(|o| ids.iter().any(|i| o["id"] == i.as_str()))
+            .filter(|o| !["created", "allocating"].contains(&state(o)))
+            .collect();
+        if done.len() == ids.len() {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} orders were allocated or backordered in {within:?}",
+            done.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Units allocated over `orders` equal units reserved in the ledger, and
+/// nothing is oversold.
+async fn check_ledger(api: &Api, orders: &[Value], sku: &str, received: u64) {
+    let allocated: u64 = orders.iter().map(allocated_units).sum();
+    let inv = api.inventory(sku).await;
+    assert_no_oversell(&inv);
+    let here = at_location(&inv, WAREHOUSE);
+    assert_eq!(here["reserved"].as_u64(), Some(allocated), "reserved = allocated, no double reservation: {inv}");
+    assert!(allocated <= received, "allocated {allocated} of {received}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_take_an_order_to_delivered() {
+    if !servers_up() {
+        return;
+    }
+    let sim = orderly_carrier::sim::spawn_local(orderly_carrier::sim::SimConfig::demo(7)).await.expect("carrier sim");
+    let world = World::new(&format!("nats://{NATS}"));
+    let config = world.config(Some(sim.url()));
+    let orders = world.serve(&config, "orders");
+    let warehouse = world.serve(&config, "inventory,picking");
+    let dock = world.serve(&config, "packing,shipping,notifications");
+
+    // A command for a service another process runs: a clear 503, nothing done.
+    let misrouted = warehouse.order("SKU-D", 1, "5.00").await;
+    assert_eq!(misrouted.status, StatusCode::SERVICE_UNAVAILABLE, "{}", misrouted.text);
+    assert_eq!(misrouted.content_type(), "application/problem+json");
+    assert!(misrouted.text.contains("--services including orders"), "{}", misrouted.text);
+
+    stock(&warehouse, "SKU-D", 10).await;
+    let id = id_of(&orders.order("SKU-D", 2, "5.00").await);
+    // Reads work in any process.
+    let allocated = dock.wait_state(&id, &["allocated", "picking"]).await;
+    assert_eq!(allocated_units(&allocated), 2);
+
+    let pick = warehouse.next_pick(WAREHOUSE).await;
+    assert_eq!(pick["order_id"], id.as_str());
+    warehouse.confirm(&pick).await.ok();
+    orders.wait_state(&id, &["picked"]).await;
+
+    let body = json!({"order_id": id, "location": WAREHOUSE, "pick_ids": [pick["id"]]});
+    wait_for(WAIT, || async {
+        let r = dock.post("/v1/packages", WAREHOUSE_KEY, &body).await;
+        match r.status {
+            StatusCode::CREATED => Some(()),
+            StatusCode::CONFLICT => None,
+            other => panic!("POST /v1/packages: {other}: {}", r.text),
+        }
+    })
+    .await
+    .expect("packing accepts the package once it has seen the pick");
+    let shipped = orders.wait_state(&id, &["shipped"]).await;
+    let shipment = shipped["shipments"][0]["shipment_id"].as_str().expect("shipment id").to_owned();
+    dock.post_empty(&format!("/v1/shipments/{shipment}/delivered"), CARRIER_KEY).await.ok();
+    orders.wait_state(&id, &["delivered"]).await;
+
+    let inv = warehouse.inventory("SKU-D").await;
+    let here = at_location(&inv, WAREHOUSE);
+    assert_eq!((here["on_hand"].as_u64(), here["reserved"].as_u64()), (Some(8), Some(0)), "{inv}");
+    let events = orders.get(&format!("/v1/orders/{id}/events"), VIEWER_KEY).await.ok();
+    let types: Vec<&str> = events.as_array().expect("events").iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types.last(), Some(&"orderly.order.delivered"), "{types:?}");
+    for p in [orders, warehouse, dock] {
+        assert!(!p.services.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_service_process_restarts_with_no_loss_or_double_effect() {
+    if !servers_up() {
+        return;
+    }
+    let world = World::new(&format!("nats://{NATS}"));
+    let config = world.config(None);
+    let orders = world.serve(&config, "orders");
+    let warehouse = world.serve(&config, "inventory,picking");
+    let _rest = world.serve(&config, "packing,shipping,notifications");
+    stock(&warehouse, "SKU-K", 150).await;
+
+    let mut ids = place(&orders, "SKU-K", 60).await;
+    warehouse.kill();
+    // Orders keep being accepted while inventory is gone: the events wait in JetStream.
+    ids.extend(place(&orders, "SKU-K", 60).await);
+    let warehouse = world.serve(&config, "inventory,picking");
+    ids.extend(place(&orders, "SKU-K", 60).await);
+
+    let done = settled(&orders, &ids, Duration::from_secs(90)).await;
+    assert_eq!(done.len(), 180, "no order lost");
+    check_ledger(&warehouse, &done, "SKU-K", 150).await;
+    let allocated: u64 = done.iter().map(allocated_units).sum();
+    // 5% of 150 is held back as safety stock.
+    assert_eq!(allocated, 142, "every sellable unit allocated exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_mid_load_drains_afterwards_with_nothing_lost() {
+    if !servers_up() {
+        return;
+    }
+    let Some(mut nats) = PrivateNats::start() else { return };
+    let world = World::new(&nats.url());
+    let config = world.config(None);
+    let orders = world.serve(&config, "orders");
+    let rest = world.serve(&config, "inventory,picking,packing,shipping,notifications");
+    stock(&rest, "SKU-N", 500).await;
+
+    let mut ids = place(&orders, "SKU-N", 50).await;
+    nats.down();
+    // The broker is gone: orders are still accepted (committed with their
+    // events in the outbox), and stock can still be received.
+    ids.extend(place(&orders, "SKU-N", 50).await);
+    rest.receive(WAREHOUSE, "SKU-N", 100).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ids.extend(place(&orders, "SKU-N", 50).await);
+    nats.up();
+    ids.extend(place(&orders, "SKU-N", 50).await);
+
+    let done = settled(&orders, &ids, Duration::from_secs(90)).await;
+    assert_eq!(done.len(), 200, "no order lost");
+    assert!(done.iter().all(|o| allocated_units(o) == 1), "all 200 fit in the 570 sellable units");
+    check_ledger(&rest, &done, "SKU-N", 600).await;
+    let _ = world.bus().await.stream_messages(orderly_bus_nats::Lane::Events).await.expect("the stream is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_inventory_replicas_in_a_flash_sale_never_oversell() {
+    if !servers_up() {
+        return;
+    }
+    let world = World::new(&format!("nats://{NATS}"));
+    let config = world.config(None);
+    let orders = world.serve(&config, "orders");
+    let active = world.serve(&config, "inventory,picking");
+    // The second replica of the same services: a hot standby on the lease.
+    let mut standby = world.spawn(&config, "inventory,picking");
+    let _rest = world.serve(&config, "packing,shipping,notifications");
+    stock(&active, "SKU-HOT", 100).await;
+
+    let mut ids = place(&orders, "SKU-HOT", 80).await;
+    let waiting = wait_for(Duration::from_secs(20), || {
+        let line = standby.lines.try_recv().ok();
+        if let Some(l) = &line {
+            standby.seen.push(l.clone());
+        }
+        std::future::ready(
+            standby.seen.iter().any(|l| l.starts_with("standby: waiting for the inventory lease")).then_some(()),
+        )
+    })
+    .await;
+    assert!(waiting.is_some(), "the second replica waits on the lease: {:?}", standby.seen);
+    // The active replica dies mid-sale; the standby takes over.
+    active.kill();
+    ids.extend(place(&orders, "SKU-HOT", 80).await);
+    let replica = standby.listening(Duration::from_secs(60));
+    ids.extend(place(&orders, "SKU-HOT", 80).await);
+
+    let done = settled(&orders, &ids, Duration::from_secs(120)).await;
+    assert_eq!(done.len(), 240, "no order lost");
+    check_ledger(&replica, &done, "SKU-HOT", 100).await;
+    let allocated: u64 = done.iter().map(allocated_units).sum();
+    assert_eq!(allocated, 95, "the 95 sellable units (5% safety stock), each sold once: 0 oversold");
+    let backordered = done.iter().filter(|o| state(o) == "backordered").count();
+    assert_eq!(backordered, 240 - 95, "the rest wait as backorders");
+}
