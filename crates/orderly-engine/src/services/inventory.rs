@@ -7,6 +7,7 @@
 //! so a store failure can only happen before state changes.
 
 use super::common::{ApiError, Reply};
+use super::reconcile;
 use crate::events::{
     self, AllocationData, InventoryBackordered, InventoryReserved, OrderCanceled, OrderCreated, PickData, StockMoved,
     UnfilledData,
@@ -147,6 +148,20 @@ pub enum Command {
         sku: Sku,
         /// Answer.
         reply: Reply<InventorySnapshot>,
+    },
+    /// Reconciliation: every reservation, backorder and books drift.
+    ReconcileView {
+        /// Answer.
+        reply: Reply<reconcile::InventoryView>,
+    },
+    /// Reconciliation: apply compensating changes (reason `reconciliation`).
+    Repair {
+        /// The changes, each re-checked against the current ledger.
+        repairs: Vec<reconcile::Repair>,
+        /// Who runs the reconciliation (recorded).
+        user: String,
+        /// Answer: one outcome per repair.
+        reply: Reply<Vec<reconcile::RepairOutcome>>,
     },
 }
 
@@ -293,6 +308,11 @@ impl Inventory {
                 m.user = Some(user.clone());
                 out.moves.push((EventType::InventoryAdjusted, m));
             }
+            LedgerEvent::Restated { location, delta, reason, user, .. } => {
+                let mut m = mv(location, *delta, reason, None);
+                m.user = Some(user.clone());
+                out.moves.push((EventType::InventoryAdjusted, m));
+            }
             LedgerEvent::HoldCreated { hold_id, location, qty, expires_at, .. } => {
                 self.expiries.insert((*expires_at, sku.clone()));
                 out.holds.push((EventType::HoldCreated, sku.clone(), serde_json::json!({"hold_id": hold_id, "location": location, "qty": qty, "expires_at": expires_at.to_string()})));
@@ -314,10 +334,10 @@ impl Inventory {
     /// stock movements and hold events.
     fn flush(&mut self, tx: &mut Tx, out: Outcome) {
         let m = &tx.ctx().metrics;
-        for (event_type, _) in &out.moves {
-            if *event_type == EventType::InventoryCommitted {
-                m.inc("orderly_automated_picks_total", &[], 1);
-            }
+        let picks = out.moves.iter().filter(|(t, m)| *t == EventType::InventoryCommitted && m.reason == "pick").count();
+        if picks > 0 {
+            m.inc("orderly_automated_picks_total", &[], picks as u64);
+            m.count_at("automated_picks", tx.now.0, picks as u64);
         }
         for (order_id, (allocations, from_backorder)) in out.reserved {
             let data = InventoryReserved { order_id: order_id.clone(), allocations, from_backorder };
@@ -806,6 +826,7 @@ impl Service for Inventory {
                 let r = self.stock_command(tx, &sku, &location, cmd).await;
                 if r.is_ok() {
                     tx.ctx().metrics.inc("orderly_manual_adjustments_total", &[], 1);
+                    tx.ctx().metrics.count_at("manual_adjustments", tx.now.0, 1);
                 }
                 tx.reply(reply, r);
             }
@@ -815,6 +836,14 @@ impl Service for Inventory {
             }
             Command::ReserveSync { order_id, zone, lines, reply } => {
                 let r = self.reserve_sync(tx, order_id, zone, lines).await;
+                tx.reply(reply, r);
+            }
+            Command::ReconcileView { reply } => {
+                let r = self.reconcile_view(tx).await;
+                tx.reply(reply, r);
+            }
+            Command::Repair { repairs, user, reply } => {
+                let r = self.repair(tx, repairs, &user).await;
                 tx.reply(reply, r);
             }
             Command::Get { sku, reply } => {
@@ -866,5 +895,141 @@ impl Service for Inventory {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds]
+    }
+}
+
+// Reconciliation (see `services::reconcile`).
+impl Inventory {
+    /// Every SKU's reservations, backorders and books drift, and what the
+    /// ledger committed as picked for the reserved lines.
+    async fn reconcile_view(&mut self, tx: &mut Tx) -> Result<reconcile::InventoryView, ApiError> {
+        const PAGE: u32 = 1000;
+        let mut skus: BTreeSet<String> = self.ledgers.iter().map(|(k, _)| k.clone()).collect();
+        let mut after: Option<String> = None;
+        loop {
+            let rows = tx.store().scan(self.ledgers.name(), None, after.as_deref(), PAGE).await?;
+            let done = rows.len() < PAGE as usize;
+            after = rows.last().map(|r| r.key.clone());
+            skus.extend(rows.into_iter().map(|r| r.key));
+            if done {
+                break;
+            }
+        }
+        let mut view = reconcile::InventoryView::default();
+        let mut orders: BTreeSet<OrderId> = BTreeSet::new();
+        for key in skus {
+            let Ok(sku) = Sku::parse(key.as_str()) else { continue };
+            self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
+            let Some(ledger) = self.ledgers.get(sku.as_str()) else { continue };
+            view.skus += 1;
+            for r in ledger.reservations() {
+                orders.insert(r.order.clone());
+                for a in r.allocations {
+                    view.reservations.push(reconcile::ReservedUnits {
+                        order_id: r.order.clone(),
+                        line_id: r.line.clone(),
+                        sku: sku.clone(),
+                        location: a.location,
+                        qty: a.qty,
+                    });
+                }
+            }
+            for b in ledger.backorders() {
+                view.backorders.push(reconcile::WaitingUnits {
+                    order_id: b.order.clone(),
+                    line_id: b.line.clone(),
+                    sku: sku.clone(),
+                    qty: b.qty,
+                });
+            }
+            for (location, delta) in ledger.drift() {
+                view.drift.push(reconcile::StockDrift { sku: sku.clone(), location, delta });
+            }
+        }
+        for order in orders {
+            if self.orders.load(tx.store(), order.as_str()).await?
+                && let Some(record) = self.orders.get(order.as_str())
+            {
+                view.picked.extend(record.picked.iter().cloned());
+            }
+        }
+        Ok(view)
+    }
+
+    /// Applies compensating changes with reason `reconciliation`. Each is
+    /// checked against the ledger as it is now: what is already right is
+    /// left alone, so running the same repairs twice changes things once.
+    async fn repair(
+        &mut self,
+        tx: &mut Tx,
+        repairs: Vec<reconcile::Repair>,
+        user: &str,
+    ) -> Result<Vec<reconcile::RepairOutcome>, ApiError> {
+        use reconcile::{Repair, RepairOutcome};
+        let skus: Vec<Sku> = repairs
+            .iter()
+            .map(|r| match r {
+                Repair::Release { sku, .. } | Repair::CommitPick { sku, .. } | Repair::Restate { sku, .. } => {
+                    sku.clone()
+                }
+            })
+            .collect();
+        self.load_ledgers(tx.store(), skus).await?;
+        for r in &repairs {
+            if let Repair::CommitPick { order_id, .. } = r {
+                self.orders.load(tx.store(), order_id.as_str()).await?;
+            }
+        }
+        let mut out = Outcome::default();
+        let mut outcomes = vec![RepairOutcome::Unchanged; repairs.len()];
+        // Books first: a drifted partition refuses every other change.
+        let mut turn: Vec<usize> = (0..repairs.len()).collect();
+        turn.sort_by_key(|i| !matches!(repairs[*i], Repair::Restate { .. }));
+        for i in turn {
+            let (sku, cmd, pick_of) = match &repairs[i] {
+                Repair::Release { line_id, sku, .. } => {
+                    (sku.clone(), LedgerCommand::Release { line: line_id.clone() }, None)
+                }
+                Repair::CommitPick { order_id, line_id, sku, location, qty, instruction_key, .. } => (
+                    sku.clone(),
+                    LedgerCommand::Commit {
+                        line: line_id.clone(),
+                        location: location.clone(),
+                        qty: *qty,
+                        instruction_key: instruction_key.clone(),
+                    },
+                    Some(order_id.clone()),
+                ),
+                Repair::Restate { sku, location } => (
+                    sku.clone(),
+                    LedgerCommand::Restate {
+                        location: location.clone(),
+                        reason: reconcile::REASON.into(),
+                        user: user.to_owned(),
+                        at: tx.now,
+                    },
+                    None,
+                ),
+            };
+            let outcome = match self.exec(&sku, &cmd, &mut out) {
+                Ok(evs) if evs.is_empty() => RepairOutcome::Unchanged,
+                Ok(evs) => {
+                    if let Some(order_id) = pick_of {
+                        self.record_picked(&order_id, &evs);
+                    }
+                    RepairOutcome::Applied
+                }
+                Err(e) => RepairOutcome::Failed { error: e.to_string() },
+            };
+            outcomes[i] = outcome;
+        }
+        let applied = outcomes.iter().filter(|o| **o == RepairOutcome::Applied).count() as u64;
+        tx.ctx().metrics.inc("orderly_reconciliation_repairs_total", &[], applied);
+        for (_, moved) in &mut out.moves {
+            moved.reason = reconcile::REASON.to_owned();
+            moved.user = Some(user.to_owned());
+        }
+        self.flush(tx, out);
+        Ok(outcomes)
     }
 }

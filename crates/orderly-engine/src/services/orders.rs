@@ -74,6 +74,13 @@ pub enum Command {
         /// Answer.
         reply: Reply<Order>,
     },
+    /// Reconciliation: the orders with these ids that exist.
+    ReconcileView {
+        /// Which.
+        order_ids: Vec<OrderId>,
+        /// Answer.
+        reply: Reply<Vec<Order>>,
+    },
     /// The return arrived at a location.
     RecordReturn {
         /// Which.
@@ -408,6 +415,21 @@ impl Service for Orders {
             Command::RequestReturn { order_id, reason, reply } => {
                 let r = self.execute_api(tx, &order_id, OrderCommand::RequestReturn { reason }).await;
                 tx.reply(reply, r);
+            }
+            Command::ReconcileView { order_ids, reply } => {
+                let mut found = Vec::new();
+                let mut r = Ok(());
+                for id in order_ids {
+                    match self.orders.load(tx.store(), id.as_str()).await {
+                        Ok(true) => found.extend(self.orders.get(id.as_str()).cloned()),
+                        Ok(false) => {}
+                        Err(e) => {
+                            r = Err(ApiError::from(e));
+                            break;
+                        }
+                    }
+                }
+                tx.reply(reply, r.map(|()| found));
             }
             Command::RecordReturn { order_id, location, reply } => {
                 let r = self.execute_api(tx, &order_id, OrderCommand::RecordReturn { location }).await;

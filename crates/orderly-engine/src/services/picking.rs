@@ -122,6 +122,27 @@ pub enum Command {
         /// Answer.
         reply: Reply<PickOutcome>,
     },
+    /// Reconciliation.
+    Reconcile(ReconcileCommand),
+}
+
+/// Reconciliation commands (see `services::reconcile`).
+pub enum ReconcileCommand {
+    /// Every pick task of these lines.
+    View {
+        /// Which lines.
+        line_ids: Vec<LineId>,
+        /// Answer.
+        reply: Reply<Vec<PickTask>>,
+    },
+    /// Publishes `pick.completed` again for completed tasks whose event is
+    /// not in this service's outbox (it was lost); answers how many.
+    Republish {
+        /// Which tasks.
+        pick_ids: Vec<PickId>,
+        /// Answer.
+        reply: Reply<u64>,
+    },
 }
 
 /// The picking service.
@@ -240,6 +261,59 @@ impl Picking {
         Ok(())
     }
 
+    async fn reconcile(&mut self, tx: &mut Tx, cmd: ReconcileCommand) {
+        match cmd {
+            ReconcileCommand::View { line_ids, reply } => {
+                let r = self.tasks_of(tx, &line_ids).await;
+                tx.reply(reply, r);
+            }
+            ReconcileCommand::Republish { pick_ids, reply } => {
+                let r = self.republish(tx, &pick_ids).await;
+                tx.reply(reply, r);
+            }
+        }
+    }
+
+    async fn tasks_of(&mut self, tx: &mut Tx, line_ids: &[LineId]) -> Result<Vec<PickTask>, ApiError> {
+        let mut out = Vec::new();
+        for line in line_ids {
+            self.line_picks.load(tx.store(), line.as_str()).await?;
+            let n = self.line_picks.get(line.as_str()).copied().unwrap_or(0);
+            for k in 1..=n {
+                let id = derived_id(line.as_str(), &format!(".p{k}"));
+                if self.tasks.load(tx.store(), &id).await?
+                    && let Some(t) = self.tasks.get(&id)
+                {
+                    out.push(t.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn republish(&mut self, tx: &mut Tx, pick_ids: &[PickId]) -> Result<u64, ApiError> {
+        let mut n = 0;
+        for id in pick_ids {
+            if !self.tasks.load(tx.store(), id.as_str()).await? {
+                continue;
+            }
+            let Some(task) = self.tasks.get(id.as_str()).cloned() else { continue };
+            if task.status != PickStatus::Completed {
+                continue;
+            }
+            let published = tx.store().outbox_for_subject(task.order_id.as_str(), 10_000).await?.iter().any(|r| {
+                r.envelope.event_type == EventType::PickCompleted
+                    && r.envelope.data.get("pick_id").and_then(|v| v.as_str()) == Some(id.as_str())
+            });
+            if !published {
+                tracing::warn!(order_id = %task.order_id, pick_id = %task.id, "republishing a completed pick whose event is missing");
+                tx.emit(EventType::PickCompleted, task.order_id.as_str(), events::data(&pick_data(&task)));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     async fn on_canceled(&mut self, tx: &mut Tx, ev: OrderCanceled) -> Result<(), EventError> {
         let Some(ids) = self.open_by_order.get(&ev.order_id).cloned() else { return Ok(()) };
         for id in &ids {
@@ -351,6 +425,7 @@ impl Service for Picking {
 
     async fn on_command(&mut self, tx: &mut Tx, cmd: Command) {
         match cmd {
+            Command::Reconcile(c) => self.reconcile(tx, c).await,
             Command::Next { location, reply } => {
                 let r = self.next(tx, &location).await;
                 tx.reply(reply, r);
