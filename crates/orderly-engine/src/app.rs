@@ -115,7 +115,14 @@ impl Engine {
                 "orders",
                 Orders::new(policy),
                 &[
-                    ("inventory", |t| matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered")),
+                    ("inventory", |t| {
+                        matches!(
+                            t,
+                            "orderly.inventory.reserved"
+                                | "orderly.inventory.backordered"
+                                | "orderly.inventory.deallocated"
+                        )
+                    }),
                     ("picking", |t| {
                         matches!(t, "orderly.pick.requested" | "orderly.pick.completed" | "orderly.pick.short")
                     }),
@@ -148,7 +155,9 @@ impl Engine {
             .spawn(
                 "picking",
                 pick,
-                &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled"))],
+                &[("orders", |t| {
+                    matches!(t, "orderly.order.allocated" | "orderly.order.canceled" | "orderly.order.deallocated")
+                })],
             )
             .await?;
         let packing = b

@@ -17,7 +17,9 @@ use crate::table::{Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
-use orderly_domain::ledger::{InventorySnapshot, LedgerCommand, LedgerConfig, LedgerError, LedgerEvent, SkuLedger};
+use orderly_domain::ledger::{
+    InventorySnapshot, LedgerCommand, LedgerConfig, LedgerError, LedgerEvent, ReleaseReason, SkuLedger,
+};
 use orderly_domain::{HoldId, LineId, LocationId, OrderId, Qty, Sku, Timestamp, Zone};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -168,6 +170,7 @@ pub enum Command {
 /// What a handler's ledger changes add up to, emitted once at the end.
 #[derive(Default)]
 struct Outcome {
+    deallocated: BTreeMap<OrderId, Vec<AllocationData>>,
     reserved: BTreeMap<OrderId, (Vec<AllocationData>, bool)>,
     backordered: BTreeMap<OrderId, Vec<UnfilledData>>,
     moves: Vec<(EventType, StockMoved)>,
@@ -292,7 +295,15 @@ impl Inventory {
                     qty: *qty as Qty,
                 });
             }
-            LedgerEvent::Released { order, location, qty, reason, .. } => {
+            LedgerEvent::Released { order, line, location, qty, reason, .. } => {
+                if *reason == ReleaseReason::StockLoss {
+                    out.deallocated.entry(order.clone()).or_default().push(AllocationData {
+                        line_id: line.clone(),
+                        sku: sku.clone(),
+                        location: location.clone(),
+                        qty: *qty as Qty,
+                    });
+                }
                 let reason =
                     serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
                 out.moves.push((EventType::InventoryReleased, mv(location, *qty as i64, &reason, Some(order))));
@@ -338,6 +349,11 @@ impl Inventory {
         if picks > 0 {
             m.inc("orderly_automated_picks_total", &[], picks as u64);
             m.count_at("automated_picks", tx.now.0, picks as u64);
+        }
+        // Taken back first: the order frees the units before it hears they wait.
+        for (order_id, allocations) in out.deallocated {
+            let data = events::Deallocated { order_id: order_id.clone(), allocations, reason: "stock_loss".into() };
+            tx.emit(EventType::InventoryDeallocated, order_id.as_str(), events::data(&data));
         }
         for (order_id, (allocations, from_backorder)) in out.reserved {
             let data = InventoryReserved { order_id: order_id.clone(), allocations, from_backorder };

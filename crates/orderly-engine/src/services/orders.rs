@@ -228,6 +228,10 @@ fn commands_for(env: &Envelope) -> Result<Vec<OrderCommand>, EventError> {
             let lines = b.lines.iter().map(|l| LineQty { line_id: l.line_id.clone(), qty: l.qty }).collect();
             vec![OrderCommand::RecordBackorder { origin, lines, expected_ship_date: b.expected_ship_date }]
         }
+        EventType::InventoryDeallocated => {
+            let d: events::Deallocated = events::parse(env)?;
+            vec![OrderCommand::RecordDeallocation { origin, allocations: entries(&d.allocations) }]
+        }
         EventType::PickRequested => vec![OrderCommand::StartPicking { origin }],
         EventType::PickCompleted => {
             let p: PickData = events::parse(env)?;
@@ -322,6 +326,24 @@ fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
             reason: reason.clone(),
             lines: lines.iter().map(|l| l.line_id.clone()).collect(),
             shipped: shipped_units(order),
+        }),
+        OrderChange::Deallocated { allocations, .. } => events::data(&events::Deallocated {
+            order_id: order.id().clone(),
+            allocations: allocations
+                .iter()
+                .map(|a| AllocationData {
+                    line_id: a.line_id.clone(),
+                    sku: order
+                        .lines()
+                        .iter()
+                        .find(|l| l.line_id == a.line_id)
+                        .map(|l| l.sku.clone())
+                        .unwrap_or_else(|| orderly_domain::Sku::parse("unknown").expect("a valid sku")),
+                    location: a.location.clone(),
+                    qty: a.qty,
+                })
+                .collect(),
+            reason: "stock_loss".into(),
         }),
         OrderChange::Returned { location, lines } => events::data(&events::OrderReturned {
             order_id: order.id().clone(),

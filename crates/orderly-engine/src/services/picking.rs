@@ -314,6 +314,45 @@ impl Picking {
         Ok(n)
     }
 
+    /// Units the order no longer has at a location leave its open tasks
+    /// there: a task for no more than what was taken back is canceled, a
+    /// larger one picks fewer.
+    async fn on_deallocated(&mut self, tx: &mut Tx, ev: events::Deallocated) -> Result<(), EventError> {
+        let Some(ids) = self.open_by_order.get(&ev.order_id).cloned() else { return Ok(()) };
+        for id in &ids {
+            self.tasks.load(tx.store(), id.as_str()).await?;
+        }
+        for a in &ev.allocations {
+            let mut left = a.qty;
+            for id in &ids {
+                if left == 0 {
+                    break;
+                }
+                let Some(task) = self.tasks.get(id.as_str()) else { continue };
+                let open = matches!(task.status, PickStatus::Queued | PickStatus::Assigned);
+                if !open || task.line_id != a.line_id || task.location != a.location {
+                    continue;
+                }
+                let task = self.tasks.get_mut(id.as_str()).expect("present above");
+                if task.qty > left {
+                    task.qty -= left;
+                    left = 0;
+                    continue;
+                }
+                left -= task.qty;
+                task.status = PickStatus::Canceled;
+                let task = task.clone();
+                if let Some(q) = self.queues.get_mut(&task.location) {
+                    q.remove_where(|t| t == &task.id);
+                }
+                self.close(&task);
+                tracing::info!(order_id = %ev.order_id, pick_id = %task.id, "pick canceled: its units were taken back");
+                tx.emit(EventType::PickCanceled, ev.order_id.as_str(), events::data(&pick_data(&task)));
+            }
+        }
+        Ok(())
+    }
+
     async fn on_canceled(&mut self, tx: &mut Tx, ev: OrderCanceled) -> Result<(), EventError> {
         let Some(ids) = self.open_by_order.get(&ev.order_id).cloned() else { return Ok(()) };
         for id in &ids {
@@ -445,6 +484,7 @@ impl Service for Picking {
         match event.event_type {
             EventType::OrderAllocated => self.on_allocated(tx, events::parse(event)?).await,
             EventType::OrderCanceled => self.on_canceled(tx, events::parse(event)?).await,
+            EventType::OrderDeallocated => self.on_deallocated(tx, events::parse(event)?).await,
             _ => Ok(()),
         }
     }
