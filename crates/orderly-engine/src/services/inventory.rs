@@ -874,14 +874,20 @@ impl Service for Inventory {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        match event.event_type {
-            EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
-            EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
-            EventType::OrderReturned => self.on_returned(tx, events::parse(event)?).await,
-            EventType::PickCompleted => self.on_pick(tx, events::parse(event)?, false).await,
-            EventType::PickShort => self.on_pick(tx, events::parse(event)?, true).await,
-            _ => Ok(()),
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            match event.event_type {
+                EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
+                EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
+                EventType::OrderReturned => self.on_returned(tx, events::parse(event)?).await,
+                EventType::PickCompleted => self.on_pick(tx, events::parse(event)?, false).await,
+                EventType::PickShort => self.on_pick(tx, events::parse(event)?, true).await,
+                _ => Ok(()),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {

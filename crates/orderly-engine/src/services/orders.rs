@@ -461,7 +461,9 @@ impl Service for Orders {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        self.on_bus_event(tx, event).await
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move { self.on_bus_event(tx, event).await }.instrument(span).await
     }
 
     async fn on_tick(&mut self, _tx: &mut Tx) {}

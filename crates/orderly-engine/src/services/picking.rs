@@ -481,12 +481,18 @@ impl Service for Picking {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        match event.event_type {
-            EventType::OrderAllocated => self.on_allocated(tx, events::parse(event)?).await,
-            EventType::OrderCanceled => self.on_canceled(tx, events::parse(event)?).await,
-            EventType::OrderDeallocated => self.on_deallocated(tx, events::parse(event)?).await,
-            _ => Ok(()),
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            match event.event_type {
+                EventType::OrderAllocated => self.on_allocated(tx, events::parse(event)?).await,
+                EventType::OrderCanceled => self.on_canceled(tx, events::parse(event)?).await,
+                EventType::OrderDeallocated => self.on_deallocated(tx, events::parse(event)?).await,
+                _ => Ok(()),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {
