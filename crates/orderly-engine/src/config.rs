@@ -73,6 +73,8 @@ pub struct Settings {
     pub bus: BusSettings,
     /// `[reconcile]`
     pub reconcile: ReconcileSettings,
+    /// `[otel]`
+    pub otel: OtelSettings,
     /// `[auth]`
     pub auth: AuthSettings,
     /// `[http]`
@@ -263,6 +265,15 @@ impl Default for AlertSettings {
     }
 }
 
+/// `[otel]`: OpenTelemetry export.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtelSettings {
+    /// OTLP/HTTP collector base URL (`http://127.0.0.1:4318`); spans go to
+    /// `<endpoint>/v1/traces`. None: no export.
+    pub endpoint: Option<String>,
+}
+
 /// `[reconcile]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -364,6 +375,10 @@ mod tests {
         assert_eq!(s.shipping.max_retries, 3);
         assert_eq!(s.alerts.max_lag, Millis(300_000));
         assert_eq!(s.alerts.max_retries, 3);
+        assert_eq!(s.alerts.manual_adjustment_window, Millis(3_600_000));
+        assert_eq!(s.alerts.manual_adjustment_min_count, 3);
+        assert!((s.alerts.max_manual_adjustment_ratio - 0.05).abs() < 1e-9);
+        assert_eq!(s.reconcile.interval, Millis(3_600_000));
     }
 
     #[test]

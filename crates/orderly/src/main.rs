@@ -157,8 +157,14 @@ enum KeysCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Spans go to an OpenTelemetry collector when the served configuration says so.
+    let otel = match &cli.command {
+        Command::Serve { config, .. } => settings::load(config.as_deref(), std::env::vars())?.otel.endpoint,
+        _ => None,
+    };
     // Benchmarks log warnings only, so the log does not become the workload.
-    init_tracing(if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" });
+    let level = if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" };
+    let _telemetry = orderly::telemetry::init(level, otel.as_deref())?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
@@ -305,17 +311,5 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
-    }
-}
-
-fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("ORDERLY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let json = std::env::var("ORDERLY_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
