@@ -69,7 +69,7 @@ pub fn init(default: &str, otel_endpoint: Option<&str>) -> Result<Telemetry> {
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
     let provider = otel_endpoint.map(otlp_provider).transpose()?;
-    let otel = provider.as_ref().map(|p| otel_layer(p));
+    let otel = provider.as_ref().map(otel_layer);
     Registry::default().with(filter).with(otel).with(fmt).try_init().context("a tracing subscriber is already set")?;
     Ok(Telemetry { provider })
 }
