@@ -479,25 +479,20 @@ impl Engine {
     pub async fn reconcile(&self, trigger: &str) -> Result<reconcile::Report, ApiError> {
         let _one_at_a_time = self.reconciling.lock().await;
         let started_at = self.runtime.now();
-        let view = self.inventory.call(|reply| inventory::Command::ReconcileView { reply }).await?;
-        let mut order_ids: Vec<OrderId> = view
-            .reservations
-            .iter()
-            .map(|r| r.order_id.clone())
-            .chain(view.backorders.iter().map(|b| b.order_id.clone()))
-            .collect();
-        order_ids.sort();
-        order_ids.dedup();
-        let mut line_ids: Vec<LineId> = view.reservations.iter().map(|r| r.line_id.clone()).collect();
-        line_ids.sort();
-        line_ids.dedup();
-        let ids = order_ids.clone();
-        let orders = self.orders.call(|reply| orders::Command::ReconcileView { order_ids: ids, reply }).await?;
-        let picks = self
-            .picking
-            .call(|reply| picking::Command::Reconcile(picking::ReconcileCommand::View { line_ids, reply }))
-            .await?;
-        let findings = reconcile::diff(&view, &orders, &picks);
+        let (view, orders, picks) = self.reconcile_views().await?;
+        let mut findings = reconcile::diff(&view, &orders, &picks);
+        // What is only reported may be an event still in flight between two
+        // services: keep it only if it is still there once consumers caught up.
+        if findings.discrepancies.iter().any(|(_, r)| r.is_none()) {
+            self.settle(std::time::Duration::from_secs(2)).await;
+            let (v, o, p) = self.reconcile_views().await?;
+            let again = reconcile::diff(&v, &o, &p);
+            let key = |d: &reconcile::Discrepancy| {
+                (d.kind.clone(), d.line_id.clone(), d.location.clone(), d.order_id.clone())
+            };
+            let still: std::collections::BTreeSet<_> = again.discrepancies.iter().map(|(d, _)| key(d)).collect();
+            findings.discrepancies.retain(|(d, r)| r.is_some() || still.contains(&key(d)));
+        }
         let repairs: Vec<reconcile::Repair> = findings.discrepancies.iter().filter_map(|(_, r)| r.clone()).collect();
         let user = format!("reconciliation:{trigger}");
         let outcomes = if repairs.is_empty() {
@@ -566,6 +561,41 @@ impl Engine {
         }
         *self.last_reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         Ok(report)
+    }
+
+    /// Inventory's, then orders' and picking's views of what inventory reserves.
+    async fn reconcile_views(
+        &self,
+    ) -> Result<(reconcile::InventoryView, Vec<Order>, Vec<picking::PickTask>), ApiError> {
+        let view = self.inventory.call(|reply| inventory::Command::ReconcileView { reply }).await?;
+        let mut order_ids: Vec<OrderId> = view
+            .reservations
+            .iter()
+            .map(|r| r.order_id.clone())
+            .chain(view.backorders.iter().map(|b| b.order_id.clone()))
+            .collect();
+        order_ids.sort();
+        order_ids.dedup();
+        let mut line_ids: Vec<LineId> = view.reservations.iter().map(|r| r.line_id.clone()).collect();
+        line_ids.sort();
+        line_ids.dedup();
+        let orders = self.orders.call(|reply| orders::Command::ReconcileView { order_ids, reply }).await?;
+        let picks = self
+            .picking
+            .call(|reply| picking::Command::Reconcile(picking::ReconcileCommand::View { line_ids, reply }))
+            .await?;
+        Ok((view, orders, picks))
+    }
+
+    /// Waits (at most `limit`) until every consumer has caught up.
+    async fn settle(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self.runtime.consumer_lag().await.iter().all(|l| l.backlog == 0) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Starts the scheduled reconciliation (every `reconcile.interval`, first

@@ -376,3 +376,37 @@ fn allocation_findings(inv: &InventoryView, r: &ReservedUnits, order: &Order, pi
     x.location = Some(r.location.clone());
     out.discrepancies.push((x, None));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id<T: TryFrom<String>>(s: &str) -> T
+    where
+        T::Error: std::fmt::Debug,
+    {
+        T::try_from(s.to_owned()).expect("a valid id")
+    }
+
+    #[test]
+    fn drift_is_restated_and_a_reservation_for_an_unknown_order_is_only_reported() {
+        let inv = InventoryView {
+            reservations: vec![ReservedUnits {
+                order_id: id("o-ghost"),
+                line_id: id("o-ghost:1"),
+                sku: id("SKU-1"),
+                location: id("WH-1"),
+                qty: 2,
+            }],
+            drift: vec![StockDrift { sku: id("SKU-2"), location: id("WH-1"), delta: -3 }],
+            skus: 2,
+            ..InventoryView::default()
+        };
+        let found = diff(&inv, &[], &[]);
+        let kinds: Vec<(&str, bool)> =
+            found.discrepancies.iter().map(|(d, r)| (d.kind.as_str(), r.is_some())).collect();
+        assert_eq!(kinds, vec![("stock_drift", true), ("reservation_for_unknown_order", false)]);
+        assert_eq!(found.discrepancies[0].1, Some(Repair::Restate { sku: id("SKU-2"), location: id("WH-1") }));
+        assert!(diff(&InventoryView::default(), &[], &[]).discrepancies.is_empty());
+    }
+}
