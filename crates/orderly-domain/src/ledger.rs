@@ -223,6 +223,20 @@ pub enum LedgerCommand {
         /// The caller's clock.
         now: Timestamp,
     },
+    /// Reconciliation: where a location's on-hand units differ from what its
+    /// recorded movements explain (`received + adjusted - committed`), record
+    /// the unexplained difference as an adjustment (on hand stays as it is).
+    /// Nothing to record is no event, so repeating it changes nothing.
+    Restate {
+        /// The location.
+        location: LocationId,
+        /// Why (recorded), e.g. `reconciliation`.
+        reason: String,
+        /// Who (recorded).
+        user: String,
+        /// When (recorded).
+        at: Timestamp,
+    },
     /// Put a line (or the rest of it) at the back of the SKU's backorder queue.
     Backorder {
         /// The order.
@@ -479,6 +493,22 @@ pub enum LedgerEvent {
         /// Why.
         cause: BackorderCause,
     },
+    /// On-hand units no recorded movement explained were recorded as an
+    /// adjustment (the `adjusted` books change, on hand does not).
+    Restated {
+        /// Where.
+        location: LocationId,
+        /// Total units recorded (on hand minus what the books explained).
+        delta: i64,
+        /// Per partition.
+        parts: Vec<PartDelta>,
+        /// Why.
+        reason: String,
+        /// Who.
+        user: String,
+        /// When.
+        at: Timestamp,
+    },
     /// A canceled line left the backorder queue.
     BackorderCanceled {
         /// The order.
@@ -625,6 +655,7 @@ impl SkuLedger {
             C::ReleaseHold { hold_id } => Ok(self.decide_release_hold(hold_id)),
             C::ExpireHolds { now } => Ok(self.decide_expire_holds(*now)),
             C::Backorder { order, line, qty, since } => self.decide_backorder(order, line, *qty, *since),
+            C::Restate { location, reason, user, at } => self.decide_restate(location, Audit { reason, user, at: *at }),
         }
     }
 
@@ -634,7 +665,7 @@ impl SkuLedger {
         apply_stock(&mut self.stock, ev);
         use LedgerEvent as E;
         match ev {
-            E::Received { .. } | E::Adjusted { .. } | E::SafetyReleased { .. } => {}
+            E::Received { .. } | E::Adjusted { .. } | E::SafetyReleased { .. } | E::Restated { .. } => {}
             E::Reserved { order, line, location, qty, parts, from_backorder } => {
                 self.claim_line(order, line).add(location, parts);
                 if *from_backorder {
@@ -795,6 +826,19 @@ impl SkuLedger {
     /// How many holds are live.
     pub fn hold_count(&self) -> usize {
         self.holds.len()
+    }
+
+    /// Per location, on hand minus what its recorded movements explain
+    /// (`received + adjusted - committed`); only locations that differ.
+    /// Non-empty only when the stored ledger was changed outside the engine.
+    pub fn drift(&self) -> Vec<(LocationId, i64)> {
+        self.stock
+            .iter()
+            .filter_map(|(location, parts)| {
+                let d: i128 = parts.iter().map(PartitionStock::drift).sum();
+                (d != 0).then(|| (location.clone(), i64::try_from(d).unwrap_or(i64::MAX)))
+            })
+            .collect()
     }
 
     /// When the engine's timer should next send `ExpireHolds`.
@@ -1210,6 +1254,35 @@ impl SkuLedger {
         events.push(adjusted(location, delta, parts, &audit));
         self.push_backorder_fills(&mut events, std::slice::from_ref(location));
         Ok(events)
+    }
+
+    fn decide_restate(&self, location: &LocationId, audit: Audit<'_>) -> Result<Vec<LedgerEvent>, LedgerError> {
+        check_audit(&audit)?;
+        let mut parts = Vec::new();
+        for (partition, s) in (0u32..).zip(self.partitions_at(location)) {
+            let drift = i64::try_from(s.drift())
+                .map_err(|_| LedgerError::Impossible(format!("{location}/{partition}: drift out of range")))?;
+            if drift != 0 {
+                if s.reserved + s.safety > s.on_hand {
+                    return Err(LedgerError::Impossible(format!(
+                        "{location}/{partition}: on hand {} is below reserved {} + safety {}; count the location",
+                        s.on_hand, s.reserved, s.safety
+                    )));
+                }
+                parts.push(PartDelta { partition, delta: drift });
+            }
+        }
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![LedgerEvent::Restated {
+            location: location.clone(),
+            delta: parts.iter().map(|p| p.delta).sum(),
+            parts,
+            reason: audit.reason.to_owned(),
+            user: audit.user.to_owned(),
+            at: audit.at,
+        }])
     }
 
     fn decide_create_hold(
@@ -1671,6 +1744,13 @@ fn apply_stock(stock: &mut Stock, ev: &LedgerEvent) {
                 s.assert_sound(location, p.partition);
             }
         }
+        E::Restated { location, parts, .. } => {
+            for p in parts {
+                let s = partition_mut(stock, location, p.partition);
+                s.adjusted += p.delta;
+                s.assert_sound(location, p.partition);
+            }
+        }
         E::Shorted { .. } | E::HoldConsumed { .. } | E::Backordered { .. } | E::BackorderCanceled { .. } => {}
     }
 }
@@ -1722,6 +1802,11 @@ impl PartitionStock {
     /// simulator's deliberate bug counts the safety buffer in.
     fn reservable(&self, cfg: &LedgerConfig) -> u64 {
         if cfg.reserve_ignores_safety { self.on_hand.saturating_sub(self.reserved) } else { self.available() }
+    }
+
+    /// On hand minus what the recorded movements explain (0 when sound).
+    fn drift(&self) -> i128 {
+        i128::from(self.on_hand) - (i128::from(self.received) + i128::from(self.adjusted) - i128::from(self.committed))
     }
 
     /// `reserved + safety <= on_hand` (no oversell) and `on_hand == received + adjusted - committed`.
@@ -2345,6 +2430,25 @@ mod tests {
         assert_eq!(numbers(&ledger), (11, 11, 0, 0));
         assert_eq!(ledger.hold(&hold_id("h1")).map(|h| h.qty), Some(1));
         assert_eq!(ledger.backorders().count(), 0);
+    }
+
+    #[test]
+    fn restate_records_unexplained_on_hand_once() {
+        let cfg = cfg(1, 0);
+        let ledger = given(&cfg, &[receive("WH-1", 20), reserve("o1", 4, "WH-1", 0)]);
+        // Someone lowers on hand in the stored ledger, behind the engine's back.
+        let mut doc = serde_json::to_value(&ledger).expect("serializes");
+        doc["stock"]["WH-1"][0]["on_hand"] = serde_json::json!(17);
+        let mut ledger: SkuLedger = serde_json::from_value(doc).expect("deserializes");
+        assert_eq!(ledger.drift(), vec![(loc("WH-1"), -3)]);
+        let restate =
+            C::Restate { location: loc("WH-1"), reason: "reconciliation".into(), user: "r".into(), at: Timestamp(9) };
+        let events = when(&mut ledger, &cfg, &restate).expect("accepted");
+        assert!(matches!(&events[..], [E::Restated { delta: -3, .. }]), "{events:?}");
+        assert!(ledger.drift().is_empty());
+        assert_eq!(ledger.check_invariants(), Ok(()));
+        assert_eq!(ledger.totals().on_hand, 17);
+        assert!(when(&mut ledger, &cfg, &restate).expect("accepted").is_empty(), "a second run records nothing");
     }
 
     fn hold_id(s: &str) -> HoldId {

@@ -147,6 +147,7 @@ impl Order {
             OrderCommand::RecordBackorder { lines, expected_ship_date, .. } => {
                 self.decide_backorder(lines, *expected_ship_date, now)?
             }
+            OrderCommand::RecordDeallocation { allocations, .. } => self.decide_deallocation(allocations, now)?,
             OrderCommand::StartPicking { .. } => self.decide_start_picking()?,
             OrderCommand::RecordPicked { line_id, location, qty, .. } => {
                 self.decide_pick(line_id, location, *qty, Step::Pick, now)?
@@ -458,6 +459,25 @@ impl Order {
             self.projected(&record, now).progress_state(self.state.is_picking_started())
         };
         Ok(OrderChange::Backordered { lines: units, expected_ship_date, state })
+    }
+
+    /// Inventory took back reserved units (a count or adjustment found less
+    /// stock than was reserved): they are no longer allocated there and wait
+    /// for inventory's backorder. Picked units are never taken back.
+    fn decide_deallocation(&self, entries: &[AllocationEntry], now: Timestamp) -> Result<OrderChange, OrderError> {
+        check_entry_count(entries.len())?;
+        for e in entries {
+            let line = self.line(&e.line_id).ok_or_else(|| Rejection::UnknownLine(e.line_id.clone()))?;
+            check_available(line, &e.location, e.qty, Step::Short)?;
+        }
+        let record = OrderChange::Deallocated { allocations: entries.to_vec(), state: self.state };
+        let after = self.projected(&record, now);
+        let state = if self.state.is_consolidating() {
+            after.waiting_state()
+        } else {
+            after.progress_state(self.state.is_picking_started())
+        };
+        Ok(record.with_state(state))
     }
 
     fn decide_start_picking(&self) -> Result<OrderChange, OrderError> {
@@ -804,6 +824,14 @@ impl Order {
             }
             OrderChange::Shorted { line_id, location, qty, state, .. } => {
                 self.with_allocation(line_id, location, |a| a.qty = a.qty.saturating_sub(*qty).max(a.picked));
+                self.state = *state;
+            }
+            OrderChange::Deallocated { allocations, state } => {
+                for e in allocations {
+                    self.with_allocation(&e.line_id, &e.location, |a| {
+                        a.qty = a.qty.saturating_sub(e.qty).max(a.picked)
+                    });
+                }
                 self.state = *state;
             }
             OrderChange::Packed { location, lines, state } => {
@@ -1268,6 +1296,13 @@ pub enum OrderCommand {
         /// When the customer can expect the order to ship.
         expected_ship_date: Timestamp,
     },
+    /// The inventory service took back reserved units (stock loss).
+    RecordDeallocation {
+        /// Where it came from.
+        origin: Origin,
+        /// Units no longer allocated, per line and location.
+        allocations: Vec<AllocationEntry>,
+    },
     /// The picking service started on the order.
     StartPicking {
         /// Where it came from.
@@ -1346,6 +1381,7 @@ impl OrderCommand {
             OrderCommand::Create(_) => "create",
             OrderCommand::RecordAllocation { .. } => "record_allocation",
             OrderCommand::RecordBackorder { .. } => "record_backorder",
+            OrderCommand::RecordDeallocation { .. } => "record_deallocation",
             OrderCommand::StartPicking { .. } => "start_picking",
             OrderCommand::RecordPicked { .. } => "record_picked",
             OrderCommand::RecordShort { .. } => "record_short",
@@ -1364,6 +1400,7 @@ impl OrderCommand {
         match self {
             OrderCommand::RecordAllocation { origin, .. }
             | OrderCommand::RecordBackorder { origin, .. }
+            | OrderCommand::RecordDeallocation { origin, .. }
             | OrderCommand::StartPicking { origin }
             | OrderCommand::RecordPicked { origin, .. }
             | OrderCommand::RecordShort { origin, .. }
@@ -1383,7 +1420,9 @@ impl OrderCommand {
         use OrderState as S;
         let legal: &[OrderState] = match self {
             OrderCommand::Create(_) => &[],
-            OrderCommand::RecordAllocation { .. } | OrderCommand::RecordBackorder { .. } => {
+            OrderCommand::RecordAllocation { .. }
+            | OrderCommand::RecordBackorder { .. }
+            | OrderCommand::RecordDeallocation { .. } => {
                 &[S::Allocating, S::Backordered, S::Allocated, S::Picking, S::Picked, S::Packed, S::PartiallyShipped]
             }
             OrderCommand::StartPicking { .. }
@@ -1439,6 +1478,7 @@ impl OrderEvent {
             OrderChange::PickingStarted { .. } => "orderly.order.picking_started",
             OrderChange::Picked { .. } => "orderly.order.picked",
             OrderChange::Shorted { .. } => "orderly.order.pick_shorted",
+            OrderChange::Deallocated { .. } => "orderly.order.deallocated",
             OrderChange::Packed { .. } => "orderly.order.packed",
             OrderChange::Shipped { state: OrderState::Shipped, .. } => "orderly.order.shipped",
             OrderChange::Shipped { .. } => "orderly.order.partially_shipped",
@@ -1465,6 +1505,7 @@ impl OrderEvent {
             | OrderChange::PickingStarted { state }
             | OrderChange::Picked { state, .. }
             | OrderChange::Shorted { state, .. }
+            | OrderChange::Deallocated { state, .. }
             | OrderChange::Packed { state, .. }
             | OrderChange::Shipped { state, .. }
             | OrderChange::Delivered { state, .. } => Some(*state),
@@ -1545,6 +1586,14 @@ pub enum OrderChange {
         /// The state afterwards.
         state: OrderState,
     },
+    /// Inventory took back reserved units (stock loss); they wait for stock again.
+    #[serde(rename = "deallocated.v1")]
+    Deallocated {
+        /// Units no longer allocated, per line and location.
+        allocations: Vec<AllocationEntry>,
+        /// The state afterwards.
+        state: OrderState,
+    },
     /// Units were packed.
     #[serde(rename = "packed.v1")]
     Packed {
@@ -1612,6 +1661,7 @@ impl OrderChange {
             | OrderChange::PickingStarted { state }
             | OrderChange::Picked { state, .. }
             | OrderChange::Shorted { state, .. }
+            | OrderChange::Deallocated { state, .. }
             | OrderChange::Packed { state, .. }
             | OrderChange::Shipped { state, .. }
             | OrderChange::Delivered { state, .. } => *state = new,
@@ -2527,6 +2577,26 @@ mod tests {
         assert_eq!(w.state(), OrderState::Allocated);
         let cmd = w.short(1, WH2, 3);
         assert!(matches!(rejection(w.when(&cmd)), Rejection::ExceedsAvailable { step: "short", .. }));
+    }
+
+    #[test]
+    fn a_stock_loss_deallocates_and_the_backorder_then_waits_for_stock() {
+        let mut w = World::large_at(OrderState::Allocated);
+        let origin = w.origin();
+        let lost = |n, qty| AllocationEntry { line_id: lid(n), location: loc(WH1), qty };
+        let cmd = OrderCommand::RecordDeallocation { origin, allocations: vec![lost(1, 2), lost(2, 1)] };
+        let event = w.run(cmd);
+        assert_eq!(event.type_name(), "orderly.order.deallocated");
+        assert_eq!((w.state(), w.order.allocated_qty()), (OrderState::Allocating, 0));
+        let cmd = w.backorder(&[(1, 2), (2, 1)]);
+        w.run(cmd);
+        assert_eq!(w.state(), OrderState::Backordered);
+        let cmd = w.allocate(&[(1, WH1, 2), (2, WH1, 1)]);
+        w.run(cmd);
+        assert_eq!(w.state(), OrderState::Allocated);
+        let origin = w.origin();
+        let too_much = OrderCommand::RecordDeallocation { origin, allocations: vec![lost(1, 3)] };
+        assert!(matches!(rejection(w.when(&too_much)), Rejection::ExceedsAvailable { .. }));
     }
 
     // ---- packing and shipping ----

@@ -15,6 +15,7 @@ use crate::services::notifications::{self, NotificationSummary, Notifications};
 use crate::services::orders::{self, Orders};
 use crate::services::packing::{self, Package, Packing};
 use crate::services::picking::{self, PickOutcome, PickTask, Picking};
+use crate::services::reconcile;
 use crate::services::shipping::{self, RatesInfo, Shipment, Shipping, ShippingSummary};
 use orderly_domain::allocation::{AllocationMode, Location, RouteLine, allocation_mode};
 use orderly_domain::ledger::{InventorySnapshot, LedgerConfig};
@@ -89,6 +90,8 @@ pub struct Engine {
     packing: Handle<packing::Command>,
     shipping: Handle<shipping::Command>,
     notifications: Handle<notifications::Command>,
+    last_reconcile: std::sync::Mutex<Option<reconcile::Report>>,
+    reconciling: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -151,7 +154,20 @@ impl Engine {
         let m = b.metrics();
         shipping::describe_metrics(&m);
         notifications::describe_metrics(&m);
-        Ok(Engine { runtime: b.finish(), orders, inventory, picking, packing, shipping, notifications })
+        m.describe("orderly_reconciliation_runs_total", "Reconciliation runs.");
+        m.describe("orderly_reconciliation_discrepancies", "Discrepancies found by the last reconciliation run.");
+        m.describe("orderly_reconciliation_repairs_total", "Compensating changes applied by reconciliation.");
+        Ok(Engine {
+            runtime: b.finish(),
+            orders,
+            inventory,
+            picking,
+            packing,
+            shipping,
+            notifications,
+            last_reconcile: std::sync::Mutex::new(None),
+            reconciling: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// Stops every service after its batch in flight.
@@ -427,6 +443,167 @@ impl Engine {
         self.runtime.control(owner, |reply| Control::Discard { id, reply }).await.map_err(control_error)
     }
 
+    /// Runs reconciliation once (runs never overlap): gathers inventory's,
+    /// orders' and picking's views through their command handles, finds
+    /// every discrepancy, has inventory apply the compensating changes
+    /// (reason `reconciliation`, recorded with `trigger` as the user) and
+    /// picking republish picks whose event was lost. The report is kept as
+    /// the last one.
+    pub async fn reconcile(&self, trigger: &str) -> Result<reconcile::Report, ApiError> {
+        let _one_at_a_time = self.reconciling.lock().await;
+        let started_at = self.runtime.now();
+        let (view, orders, picks) = self.reconcile_views().await?;
+        let mut findings = reconcile::diff(&view, &orders, &picks);
+        // What is only reported may be an event still in flight between two
+        // services: keep it only if it is still there once consumers caught up.
+        if findings.discrepancies.iter().any(|(_, r)| r.is_none()) {
+            self.settle(std::time::Duration::from_secs(2)).await;
+            let (v, o, p) = self.reconcile_views().await?;
+            let again = reconcile::diff(&v, &o, &p);
+            let key = |d: &reconcile::Discrepancy| {
+                (d.kind.clone(), d.line_id.clone(), d.location.clone(), d.order_id.clone())
+            };
+            let still: std::collections::BTreeSet<_> = again.discrepancies.iter().map(|(d, _)| key(d)).collect();
+            findings.discrepancies.retain(|(d, r)| r.is_some() || still.contains(&key(d)));
+        }
+        let repairs: Vec<reconcile::Repair> = findings.discrepancies.iter().filter_map(|(_, r)| r.clone()).collect();
+        let user = format!("reconciliation:{trigger}");
+        let outcomes = if repairs.is_empty() {
+            Vec::new()
+        } else {
+            let rs = repairs.clone();
+            self.inventory.call(|reply| inventory::Command::Repair { repairs: rs, user, reply }).await?
+        };
+        let republish: Vec<PickId> = repairs
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|(r, o)| match (r, o) {
+                (reconcile::Repair::CommitPick { pick_id, .. }, reconcile::RepairOutcome::Applied) => {
+                    Some(pick_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if !republish.is_empty() {
+            self.picking
+                .call(|reply| {
+                    picking::Command::Reconcile(picking::ReconcileCommand::Republish { pick_ids: republish, reply })
+                })
+                .await?;
+        }
+        let mut outcome_of = outcomes.into_iter();
+        let mut discrepancies = Vec::with_capacity(findings.discrepancies.len());
+        let mut repaired = 0;
+        for (mut d, repair) in findings.discrepancies {
+            if repair.is_some() {
+                match outcome_of.next() {
+                    Some(reconcile::RepairOutcome::Applied) => {
+                        d.repaired = true;
+                        repaired += 1;
+                    }
+                    Some(reconcile::RepairOutcome::Unchanged) | None => {}
+                    Some(reconcile::RepairOutcome::Failed { error }) => d.error = Some(error),
+                }
+            }
+            discrepancies.push(d);
+        }
+        let finished_at = self.runtime.now();
+        let report = reconcile::Report {
+            id: self.runtime.new_id(finished_at),
+            trigger: trigger.to_owned(),
+            started_at,
+            finished_at,
+            skus_checked: view.skus,
+            reservations_checked: view.reservations.len() as u64,
+            orders_checked: orders.len() as u64,
+            picks_checked: picks.len() as u64,
+            repaired,
+            discrepancies,
+        };
+        let m = &self.runtime.metrics;
+        m.inc(
+            "orderly_reconciliation_runs_total",
+            &[("trigger", if trigger == "scheduler" { "scheduler" } else { "manual" })],
+            1,
+        );
+        m.set("orderly_reconciliation_discrepancies", &[], report.discrepancies.len() as f64);
+        if !report.clean() {
+            tracing::warn!(run = %report.id, discrepancies = report.discrepancies.len(), repaired, "reconciliation found discrepancies");
+        } else {
+            tracing::info!(run = %report.id, "reconciliation found no discrepancy");
+        }
+        *self.last_reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        Ok(report)
+    }
+
+    /// Inventory's, then orders' and picking's views of what inventory reserves.
+    async fn reconcile_views(
+        &self,
+    ) -> Result<(reconcile::InventoryView, Vec<Order>, Vec<picking::PickTask>), ApiError> {
+        let view = self.inventory.call(|reply| inventory::Command::ReconcileView { reply }).await?;
+        let mut order_ids: Vec<OrderId> = view
+            .reservations
+            .iter()
+            .map(|r| r.order_id.clone())
+            .chain(view.backorders.iter().map(|b| b.order_id.clone()))
+            .collect();
+        order_ids.sort();
+        order_ids.dedup();
+        let mut line_ids: Vec<LineId> = view.reservations.iter().map(|r| r.line_id.clone()).collect();
+        line_ids.sort();
+        line_ids.dedup();
+        let orders = self.orders.call(|reply| orders::Command::ReconcileView { order_ids, reply }).await?;
+        let picks = self
+            .picking
+            .call(|reply| picking::Command::Reconcile(picking::ReconcileCommand::View { line_ids, reply }))
+            .await?;
+        Ok((view, orders, picks))
+    }
+
+    /// Waits (at most `limit`) until every consumer has caught up.
+    async fn settle(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self.runtime.consumer_lag().await.iter().all(|l| l.backlog == 0) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts the scheduled reconciliation (every `reconcile.interval`, first
+    /// run one interval after start; none when the interval is 0). It stops
+    /// with the engine.
+    pub fn spawn_reconciler(self: &Arc<Engine>) -> Option<tokio::task::JoinHandle<()>> {
+        let every = self.runtime.settings.reconcile.interval.0;
+        if every <= 0 {
+            return None;
+        }
+        let engine = Arc::downgrade(self);
+        let mut stopping = self.runtime.stopping();
+        let period = std::time::Duration::from_millis(every as u64);
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stopping.changed() => return,
+                }
+                if *stopping.borrow() {
+                    return;
+                }
+                let Some(engine) = engine.upgrade() else { return };
+                if let Err(e) = engine.reconcile("scheduler").await {
+                    tracing::warn!(error = %e, "scheduled reconciliation failed; next try in one interval");
+                }
+            }
+        }))
+    }
+
+    /// The last reconciliation report since the engine started, if any.
+    pub fn last_reconcile(&self) -> Option<reconcile::Report> {
+        self.last_reconcile.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn store(&self, name: &str) -> Result<Arc<dyn crate::ports::Store>, ApiError> {
         self.runtime.store(name).ok_or_else(|| ApiError::Unavailable(format!("no store for {name}")))
     }
@@ -471,7 +648,9 @@ pub fn subscriptions(consumer: &str) -> &'static [Subscription] {
 }
 
 const ORDERS_SUBSCRIPTIONS: &[Subscription] = &[
-    ("inventory", |t| matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered")),
+    ("inventory", |t| {
+        matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered" | "orderly.inventory.deallocated")
+    }),
     ("picking", |t| matches!(t, "orderly.pick.requested" | "orderly.pick.completed" | "orderly.pick.short")),
     ("packing", |t| t == "orderly.pack.completed"),
     ("shipping", |t| matches!(t, "orderly.shipment.label_created" | "orderly.shipment.delivered")),
@@ -481,7 +660,7 @@ const INVENTORY_SUBSCRIPTIONS: &[Subscription] = &[
     ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
 ];
 const PICKING_SUBSCRIPTIONS: &[Subscription] =
-    &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled"))];
+    &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled" | "orderly.order.deallocated"))];
 const PACKING_SUBSCRIPTIONS: &[Subscription] = &[
     ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
     ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled")),

@@ -71,6 +71,10 @@ pub struct Settings {
     pub alerts: AlertSettings,
     /// `[bus]`
     pub bus: BusSettings,
+    /// `[reconcile]`
+    pub reconcile: ReconcileSettings,
+    /// `[otel]`
+    pub otel: OtelSettings,
     /// `[auth]`
     pub auth: AuthSettings,
     /// `[http]`
@@ -255,11 +259,47 @@ pub struct AlertSettings {
     pub max_lag: Millis,
     /// Alert when retries exceed this many.
     pub max_retries: u64,
+    /// Alert when manual adjustments per automated pick, over
+    /// `manual_adjustment_window`, exceed this ratio.
+    pub max_manual_adjustment_ratio: f64,
+    /// The window of the manual-adjustment ratio.
+    pub manual_adjustment_window: Millis,
+    /// The ratio alert needs at least this many manual adjustments in the window.
+    pub manual_adjustment_min_count: u64,
 }
 
 impl Default for AlertSettings {
     fn default() -> Self {
-        AlertSettings { max_lag: Millis(5 * 60_000), max_retries: 3 }
+        AlertSettings {
+            max_lag: Millis(5 * 60_000),
+            max_retries: 3,
+            max_manual_adjustment_ratio: 0.05,
+            manual_adjustment_window: Millis(3_600_000),
+            manual_adjustment_min_count: 3,
+        }
+    }
+}
+
+/// `[otel]`: OpenTelemetry export.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtelSettings {
+    /// OTLP/HTTP collector base URL (`http://127.0.0.1:4318`); spans go to
+    /// `<endpoint>/v1/traces`. None: no export.
+    pub endpoint: Option<String>,
+}
+
+/// `[reconcile]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// How often the scheduled reconciliation runs; `"0"` turns it off.
+    pub interval: Millis,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        ReconcileSettings { interval: Millis(3_600_000) }
     }
 }
 
@@ -350,6 +390,10 @@ mod tests {
         assert_eq!(s.shipping.max_retries, 3);
         assert_eq!(s.alerts.max_lag, Millis(300_000));
         assert_eq!(s.alerts.max_retries, 3);
+        assert_eq!(s.alerts.manual_adjustment_window, Millis(3_600_000));
+        assert_eq!(s.alerts.manual_adjustment_min_count, 3);
+        assert!((s.alerts.max_manual_adjustment_ratio - 0.05).abs() < 1e-9);
+        assert_eq!(s.reconcile.interval, Millis(3_600_000));
     }
 
     #[test]

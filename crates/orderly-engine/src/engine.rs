@@ -292,6 +292,11 @@ impl Runtime {
         self.adapters.stores.get(name).cloned()
     }
 
+    /// A receiver that turns true when the engine shuts down (for jobs).
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
     /// Now, by the engine's clock.
     pub fn now(&self) -> Timestamp {
         self.adapters.clock.now()

@@ -139,6 +139,19 @@ pub struct InventoryReserved {
     pub from_backorder: bool,
 }
 
+/// `orderly.inventory.deallocated` and `orderly.order.deallocated`: reserved
+/// units taken back from an order (a count or adjustment found less stock
+/// than was reserved); inventory backorders them in the same batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deallocated {
+    /// Order id.
+    pub order_id: OrderId,
+    /// Units taken back, per line and location.
+    pub allocations: Vec<AllocationData>,
+    /// Why (`stock_loss`).
+    pub reason: String,
+}
+
 /// A line (part) that could not be allocated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnfilledData {

@@ -80,13 +80,14 @@
     session.key = null;
     session.generation += 1;
     session.rendered = {};
+    session.reconcileId = null;
     clearTimeout(session.timer);
     sessionStorage.removeItem(KEY_STORAGE);
     $("main").hidden = true;
     $("session").hidden = true;
     $("login").hidden = false;
     $("api-key").value = "";
-    for (const id of ["dead-letters-message", "adjust-error", "adjust-result"]) $(id).textContent = "";
+    for (const id of ["dead-letters-message", "adjust-error", "adjust-result", "reconcile-error"]) $(id).textContent = "";
     $("login-error").textContent = message || "";
     $("updated").textContent = "Not signed in.";
     $("api-key").focus();
@@ -110,6 +111,7 @@
     $("read-only-note").hidden = !readOnly;
     for (const el of document.querySelectorAll(".ops-only")) el.hidden = readOnly;
     $("adjust-fieldset").disabled = readOnly;
+    $("reconcile-run").disabled = readOnly;
     for (const b of document.querySelectorAll("#dead-letters button")) b.disabled = readOnly;
     if (readOnly) {
       session.rendered.deadLetters = null;
@@ -156,6 +158,10 @@
     renderSummary(summary);
     renderDeadLetters(dead.dead_letters || []);
     renderBackorders(backordered.orders || []);
+    const brief = summary.reconciliation;
+    if (brief && brief.id !== session.reconcileId) {
+      renderReconcile(await api("GET", "/v1/ops/reconcile/last"));
+    }
   }
 
   /** Calls `render(data)` only when `data` differs from what is shown, so
@@ -295,6 +301,46 @@
     });
   }
 
+  function renderReconcile(report) {
+    session.reconcileId = report.id;
+    const list = report.discrepancies || [];
+    const repaired = list.filter((d) => d.repaired).length;
+    const open = list.filter((d) => !d.repaired && d.action !== "none").length;
+    const summary = $("reconcile-summary");
+    summary.dataset.run = report.id;
+    summary.dataset.discrepancies = String(list.length);
+    summary.textContent = "Last run " + formatTime(report.finished_at) + " (" + report.trigger + "): " +
+      report.skus_checked + " SKUs, " + report.reservations_checked + " reservations, " + report.orders_checked +
+      " orders, " + report.picks_checked + " picks checked; " +
+      (list.length === 0 ? "no discrepancy." : (list.length === 1 ? "1 discrepancy" : list.length + " discrepancies") + ", " + repaired + " repaired" +
+        (open > 0 ? ", " + open + " not repaired." : "."));
+    summary.className = list.length > 0 && open > 0 ? "error" : "message";
+    const rows = list.map((d) => {
+      const status = d.error ? "not repaired: " + d.error : d.repaired ? "repaired" : d.action === "none" ? "reported" : "already right";
+      const tr = el("tr", { dataset: { kind: d.kind, status: d.repaired ? "repaired" : "open" } });
+      tr.append(el("td", { className: "mono" }, d.kind.replace(/_/g, " ")), el("td", { className: "mono" }, d.sku),
+        el("td", {}, d.location || "–"), el("td", { className: "mono" }, d.order_id || "–"),
+        el("td", {}, d.detail), el("td", {}, d.action), el("td", { className: d.repaired ? "ok" : "" }, status));
+      return tr;
+    });
+    fillBody("reconcile", rows, 7, "No discrepancies.");
+  }
+
+  async function onReconcile() {
+    const button = $("reconcile-run");
+    const error = $("reconcile-error");
+    error.textContent = "";
+    button.disabled = true;
+    try {
+      renderReconcile(await api("POST", "/v1/ops/reconcile"));
+    } catch (e) {
+      handleForbidden(e);
+      error.textContent = "Reconciliation failed: " + e.message;
+    } finally {
+      button.disabled = !session.canMutate;
+    }
+  }
+
   async function loadLocations() {
     if (!session.canMutate) return;
     try {
@@ -416,6 +462,7 @@
   $("logout").addEventListener("click", () => signOut(""));
   $("dead-letters").addEventListener("click", onDeadLetterAction);
   $("adjust-form").addEventListener("submit", onAdjust);
+  $("reconcile-run").addEventListener("click", onReconcile);
 
   const saved = sessionStorage.getItem(KEY_STORAGE);
   if (saved) {

@@ -15,6 +15,23 @@ pub struct Alert {
     pub detail: String,
 }
 
+/// The last reconciliation, in brief (the full report is at `GET /v1/ops/reconcile/last`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileBrief {
+    /// Run id.
+    pub id: String,
+    /// When it finished.
+    pub finished_at: orderly_domain::Timestamp,
+    /// Discrepancies found.
+    pub discrepancies: u64,
+    /// Compensating changes applied.
+    pub repaired: u64,
+}
+
+/// Every alert name, so a cleared alert's gauge drops back to 0.
+pub const ALERT_NAMES: [&str; 6] =
+    ["consumer_lag", "retries", "dead_letters", "carrier_breaker", "manual_adjustment_ratio", "reconciliation"];
+
 /// `GET /v1/ops/summary`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -30,8 +47,15 @@ pub struct Summary {
     pub retries: u64,
     /// Event processing failures since start.
     pub failures: u64,
-    /// Manual adjustments per automated pick.
+    /// Manual adjustments per automated pick over `alerts.manual_adjustment_window`
+    /// (the number of manual adjustments when there was no pick).
     pub manual_adjustment_ratio: f64,
+    /// Manual adjustments in the window.
+    pub manual_adjustments_in_window: u64,
+    /// Automated picks in the window.
+    pub automated_picks_in_window: u64,
+    /// The last reconciliation run since start: when, what it found and repaired.
+    pub reconciliation: Option<ReconcileBrief>,
     /// Carrier breakers, label queue, rate versions.
     pub shipping: Option<orderly_engine::services::shipping::ShippingSummary>,
     /// Webhook breaker and deliveries per status.
@@ -76,9 +100,38 @@ pub async fn summary(engine: &Engine) -> Result<Summary, ApiError> {
             detail: format!("{dead_letters} events are dead-lettered and need attention"),
         });
     }
-    let manual = m.counter_total("orderly_manual_adjustments_total") as f64;
-    let picks = m.counter_total("orderly_automated_picks_total") as f64;
-    let manual_adjustment_ratio = if picks > 0.0 { manual / picks } else { manual };
+    let a = &rt.settings.alerts;
+    let since = rt.now().0.saturating_sub(a.manual_adjustment_window.0);
+    let manual = m.count_since("manual_adjustments", since);
+    let picks = m.count_since("automated_picks", since);
+    let manual_adjustment_ratio = if picks > 0 { manual as f64 / picks as f64 } else { manual as f64 };
+    m.set("orderly_manual_adjustment_ratio", &[], manual_adjustment_ratio);
+    if manual >= a.manual_adjustment_min_count && manual_adjustment_ratio > a.max_manual_adjustment_ratio {
+        alerts.push(Alert {
+            name: "manual_adjustment_ratio",
+            detail: format!(
+                "{manual} manual adjustments per {picks} automated picks in the last {} min ({manual_adjustment_ratio:.2}, limit {})",
+                a.manual_adjustment_window.0 / 60_000,
+                a.max_manual_adjustment_ratio
+            ),
+        });
+    }
+    let last = engine.last_reconcile();
+    if let Some(r) = &last {
+        let open = r.discrepancies.iter().filter(|d| !d.repaired).count();
+        if open > 0 {
+            alerts.push(Alert {
+                name: "reconciliation",
+                detail: format!("the last reconciliation left {open} discrepancies unrepaired (run {})", r.id),
+            });
+        }
+    }
+    let reconciliation = last.map(|r| ReconcileBrief {
+        id: r.id.clone(),
+        finished_at: r.finished_at,
+        discrepancies: r.discrepancies.len() as u64,
+        repaired: r.repaired,
+    });
     let shipping = engine.shipping_summary().await.ok();
     if let Some(sh) = &shipping {
         for (carrier, state) in &sh.breakers {
@@ -91,8 +144,9 @@ pub async fn summary(engine: &Engine) -> Result<Summary, ApiError> {
         }
     }
     let notifications = engine.notification_summary().await.ok();
-    for a in &alerts {
-        m.set("orderly_alert_active", &[("alert", a.name)], 1.0);
+    for name in ALERT_NAMES {
+        let firing = alerts.iter().any(|a| a.name == name);
+        m.set("orderly_alert_active", &[("alert", name)], if firing { 1.0 } else { 0.0 });
     }
     Ok(Summary {
         orders_by_state,
@@ -102,6 +156,9 @@ pub async fn summary(engine: &Engine) -> Result<Summary, ApiError> {
         retries,
         failures: m.counter_total("orderly_events_failed_total"),
         manual_adjustment_ratio,
+        manual_adjustments_in_window: manual,
+        automated_picks_in_window: picks,
+        reconciliation,
         shipping,
         notifications,
         carrier_fallbacks: m.counter_total("orderly_carrier_fallbacks_total"),

@@ -68,7 +68,70 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ops/dead-letters/{id}/discard", post(discard_dead_letter))
         .route("/v1/ops/notifications/failed", get(failed_notifications))
         .route("/v1/ops/notifications/{id}/retry", post(retry_notification))
+        .route("/v1/ops/reconcile", post(reconcile))
+        .route("/v1/ops/reconcile/last", get(last_reconcile))
         .with_state(state)
+}
+
+/// Counts every request and its latency per method, matched route template
+/// (never the raw path, so ids do not explode the series) and status:
+/// `orderly_http_requests_total` and `orderly_http_request_duration_seconds`.
+/// Wrap the complete application with it (outermost), so requests refused
+/// by authentication or limits are counted too.
+pub fn with_request_metrics(router: Router, metrics: Arc<orderly_engine::metrics::Metrics>) -> Router {
+    metrics.describe("orderly_http_requests_total", "HTTP requests by method, route template and status.");
+    metrics.describe("orderly_http_request_duration_seconds", "HTTP request latency by method and route template.");
+    router.layer(axum::middleware::from_fn_with_state(metrics, track_request))
+}
+
+async fn track_request(
+    State(m): State<Arc<orderly_engine::metrics::Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = route_template(req.uri().path());
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    m.inc("orderly_http_requests_total", &[("method", &method), ("route", route), ("status", &status)], 1);
+    m.observe(
+        "orderly_http_request_duration_seconds",
+        &[("method", &method), ("route", route)],
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// Route templates (the OpenAPI document's paths, which a test keeps equal
+/// to this router's), as segments, most literal first.
+static TEMPLATES: std::sync::LazyLock<Vec<(&'static str, Vec<&'static str>)>> = std::sync::LazyLock::new(|| {
+    let doc: Value = serde_json::from_str(crate::openapi::OPENAPI_JSON).expect("the embedded OpenAPI document parses");
+    let mut out: Vec<(&'static str, Vec<&'static str>)> = doc["paths"]
+        .as_object()
+        .map(|paths| {
+            paths
+                .keys()
+                .map(|p| {
+                    let p: &'static str = Box::leak(p.clone().into_boxed_str());
+                    (p, p.split('/').collect())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by_key(|(_, segs)| std::cmp::Reverse(segs.iter().filter(|s| !s.starts_with('{')).count()));
+    out
+});
+
+/// The route template a path matches, or `unmatched`.
+pub fn route_template(path: &str) -> &'static str {
+    let segs: Vec<&str> = path.split('/').collect();
+    TEMPLATES
+        .iter()
+        .find(|(_, t)| {
+            t.len() == segs.len() && t.iter().zip(&segs).all(|(a, b)| a == b || (a.starts_with('{') && !b.is_empty()))
+        })
+        .map_or("unmatched", |(p, _)| *p)
 }
 
 fn json_response(status: StatusCode, body: impl serde::Serialize) -> Response {
@@ -101,6 +164,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
             let n = counts.iter().find(|(k, _)| k == st.as_str()).map_or(0, |(_, n)| *n);
             m.set("orderly_orders", &[("state", st.as_str())], n as f64);
         }
+    }
+    // Refreshes the alert gauges and the manual-adjustment ratio.
+    if let Err(err) = crate::ops::summary(e).await {
+        tracing::debug!(error = %err, "ops summary unavailable for /metrics");
     }
     for lag in e.runtime.consumer_lag().await {
         m.set(
@@ -515,4 +582,40 @@ async fn replay_all(State(s): State<AppState>, who: Principal) -> ApiResult {
         }
     }
     Ok(json_response(StatusCode::OK, json!({"replayed": replayed, "failed": failed})))
+}
+
+async fn reconcile(State(s): State<AppState>, who: Principal) -> ApiResult {
+    who.require(OPS)?;
+    let report = s.engine.reconcile(&who.name).await.map_err(problem)?;
+    Ok(json_response(StatusCode::OK, report))
+}
+
+async fn last_reconcile(State(s): State<AppState>, who: Principal) -> ApiResult {
+    who.require(ANY)?;
+    match s.engine.last_reconcile() {
+        Some(report) => Ok(json_response(StatusCode::OK, report)),
+        None => Err(problem(orderly_engine::services::common::ApiError::NotFound(
+            "reconciliation report (none has run since the engine started)".into(),
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_template;
+
+    #[test]
+    fn paths_map_to_their_route_template() {
+        assert_eq!(route_template("/v1/orders/o-123"), "/v1/orders/{id}");
+        assert_eq!(route_template("/v1/orders/o-123/cancel"), "/v1/orders/{id}/cancel");
+        assert_eq!(route_template("/v1/inventory/receipts"), "/v1/inventory/receipts");
+        assert_eq!(route_template("/v1/inventory/SKU-1"), "/v1/inventory/{sku}");
+        assert_eq!(route_template("/v1/ops/dead-letters/replay"), "/v1/ops/dead-letters/replay");
+        assert_eq!(route_template("/v1/ops/dead-letters/e1/replay"), "/v1/ops/dead-letters/{id}/replay");
+        assert_eq!(route_template("/v1/ops/reconcile/last"), "/v1/ops/reconcile/last");
+        assert_eq!(route_template("/"), "/");
+        assert_eq!(route_template("/metrics"), "/metrics");
+        assert_eq!(route_template("/v1/orders/"), "unmatched");
+        assert_eq!(route_template("/nope/x/y"), "unmatched");
+    }
 }

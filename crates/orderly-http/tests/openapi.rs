@@ -350,6 +350,11 @@ async fn ops_endpoints(api: &Api) {
     api.call("POST", "/v1/ops/dead-letters/replay", Some(OPS), None, StatusCode::OK).await;
     api.call("POST", "/v1/ops/dead-letters/d-missing/replay", Some(OPS), None, StatusCode::NOT_FOUND).await;
     api.call("POST", "/v1/ops/dead-letters/d-missing/discard", Some(OPS), None, StatusCode::NOT_FOUND).await;
+    api.call("GET", "/v1/ops/reconcile/last", Some(VIEWER), None, StatusCode::NOT_FOUND).await;
+    api.call("POST", "/v1/ops/reconcile", Some(VIEWER), None, StatusCode::FORBIDDEN).await;
+    api.call("POST", "/v1/ops/reconcile", Some(OPS), None, StatusCode::OK).await;
+    api.call("GET", "/v1/ops/reconcile/last", Some(VIEWER), None, StatusCode::OK).await;
+    api.call("GET", "/v1/ops/summary", Some(VIEWER), None, StatusCode::OK).await;
     api.call("GET", "/v1/ops/carrier-rates", Some(VIEWER), None, StatusCode::OK).await;
     let newer = RATES.replace("2026-11-01.1", "2026-11-02.1");
     let response = api.raw("PUT", "/v1/ops/carrier-rates", Some(OPS), Some("text/csv"), Some(newer.into_bytes())).await;

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod demo;
 pub mod settings;
 pub mod simulate;
+pub mod telemetry;
 
 use anyhow::{Context, Result};
 use orderly_engine::app::Engine;
@@ -182,6 +183,8 @@ impl Application {
         );
         let layers = HttpLayers { keys: keys.clone(), idempotency: Some(idempotency), limits };
         let app = layers.apply(router(AppState { engine: engine.clone() }));
+        let app = orderly_http::routes::with_request_metrics(app, engine.runtime.metrics.clone());
+        engine.spawn_reconciler();
         let listener = tokio::net::TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
@@ -219,4 +222,41 @@ impl Application {
         drop(self.leases);
         served.context("HTTP server failed")
     }
+}
+
+/// `orderly reconcile`: starts the engine over the stores (no HTTP), lets
+/// every consumer catch up (at most `settle`), runs reconciliation once and
+/// stops. Run it against a stopped engine's data; a running one has
+/// `POST /v1/ops/reconcile`.
+pub async fn reconcile_once(
+    settings: Settings,
+    options: &RunOptions,
+    settle: std::time::Duration,
+) -> Result<orderly_engine::services::reconcile::Report> {
+    orderly_carrier::install_crypto_provider();
+    let location = adapters::StoreLocation::from_args(options.store.as_deref(), &options.data_dir)?;
+    let (adapters, _api_store) = location.open(options.durability).await?;
+    let carriers = adapters::carriers(&settings)?;
+    let notifier = adapters::notifier(&settings)?;
+    let rates = match &settings.carriers.rates_dir {
+        Some(dir) => adapters::load_rates(std::path::Path::new(dir))?,
+        None => None,
+    };
+    let engine =
+        Engine::start(settings, adapters, carriers, rates, notifier).await.context("engine failed to start")?;
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        let backlog: u64 = engine.runtime.consumer_lag().await.iter().map(|l| l.backlog).sum();
+        if backlog == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(backlog, "consumers did not catch up in time; reconciling anyway");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let report = engine.reconcile("cli").await;
+    engine.shutdown().await;
+    report.map_err(|e| anyhow::anyhow!("reconciliation failed: {e}"))
 }

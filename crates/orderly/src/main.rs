@@ -117,6 +117,22 @@ enum Command {
         #[arg(long, env = "ORDERLY_STORE")]
         store: Option<String>,
     },
+    /// Reconcile the stores once: report every discrepancy between reservations, picks, orders and stock,
+    /// apply compensating adjustments (reason `reconciliation`). Exit code 0: none found; 2: found (see the report).
+    Reconcile {
+        /// Configuration file (default: ./orderly.toml if present).
+        #[arg(long, env = "ORDERLY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Directory of the embedded stores (the engine must be stopped).
+        #[arg(long, default_value = "./data", env = "ORDERLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// A `postgres://` URL instead of --data-dir.
+        #[arg(long, env = "ORDERLY_STORE")]
+        store: Option<String>,
+        /// Print one JSON object instead of the readable report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file without starting anything.
     CheckConfig {
         /// The file.
@@ -205,13 +221,19 @@ enum KeysCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Spans go to an OpenTelemetry collector when the served configuration says so.
+    let otel = match &cli.command {
+        Command::Serve { config, .. } => settings::load(config.as_deref(), std::env::vars())?.otel.endpoint,
+        _ => None,
+    };
     // Benchmarks log warnings only, so the log does not become the workload;
     // the simulator logs nothing (its faults make the engine warn by design).
-    init_tracing(match cli.command {
+    let level = match cli.command {
         Command::Bench { .. } => "warn",
         Command::Simulate { .. } => "off",
         _ => "info",
-    });
+    };
+    let _telemetry = orderly::telemetry::init(level, otel.as_deref())?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
@@ -287,6 +309,20 @@ async fn run(cli: Cli) -> Result<()> {
             println!("every service's store is migrated to the current schema ({location:?})");
             Ok(())
         }
+        Command::Reconcile { config, data_dir, store, json } => {
+            let settings = settings::load(config.as_deref(), std::env::vars())?;
+            let options = RunOptions { data_dir, listen: "127.0.0.1:0".parse()?, store, durability: Durability::Full };
+            let report = orderly::reconcile_once(settings, &options, std::time::Duration::from_secs(30)).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_reconcile_report(&report);
+            }
+            if !report.clean() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let s = settings::load(config.as_deref(), std::env::vars())?;
             println!(
@@ -306,6 +342,34 @@ async fn carrier_sim(listen: SocketAddr, seed: u64, carriers: &[String]) -> Resu
     println!("carrier-sim listening on {addr} (carriers: {})", config.carrier_names().collect::<Vec<_>>().join(", "));
     tracing::info!(%addr, "listening on {addr}");
     orderly_carrier::sim::serve(listener, config, shutdown_signal()).await.context("carrier-sim failed")
+}
+
+fn print_reconcile_report(r: &orderly_engine::services::reconcile::Report) {
+    println!(
+        "reconciliation {}: {} SKUs, {} reservations, {} orders, {} picks checked",
+        r.id, r.skus_checked, r.reservations_checked, r.orders_checked, r.picks_checked
+    );
+    if r.clean() {
+        println!("no discrepancy found");
+        return;
+    }
+    println!("{} discrepancies, {} repaired:", r.discrepancies.len(), r.repaired);
+    for d in &r.discrepancies {
+        let status = match (&d.error, d.repaired) {
+            (Some(e), _) => format!("NOT REPAIRED: {e}"),
+            (None, true) => "repaired".to_owned(),
+            (None, false) if d.action == "none" => "reported".to_owned(),
+            (None, false) => "already right".to_owned(),
+        };
+        println!(
+            "- [{}] {} {}: {} -> {} ({status})",
+            d.kind,
+            d.sku,
+            d.location.as_ref().map_or("", |l| l.as_str()),
+            d.detail,
+            d.action
+        );
+    }
 }
 
 fn parse_durability(s: &str) -> Result<Durability> {
@@ -335,17 +399,5 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
-    }
-}
-
-fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("ORDERLY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let json = std::env::var("ORDERLY_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

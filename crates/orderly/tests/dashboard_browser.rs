@@ -2,8 +2,11 @@
 //! WebDriver (chromedriver) against the real application on port 0 with
 //! traffic: sign in as ops, watch the order counts change, replay and
 //! discard dead letters with a click, submit manual adjustments (a refused
-//! one shows the problem's detail), then sign in as a viewer and find every
-//! mutating control gone. Screenshots are saved as test artifacts.
+//! one shows the problem's detail) and see the manual-adjustment alert, run
+//! reconciliation with a click and read its report (a stock drift planted in
+//! the inventory store while the engine was stopped, repaired), then sign in
+//! as a viewer and find every mutating control gone. Screenshots are saved
+//! as test artifacts.
 //!
 //! Needs Debian's `chromium` and `chromedriver` (`bash .ci/chromium.sh`).
 //! Without them the test prints a loud SKIP, except under `CI=true`, where it
@@ -49,6 +52,8 @@ const CHROMIUM_FLAGS: &[&str] = &[
 
 const SKU: &str = "MUG-BLUE";
 const RARE_SKU: &str = "LAMP-RARE";
+/// Stock whose on-hand count is changed in the store behind the engine's back.
+const DRIFT_SKU: &str = "VASE-DRIFT";
 const WAREHOUSE: &str = "WH-EU-1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -106,6 +111,16 @@ async fn drive(browser: &Client, world: &World) -> Result<()> {
 
     replay_with_a_click(browser, world).await?;
     adjust_with_the_form(browser, engine).await?;
+    wait_for("the manual-adjustment alert", || async {
+        let css = "#alerts li[data-alert='manual_adjustment_ratio']";
+        Ok((!browser.find_all(Locator::Css(css)).await?.is_empty()).then_some(()))
+    })
+    .await?;
+    ensure!(
+        !browser.find_all(Locator::Css("#alerts li[data-alert='dead_letters']")).await?.is_empty(),
+        "the dead-letter alert is still listed beside it"
+    );
+    reconcile_with_a_click(browser, engine).await?;
     save_screenshot(browser, "dashboard-ops.png").await?;
 
     // A viewer sees the data but no control that changes anything.
@@ -184,6 +199,30 @@ async fn adjust_with_the_form(browser: &Client, engine: &Engine) -> Result<()> {
     Ok(())
 }
 
+/// Runs reconciliation with its button: the panel shows the report with the
+/// planted drift, repaired, and the engine's books agree.
+async fn reconcile_with_a_click(browser: &Client, engine: &Engine) -> Result<()> {
+    let before = text(browser, "#reconcile-summary").await?;
+    ensure!(before.contains("No reconciliation"), "no report before the first run: {before:?}");
+    click(browser, "#reconcile-run").await?;
+    let row = wait_for("the drift in the reconciliation report", || async {
+        let css = "#reconcile tbody tr[data-kind='stock_drift']";
+        let rows = browser.find_all(Locator::Css(css)).await?;
+        match rows.first() {
+            Some(r) => Ok(Some(r.text().await?)),
+            None => Ok(None),
+        }
+    })
+    .await?;
+    ensure!(row.contains(DRIFT_SKU) && row.contains("repaired"), "report row: {row:?}");
+    let summary = text(browser, "#reconcile-summary").await?;
+    ensure!(summary.contains("1 discrepancy, 1 repaired"), "report summary: {summary:?}");
+    let report = engine.last_reconcile().context("the engine kept the report")?;
+    ensure!(report.discrepancies.len() == 1 && report.repaired == 1, "{report:?}");
+    ensure!(on_hand(engine, DRIFT_SKU).await? == 7, "on hand stays as counted, now on the books");
+    Ok(())
+}
+
 /// A viewer sees the dead letter but has no button, and no adjustment form.
 async fn viewer_has_no_controls(browser: &Client, world: &World) -> Result<()> {
     ensure!(role_badge(browser).await? == "viewer", "the viewer is shown as read-only");
@@ -193,7 +232,9 @@ async fn viewer_has_no_controls(browser: &Client, world: &World) -> Result<()> {
         Ok((!browser.find_all(Locator::Css(&css)).await?.is_empty()).then_some(()))
     })
     .await?;
-    let buttons = browser.find_all(Locator::Css("#dead-letters button, #adjust-form button")).await?;
+    let report = text(browser, "#reconcile-summary").await?;
+    ensure!(report.contains("1 repaired"), "the viewer sees the last reconciliation report: {report:?}");
+    let buttons = browser.find_all(Locator::Css("#dead-letters button, #adjust-form button, #reconcile-run")).await?;
     for button in buttons {
         ensure!(!button.is_displayed().await?, "a mutating button is visible to a viewer");
         ensure!(!button.is_enabled().await?, "a mutating button is enabled for a viewer");
@@ -235,6 +276,20 @@ impl World {
             store: None,
             durability: Durability::Normal,
         };
+        settings.alerts.manual_adjustment_min_count = 1;
+        // Stock changed behind the engine's back: counted in the store while stopped.
+        let app = Application::build(settings.clone(), &options).await?;
+        let engine = app.engine();
+        engine.put_location(Location { id: id(WAREHOUSE)?, zone: id("EU")?, kind: LocationKind::Warehouse }).await?;
+        engine.receive(id(WAREHOUSE)?, id(DRIFT_SKU)?, 10).await?;
+        drop(engine);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let _ = stop.send(());
+        tokio::time::timeout(WAIT_MAX, first).await.context("the first run stops")???;
+        plant_drift(&options.data_dir.join("inventory.db"), DRIFT_SKU, -3)?;
         let app = Application::build(settings, &options).await?;
         let engine = app.engine();
         let url = format!("http://{}/", app.local_addr());
@@ -349,6 +404,22 @@ async fn plant_poison_event(engine: &Engine) -> Result<String> {
     })
     .await?;
     Ok(event_id)
+}
+
+/// Changes a SKU's on-hand units in the inventory store, as a script run
+/// against the database would: no event, nothing on the ledger's books.
+fn plant_drift(db: &Path, sku: &str, delta: i64) -> Result<()> {
+    let conn = rusqlite::Connection::open(db)?;
+    let raw: Vec<u8> =
+        conn.query_row("SELECT doc FROM docs WHERE tbl = 'ledgers' AND key = ?1", [sku], |r| r.get(0))?;
+    let mut doc: Value = serde_json::from_slice(&raw)?;
+    let on_hand = &mut doc["stock"][WAREHOUSE][0]["on_hand"];
+    let now = on_hand.as_i64().context("on_hand")?;
+    *on_hand = json!(now + delta);
+    let changed =
+        conn.execute("UPDATE docs SET doc = ?1 WHERE tbl = 'ledgers' AND key = ?2", (serde_json::to_vec(&doc)?, sku))?;
+    ensure!(changed == 1, "the ledger of {sku} was not found");
+    Ok(())
 }
 
 async fn engine_states(engine: &Engine) -> Result<BTreeMap<String, u64>> {

@@ -61,3 +61,17 @@ pub fn derived_id(base: &str, suffix: &str) -> String {
     let s = format!("{base}{suffix}");
     if s.len() <= ID_LEN_MAX { s } else { format!("{:016x}{suffix}", fnv1a(base.as_bytes())) }
 }
+
+/// The span every event is handled in: its `event_id`, type, and the
+/// `order_id` it concerns (when its data names one), so each log line
+/// written while handling it carries them (JSON logs list span fields).
+pub fn event_span(env: &orderly_domain::event::Envelope) -> tracing::Span {
+    let order_id = env.data.get("order_id").and_then(|v| v.as_str()).unwrap_or("");
+    tracing::info_span!(
+        "event",
+        event_id = %env.id,
+        event_type = %env.event_type,
+        order_id = %order_id,
+        subject = %env.subject
+    )
+}

@@ -7,6 +7,7 @@
 //! so a store failure can only happen before state changes.
 
 use super::common::{ApiError, Reply};
+use super::reconcile;
 use crate::events::{
     self, AllocationData, InventoryBackordered, InventoryReserved, OrderCanceled, OrderCreated, PickData, StockMoved,
     UnfilledData,
@@ -16,7 +17,9 @@ use crate::table::{IndexGuard, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
-use orderly_domain::ledger::{InventorySnapshot, LedgerCommand, LedgerConfig, LedgerError, LedgerEvent, SkuLedger};
+use orderly_domain::ledger::{
+    InventorySnapshot, LedgerCommand, LedgerConfig, LedgerError, LedgerEvent, ReleaseReason, SkuLedger,
+};
 use orderly_domain::{HoldId, LineId, LocationId, OrderId, Qty, Sku, Timestamp, Zone};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -148,11 +151,26 @@ pub enum Command {
         /// Answer.
         reply: Reply<InventorySnapshot>,
     },
+    /// Reconciliation: every reservation, backorder and books drift.
+    ReconcileView {
+        /// Answer.
+        reply: Reply<reconcile::InventoryView>,
+    },
+    /// Reconciliation: apply compensating changes (reason `reconciliation`).
+    Repair {
+        /// The changes, each re-checked against the current ledger.
+        repairs: Vec<reconcile::Repair>,
+        /// Who runs the reconciliation (recorded).
+        user: String,
+        /// Answer: one outcome per repair.
+        reply: Reply<Vec<reconcile::RepairOutcome>>,
+    },
 }
 
 /// What a handler's ledger changes add up to, emitted once at the end.
 #[derive(Default)]
 struct Outcome {
+    deallocated: BTreeMap<OrderId, Vec<AllocationData>>,
     reserved: BTreeMap<OrderId, (Vec<AllocationData>, bool)>,
     backordered: BTreeMap<OrderId, Vec<UnfilledData>>,
     moves: Vec<(EventType, StockMoved)>,
@@ -292,7 +310,15 @@ impl Inventory {
                     qty: *qty as Qty,
                 });
             }
-            LedgerEvent::Released { order, location, qty, reason, .. } => {
+            LedgerEvent::Released { order, line, location, qty, reason, .. } => {
+                if *reason == ReleaseReason::StockLoss {
+                    out.deallocated.entry(order.clone()).or_default().push(AllocationData {
+                        line_id: line.clone(),
+                        sku: sku.clone(),
+                        location: location.clone(),
+                        qty: *qty as Qty,
+                    });
+                }
                 let reason =
                     serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
                 out.moves.push((EventType::InventoryReleased, mv(location, *qty as i64, &reason, Some(order))));
@@ -304,6 +330,11 @@ impl Inventory {
                 out.moves.push((EventType::InventoryCommitted, mv(location, -(*qty as i64), "pick", Some(order))));
             }
             LedgerEvent::Adjusted { location, delta, reason, user, .. } => {
+                let mut m = mv(location, *delta, reason, None);
+                m.user = Some(user.clone());
+                out.moves.push((EventType::InventoryAdjusted, m));
+            }
+            LedgerEvent::Restated { location, delta, reason, user, .. } => {
                 let mut m = mv(location, *delta, reason, None);
                 m.user = Some(user.clone());
                 out.moves.push((EventType::InventoryAdjusted, m));
@@ -329,10 +360,15 @@ impl Inventory {
     /// stock movements and hold events.
     fn flush(&mut self, tx: &mut Tx, out: Outcome) {
         let m = &tx.ctx().metrics;
-        for (event_type, _) in &out.moves {
-            if *event_type == EventType::InventoryCommitted {
-                m.inc("orderly_automated_picks_total", &[], 1);
-            }
+        let picks = out.moves.iter().filter(|(t, m)| *t == EventType::InventoryCommitted && m.reason == "pick").count();
+        if picks > 0 {
+            m.inc("orderly_automated_picks_total", &[], picks as u64);
+            m.count_at("automated_picks", tx.now.0, picks as u64);
+        }
+        // Taken back first: the order frees the units before it hears they wait.
+        for (order_id, allocations) in out.deallocated {
+            let data = events::Deallocated { order_id: order_id.clone(), allocations, reason: "stock_loss".into() };
+            tx.emit(EventType::InventoryDeallocated, order_id.as_str(), events::data(&data));
         }
         for (order_id, (allocations, from_backorder)) in out.reserved {
             let data = InventoryReserved { order_id: order_id.clone(), allocations, from_backorder };
@@ -825,6 +861,7 @@ impl Service for Inventory {
                 let r = self.stock_command(tx, &sku, &location, cmd).await;
                 if r.is_ok() {
                     tx.ctx().metrics.inc("orderly_manual_adjustments_total", &[], 1);
+                    tx.ctx().metrics.count_at("manual_adjustments", tx.now.0, 1);
                 }
                 tx.reply(reply, r);
             }
@@ -834,6 +871,14 @@ impl Service for Inventory {
             }
             Command::ReserveSync { order_id, zone, lines, reply } => {
                 let r = self.reserve_sync(tx, order_id, zone, lines).await;
+                tx.reply(reply, r);
+            }
+            Command::ReconcileView { reply } => {
+                let r = self.reconcile_view(tx).await;
+                tx.reply(reply, r);
+            }
+            Command::Repair { repairs, user, reply } => {
+                let r = self.repair(tx, repairs, &user).await;
                 tx.reply(reply, r);
             }
             Command::Get { sku, reply } => {
@@ -849,14 +894,20 @@ impl Service for Inventory {
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
         self.refresh(tx.store()).await?;
-        match event.event_type {
-            EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
-            EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
-            EventType::OrderReturned => self.on_returned(tx, events::parse(event)?).await,
-            EventType::PickCompleted => self.on_pick(tx, events::parse(event)?, false).await,
-            EventType::PickShort => self.on_pick(tx, events::parse(event)?, true).await,
-            _ => Ok(()),
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            match event.event_type {
+                EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
+                EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
+                EventType::OrderReturned => self.on_returned(tx, events::parse(event)?).await,
+                EventType::PickCompleted => self.on_pick(tx, events::parse(event)?, false).await,
+                EventType::PickShort => self.on_pick(tx, events::parse(event)?, true).await,
+                _ => Ok(()),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {
@@ -893,5 +944,141 @@ impl Service for Inventory {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds, &mut self.indexes]
+    }
+}
+
+// Reconciliation (see `services::reconcile`).
+impl Inventory {
+    /// Every SKU's reservations, backorders and books drift, and what the
+    /// ledger committed as picked for the reserved lines.
+    async fn reconcile_view(&mut self, tx: &mut Tx) -> Result<reconcile::InventoryView, ApiError> {
+        const PAGE: u32 = 1000;
+        let mut skus: BTreeSet<String> = self.ledgers.iter().map(|(k, _)| k.clone()).collect();
+        let mut after: Option<String> = None;
+        loop {
+            let rows = tx.store().scan(self.ledgers.name(), None, after.as_deref(), PAGE).await?;
+            let done = rows.len() < PAGE as usize;
+            after = rows.last().map(|r| r.key.clone());
+            skus.extend(rows.into_iter().map(|r| r.key));
+            if done {
+                break;
+            }
+        }
+        let mut view = reconcile::InventoryView::default();
+        let mut orders: BTreeSet<OrderId> = BTreeSet::new();
+        for key in skus {
+            let Ok(sku) = Sku::parse(key.as_str()) else { continue };
+            self.load_ledgers(tx.store(), vec![sku.clone()]).await?;
+            let Some(ledger) = self.ledgers.get(sku.as_str()) else { continue };
+            view.skus += 1;
+            for r in ledger.reservations() {
+                orders.insert(r.order.clone());
+                for a in r.allocations {
+                    view.reservations.push(reconcile::ReservedUnits {
+                        order_id: r.order.clone(),
+                        line_id: r.line.clone(),
+                        sku: sku.clone(),
+                        location: a.location,
+                        qty: a.qty,
+                    });
+                }
+            }
+            for b in ledger.backorders() {
+                view.backorders.push(reconcile::WaitingUnits {
+                    order_id: b.order.clone(),
+                    line_id: b.line.clone(),
+                    sku: sku.clone(),
+                    qty: b.qty,
+                });
+            }
+            for (location, delta) in ledger.drift() {
+                view.drift.push(reconcile::StockDrift { sku: sku.clone(), location, delta });
+            }
+        }
+        for order in orders {
+            if self.orders.load(tx.store(), order.as_str()).await?
+                && let Some(record) = self.orders.get(order.as_str())
+            {
+                view.picked.extend(record.picked.iter().cloned());
+            }
+        }
+        Ok(view)
+    }
+
+    /// Applies compensating changes with reason `reconciliation`. Each is
+    /// checked against the ledger as it is now: what is already right is
+    /// left alone, so running the same repairs twice changes things once.
+    async fn repair(
+        &mut self,
+        tx: &mut Tx,
+        repairs: Vec<reconcile::Repair>,
+        user: &str,
+    ) -> Result<Vec<reconcile::RepairOutcome>, ApiError> {
+        use reconcile::{Repair, RepairOutcome};
+        let skus: Vec<Sku> = repairs
+            .iter()
+            .map(|r| match r {
+                Repair::Release { sku, .. } | Repair::CommitPick { sku, .. } | Repair::Restate { sku, .. } => {
+                    sku.clone()
+                }
+            })
+            .collect();
+        self.load_ledgers(tx.store(), skus).await?;
+        for r in &repairs {
+            if let Repair::CommitPick { order_id, .. } = r {
+                self.orders.load(tx.store(), order_id.as_str()).await?;
+            }
+        }
+        let mut out = Outcome::default();
+        let mut outcomes = vec![RepairOutcome::Unchanged; repairs.len()];
+        // Books first: a drifted partition refuses every other change.
+        let mut turn: Vec<usize> = (0..repairs.len()).collect();
+        turn.sort_by_key(|i| !matches!(repairs[*i], Repair::Restate { .. }));
+        for i in turn {
+            let (sku, cmd, pick_of) = match &repairs[i] {
+                Repair::Release { line_id, sku, .. } => {
+                    (sku.clone(), LedgerCommand::Release { line: line_id.clone() }, None)
+                }
+                Repair::CommitPick { order_id, line_id, sku, location, qty, instruction_key, .. } => (
+                    sku.clone(),
+                    LedgerCommand::Commit {
+                        line: line_id.clone(),
+                        location: location.clone(),
+                        qty: *qty,
+                        instruction_key: instruction_key.clone(),
+                    },
+                    Some(order_id.clone()),
+                ),
+                Repair::Restate { sku, location } => (
+                    sku.clone(),
+                    LedgerCommand::Restate {
+                        location: location.clone(),
+                        reason: reconcile::REASON.into(),
+                        user: user.to_owned(),
+                        at: tx.now,
+                    },
+                    None,
+                ),
+            };
+            let outcome = match self.exec(&sku, &cmd, &mut out) {
+                Ok(evs) if evs.is_empty() => RepairOutcome::Unchanged,
+                Ok(evs) => {
+                    if let Some(order_id) = pick_of {
+                        self.record_picked(&order_id, &evs);
+                    }
+                    RepairOutcome::Applied
+                }
+                Err(e) => RepairOutcome::Failed { error: e.to_string() },
+            };
+            outcomes[i] = outcome;
+        }
+        let applied = outcomes.iter().filter(|o| **o == RepairOutcome::Applied).count() as u64;
+        tx.ctx().metrics.inc("orderly_reconciliation_repairs_total", &[], applied);
+        for (_, moved) in &mut out.moves {
+            moved.reason = reconcile::REASON.to_owned();
+            moved.user = Some(user.to_owned());
+        }
+        self.flush(tx, out);
+        Ok(outcomes)
     }
 }

@@ -7,4 +7,5 @@ pub mod notifications;
 pub mod orders;
 pub mod packing;
 pub mod picking;
+pub mod reconcile;
 pub mod shipping;

@@ -424,7 +424,7 @@ impl Notifications {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(notification = %id, error = %e, "could not load notification; retrying shortly");
+                    tracing::warn!(notification = %id, event_id = %id, error = %e, "could not load notification; retrying shortly");
                     self.queue.schedule(&id, tx.now.plus_ms(PROBE_WAIT_MS));
                     continue;
                 }
@@ -439,7 +439,7 @@ impl Notifications {
         let permit = match self.jobs.try_reserve() {
             Ok(permit) => permit,
             Err(e) => {
-                tracing::error!(notification = %id, error = %e, "delivery worker unavailable; retrying shortly");
+                tracing::error!(notification = %id, event_id = %id, error = %e, "delivery worker unavailable; retrying shortly");
                 self.queue.schedule(id, tx.now.plus_ms(PROBE_WAIT_MS));
                 return;
             }
@@ -483,7 +483,7 @@ impl Notifications {
         let found = match self.notifications.load(tx.store(), &id).await {
             Ok(found) => found,
             Err(e) => {
-                tracing::warn!(notification = %id, error = %e, "could not load notification for its result");
+                tracing::warn!(notification = %id, event_id = %id, error = %e, "could not load notification for its result");
                 self.queue.schedule(&id, tx.now.plus_ms(PROBE_WAIT_MS));
                 return;
             }
@@ -526,7 +526,7 @@ impl Notifications {
         if let Some(delay_ms) = self.retry.delay_ms(n.attempts, jitter) {
             n.next_attempt_at = tx.now.plus_ms(i64::try_from(delay_ms).unwrap_or(i64::MAX));
             let at = n.next_attempt_at;
-            tracing::info!(notification = %id, attempt = n.attempts, delay_ms, error = %error, "delivery failed; retrying");
+            tracing::info!(notification = %id, event_id = %id, order_id = %n.order_id, attempt = n.attempts, delay_ms, error = %error, "delivery failed; retrying");
             self.queue.schedule(id, at);
             tx.ctx().metrics.inc("orderly_notification_retries_total", &[], 1);
             return;
@@ -540,7 +540,7 @@ impl Notifications {
             attempts: n.attempts,
             error,
         };
-        tracing::warn!(notification = %id, attempts = n.attempts, "delivery failed for good; waiting for ops");
+        tracing::warn!(notification = %id, event_id = %id, order_id = %n.order_id, attempts = n.attempts, "delivery failed for good; waiting for ops");
         tx.emit(EventType::NotificationFailed, data.order_id.as_str(), events::data(&data));
         tx.ctx().metrics.inc("orderly_notifications_failed_total", &[], 1);
     }
@@ -642,29 +642,35 @@ impl Service for Notifications {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        if event.event_type == EventType::OrderCreated {
-            let notice: OrderNotice = events::parse(event)?;
-            self.remember(tx, &notice.order_id, notice.email).await?;
-            return Ok(());
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            if event.event_type == EventType::OrderCreated {
+                let notice: OrderNotice = events::parse(event)?;
+                self.remember(tx, &notice.order_id, notice.email).await?;
+                return Ok(());
+            }
+            if !wants(event.event_type.as_str()) {
+                return Ok(());
+            }
+            if self.notifications.load(tx.store(), &event.id).await? {
+                // A redelivered event (a lost cursor, a broker without inbox):
+                // its notification exists already. Customers must never get the
+                // same notification twice, so this guard reads the store even
+                // though the runtime already delivers each event once.
+                return Ok(());
+            }
+            if let Some(state) = order_state(event.event_type.as_str()) {
+                return self.on_order_event(tx, event, state).await;
+            }
+            match event.event_type {
+                EventType::ShipmentLabelCreated => self.on_label_created(tx, event).await,
+                EventType::ShipmentDelivered => self.on_shipment_delivered(tx, event).await,
+                _ => Ok(()),
+            }
         }
-        if !wants(event.event_type.as_str()) {
-            return Ok(());
-        }
-        if self.notifications.load(tx.store(), &event.id).await? {
-            // A redelivered event (a lost cursor, a broker without inbox):
-            // its notification exists already. Customers must never get the
-            // same notification twice, so this guard reads the store even
-            // though the runtime already delivers each event once.
-            return Ok(());
-        }
-        if let Some(state) = order_state(event.event_type.as_str()) {
-            return self.on_order_event(tx, event, state).await;
-        }
-        match event.event_type {
-            EventType::ShipmentLabelCreated => self.on_label_created(tx, event).await,
-            EventType::ShipmentDelivered => self.on_shipment_delivered(tx, event).await,
-            _ => Ok(()),
-        }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {

@@ -79,6 +79,13 @@ pub enum Command {
         /// Answer.
         reply: Reply<Order>,
     },
+    /// Reconciliation: the orders with these ids that exist.
+    ReconcileView {
+        /// Which.
+        order_ids: Vec<OrderId>,
+        /// Answer.
+        reply: Reply<Vec<Order>>,
+    },
     /// The return arrived at a location.
     RecordReturn {
         /// Which.
@@ -356,6 +363,10 @@ fn commands_for(env: &Envelope) -> Result<Vec<OrderCommand>, EventError> {
             let lines = b.lines.iter().map(|l| LineQty { line_id: l.line_id.clone(), qty: l.qty }).collect();
             vec![OrderCommand::RecordBackorder { origin, lines, expected_ship_date: b.expected_ship_date }]
         }
+        EventType::InventoryDeallocated => {
+            let d: events::Deallocated = events::parse(env)?;
+            vec![OrderCommand::RecordDeallocation { origin, allocations: entries(&d.allocations) }]
+        }
         EventType::PickRequested => vec![OrderCommand::StartPicking { origin }],
         EventType::PickCompleted => {
             let p: PickData = events::parse(env)?;
@@ -451,6 +462,24 @@ fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
             lines: lines.iter().map(|l| l.line_id.clone()).collect(),
             shipped: shipped_units(order),
         }),
+        OrderChange::Deallocated { allocations, .. } => events::data(&events::Deallocated {
+            order_id: order.id().clone(),
+            allocations: allocations
+                .iter()
+                .map(|a| AllocationData {
+                    line_id: a.line_id.clone(),
+                    sku: order
+                        .lines()
+                        .iter()
+                        .find(|l| l.line_id == a.line_id)
+                        .map(|l| l.sku.clone())
+                        .unwrap_or_else(|| orderly_domain::Sku::parse("unknown").expect("a valid sku")),
+                    location: a.location.clone(),
+                    qty: a.qty,
+                })
+                .collect(),
+            reason: "stock_loss".into(),
+        }),
         OrderChange::Returned { location, lines } => events::data(&events::OrderReturned {
             order_id: order.id().clone(),
             allocations: lines
@@ -544,6 +573,21 @@ impl Service for Orders {
                 let r = self.execute_api(tx, &order_id, OrderCommand::RequestReturn { reason }).await;
                 tx.reply(reply, r);
             }
+            Command::ReconcileView { order_ids, reply } => {
+                let mut found = Vec::new();
+                let mut r = Ok(());
+                for id in order_ids {
+                    match self.orders.load(tx.store(), id.as_str()).await {
+                        Ok(true) => found.extend(self.orders.get(id.as_str()).cloned()),
+                        Ok(false) => {}
+                        Err(e) => {
+                            r = Err(ApiError::from(e));
+                            break;
+                        }
+                    }
+                }
+                tx.reply(reply, r.map(|()| found));
+            }
             Command::RecordReturn { order_id, location, reply } => {
                 let r = self.execute_api(tx, &order_id, OrderCommand::RecordReturn { location }).await;
                 tx.reply(reply, r);
@@ -552,7 +596,9 @@ impl Service for Orders {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        self.on_bus_event(tx, event).await
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move { self.on_bus_event(tx, event).await }.instrument(span).await
     }
 
     async fn on_tick(&mut self, _tx: &mut Tx) {}

@@ -189,35 +189,43 @@ impl Service for Packing {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        match event.event_type {
-            EventType::PickCompleted | EventType::PickShort => {
-                let pick: PickData = events::parse(event)?;
-                if pick.qty_picked == 0 {
-                    return Ok(());
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            match event.event_type {
+                EventType::PickCompleted | EventType::PickShort => {
+                    let pick: PickData = events::parse(event)?;
+                    if pick.qty_picked == 0 {
+                        return Ok(());
+                    }
+                    // The runtime delivers each event once (cursor or inbox): no store lookup.
+                    if self.picked.get(pick.pick_id.as_str()).is_none() {
+                        self.picked.insert(pick.pick_id.as_str().to_owned(), PickedItem { pick, package_id: None });
+                    }
+                    Ok(())
                 }
-                // The runtime delivers each event once (cursor or inbox): no store lookup.
-                if self.picked.get(pick.pick_id.as_str()).is_none() {
-                    self.picked.insert(pick.pick_id.as_str().to_owned(), PickedItem { pick, package_id: None });
+                EventType::OrderCreated => {
+                    let created: events::OrderCreated = events::parse(event)?;
+                    self.orders.insert(
+                        created.order_id.as_str().to_owned(),
+                        OrderInfo { zone: created.zone, canceled: false },
+                    );
+                    Ok(())
                 }
-                Ok(())
-            }
-            EventType::OrderCreated => {
-                let created: events::OrderCreated = events::parse(event)?;
-                self.orders
-                    .insert(created.order_id.as_str().to_owned(), OrderInfo { zone: created.zone, canceled: false });
-                Ok(())
-            }
-            EventType::OrderCanceled => {
-                let canceled: events::OrderCanceled = events::parse(event)?;
-                if self.orders.load(tx.store(), canceled.order_id.as_str()).await?
-                    && let Some(info) = self.orders.get_mut(canceled.order_id.as_str())
-                {
-                    info.canceled = true;
+                EventType::OrderCanceled => {
+                    let canceled: events::OrderCanceled = events::parse(event)?;
+                    if self.orders.load(tx.store(), canceled.order_id.as_str()).await?
+                        && let Some(info) = self.orders.get_mut(canceled.order_id.as_str())
+                    {
+                        info.canceled = true;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                _ => Ok(()),
             }
-            _ => Ok(()),
         }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, _tx: &mut Tx) {}

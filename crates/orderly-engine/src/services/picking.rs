@@ -123,6 +123,27 @@ pub enum Command {
         /// Answer.
         reply: Reply<PickOutcome>,
     },
+    /// Reconciliation.
+    Reconcile(ReconcileCommand),
+}
+
+/// Reconciliation commands (see `services::reconcile`).
+pub enum ReconcileCommand {
+    /// Every pick task of these lines.
+    View {
+        /// Which lines.
+        line_ids: Vec<LineId>,
+        /// Answer.
+        reply: Reply<Vec<PickTask>>,
+    },
+    /// Publishes `pick.completed` again for completed tasks whose event is
+    /// not in this service's outbox (it was lost); answers how many.
+    Republish {
+        /// Which tasks.
+        pick_ids: Vec<PickId>,
+        /// Answer.
+        reply: Reply<u64>,
+    },
 }
 
 /// The picking service. Its queues, assignments and open tasks per order are
@@ -261,6 +282,98 @@ impl Picking {
         Ok(())
     }
 
+    async fn reconcile(&mut self, tx: &mut Tx, cmd: ReconcileCommand) {
+        match cmd {
+            ReconcileCommand::View { line_ids, reply } => {
+                let r = self.tasks_of(tx, &line_ids).await;
+                tx.reply(reply, r);
+            }
+            ReconcileCommand::Republish { pick_ids, reply } => {
+                let r = self.republish(tx, &pick_ids).await;
+                tx.reply(reply, r);
+            }
+        }
+    }
+
+    async fn tasks_of(&mut self, tx: &mut Tx, line_ids: &[LineId]) -> Result<Vec<PickTask>, ApiError> {
+        let mut out = Vec::new();
+        for line in line_ids {
+            self.line_picks.load(tx.store(), line.as_str()).await?;
+            let n = self.line_picks.get(line.as_str()).copied().unwrap_or(0);
+            for k in 1..=n {
+                let id = derived_id(line.as_str(), &format!(".p{k}"));
+                if self.tasks.load(tx.store(), &id).await?
+                    && let Some(t) = self.tasks.get(&id)
+                {
+                    out.push(t.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn republish(&mut self, tx: &mut Tx, pick_ids: &[PickId]) -> Result<u64, ApiError> {
+        let mut n = 0;
+        for id in pick_ids {
+            if !self.tasks.load(tx.store(), id.as_str()).await? {
+                continue;
+            }
+            let Some(task) = self.tasks.get(id.as_str()).cloned() else { continue };
+            if task.status != PickStatus::Completed {
+                continue;
+            }
+            let published = tx.store().outbox_for_subject(task.order_id.as_str(), 10_000).await?.iter().any(|r| {
+                r.envelope.event_type == EventType::PickCompleted
+                    && r.envelope.data.get("pick_id").and_then(|v| v.as_str()) == Some(id.as_str())
+            });
+            if !published {
+                tracing::warn!(order_id = %task.order_id, pick_id = %task.id, "republishing a completed pick whose event is missing");
+                tx.emit(EventType::PickCompleted, task.order_id.as_str(), events::data(&pick_data(&task)));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Units the order no longer has at a location leave its open tasks
+    /// there: a task for no more than what was taken back is canceled, a
+    /// larger one picks fewer.
+    async fn on_deallocated(&mut self, tx: &mut Tx, ev: events::Deallocated) -> Result<(), EventError> {
+        let Some(ids) = self.open_by_order.get(&ev.order_id).cloned() else { return Ok(()) };
+        for id in &ids {
+            self.tasks.load(tx.store(), id.as_str()).await?;
+        }
+        for a in &ev.allocations {
+            let mut left = a.qty;
+            for id in &ids {
+                if left == 0 {
+                    break;
+                }
+                let Some(task) = self.tasks.get(id.as_str()) else { continue };
+                let open = matches!(task.status, PickStatus::Queued | PickStatus::Assigned);
+                if !open || task.line_id != a.line_id || task.location != a.location {
+                    continue;
+                }
+                let task = self.tasks.get_mut(id.as_str()).expect("present above");
+                if task.qty > left {
+                    task.qty -= left;
+                    left = 0;
+                    continue;
+                }
+                left -= task.qty;
+                task.status = PickStatus::Canceled;
+                let task = task.clone();
+                if let Some(q) = self.queues.get_mut(&task.location) {
+                    q.remove_where(|t| t == &task.id);
+                }
+                self.close(&task);
+                tracing::info!(order_id = %ev.order_id, pick_id = %task.id, "pick canceled: its units were taken back");
+                tx.emit(EventType::PickCanceled, ev.order_id.as_str(), events::data(&pick_data(&task)));
+            }
+        }
+        Ok(())
+    }
+
     async fn on_canceled(&mut self, tx: &mut Tx, ev: OrderCanceled) -> Result<(), EventError> {
         self.refresh(tx.store()).await?;
         let Some(ids) = self.open_by_order.get(&ev.order_id).cloned() else { return Ok(()) };
@@ -375,6 +488,7 @@ impl Service for Picking {
 
     async fn on_command(&mut self, tx: &mut Tx, cmd: Command) {
         match cmd {
+            Command::Reconcile(c) => self.reconcile(tx, c).await,
             Command::Next { location, reply } => {
                 let r = self.next(tx, &location).await;
                 tx.reply(reply, r);
@@ -391,11 +505,18 @@ impl Service for Picking {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        match event.event_type {
-            EventType::OrderAllocated => self.on_allocated(tx, events::parse(event)?).await,
-            EventType::OrderCanceled => self.on_canceled(tx, events::parse(event)?).await,
-            _ => Ok(()),
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            match event.event_type {
+                EventType::OrderAllocated => self.on_allocated(tx, events::parse(event)?).await,
+                EventType::OrderCanceled => self.on_canceled(tx, events::parse(event)?).await,
+                EventType::OrderDeallocated => self.on_deallocated(tx, events::parse(event)?).await,
+                _ => Ok(()),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {

@@ -645,7 +645,7 @@ impl Shipping {
         let at_primary = flight.choice.fallback_from.is_none();
         let jitter = tx.random();
         let Some(s) = self.shipments.get_mut(id) else { return };
-        tracing::info!(shipment = %id, carrier = %flight.choice.carrier, error = %error, "label call failed");
+        tracing::info!(shipment = %id, order_id = %s.order_id, carrier = %flight.choice.carrier, error = %error, "label call failed");
         s.label_attempts += 1;
         s.last_error = Some(format!("{}: {error}", flight.choice.carrier));
         if at_primary {
@@ -661,7 +661,7 @@ impl Shipping {
         if rejected && s.round_primary_rejected {
             s.state = ShipmentState::Failed;
             tx.ctx().metrics.inc("orderly_label_failures_total", &[("reason", "rejected")], 1);
-            tracing::warn!(shipment = %id, "both carriers rejected the label; shipment parked as failed");
+            tracing::warn!(shipment = %id, order_id = %s.order_id, "both carriers rejected the label; shipment parked as failed");
             return;
         }
         let error = s.last_error.clone().unwrap_or_default();
@@ -680,10 +680,10 @@ impl Shipping {
         let attempt = s.failed_rounds.min(self.round_retry.max_attempts() - 1);
         let delay_ms = self.round_retry.delay_ms(attempt, jitter).unwrap_or(ROUND_RETRY_MAX_MS);
         s.next_attempt_at = tx.now.plus_ms(i64::try_from(delay_ms).unwrap_or(i64::MAX));
-        let at = s.next_attempt_at;
+        let (at, order_id) = (s.next_attempt_at, s.order_id.clone());
         self.queue.schedule(id, at);
         tx.ctx().metrics.inc("orderly_label_failures_total", &[("reason", reason)], 1);
-        tracing::warn!(shipment = %id, reason, retry_in_ms = delay_ms, "no label this round; will retry");
+        tracing::warn!(shipment = %id, order_id = %order_id, reason, retry_in_ms = delay_ms, "no label this round; will retry");
     }
 
     /// Calls whose result never came back (past the timeout and a grace) are
@@ -834,11 +834,17 @@ impl Service for Shipping {
     }
 
     async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
-        match event.event_type {
-            EventType::PackCompleted => self.on_packed(tx, events::parse(event)?).await,
-            EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
-            _ => Ok(()),
+        use tracing::Instrument;
+        let span = super::common::event_span(event);
+        async move {
+            match event.event_type {
+                EventType::PackCompleted => self.on_packed(tx, events::parse(event)?).await,
+                EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
+                _ => Ok(()),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {
