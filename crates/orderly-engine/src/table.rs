@@ -5,6 +5,7 @@
 //! fails.
 
 use crate::ports::{Batch, Row, Store, StoreError};
+use orderly_domain::ledger::{LedgerCore, LedgerPiece, SkuLedger};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
@@ -165,6 +166,196 @@ fn decode<T: DeserializeOwned>(table: &str, row: &Row) -> Result<T, StoreError> 
     serde_json::from_slice(&row.doc).map_err(|e| StoreError::Corrupt {
         table: table.to_owned(),
         key: row.key.clone(),
+        detail: e.to_string(),
+    })
+}
+
+/// The table of ledger cores (one small document per SKU).
+pub const LEDGERS: &str = "ledgers";
+/// The table of ledger pieces: key `<sku>/<piece key>`, index value the SKU.
+pub const LEDGER_PIECES: &str = "ledger_pieces";
+/// Rows read per page when loading a ledger's pieces.
+const PIECES_PAGE: u32 = 2000;
+
+/// A cache of SKU ledgers stored incrementally: each commit writes a
+/// ledger's small core document plus only the pieces (lines, holds,
+/// backorders, done keys) that changed, so the cost of a batch does not grow
+/// with a hot SKU's backorder queue. Same contract as [`Table`].
+pub struct LedgerTable {
+    entries: HashMap<String, SkuLedger>,
+    dirty: HashSet<String>,
+    capacity: usize,
+}
+
+impl LedgerTable {
+    /// A cache holding at most about `capacity` clean ledgers.
+    pub fn new(capacity: usize) -> LedgerTable {
+        LedgerTable { entries: HashMap::new(), dirty: HashSet::new(), capacity }
+    }
+
+    /// Makes sure the ledger of `sku` is cached if it exists; returns whether it exists.
+    pub async fn load(&mut self, store: &dyn Store, sku: &str) -> Result<bool, StoreError> {
+        if self.entries.contains_key(sku) {
+            return Ok(true);
+        }
+        match read_ledger(store, sku).await? {
+            Some(StoredLedger { mut ledger, whole }) => {
+                if whole {
+                    // Written by an older version as one document: rewrite it in pieces.
+                    ledger.mark_all_changed();
+                    self.dirty.insert(sku.to_owned());
+                }
+                self.entries.insert(sku.to_owned(), ledger);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// A cached ledger (call [`LedgerTable::load`] first).
+    pub fn get(&self, sku: &str) -> Option<&SkuLedger> {
+        self.entries.get(sku)
+    }
+
+    /// A cached ledger, to change; marks it changed.
+    pub fn get_mut(&mut self, sku: &str) -> Option<&mut SkuLedger> {
+        let value = self.entries.get_mut(sku)?;
+        if !self.dirty.contains(sku) {
+            self.dirty.insert(sku.to_owned());
+        }
+        Some(value)
+    }
+
+    /// Caches a ledger for a SKU that has none stored (a new SKU); every
+    /// piece it has is written on commit.
+    pub fn insert(&mut self, sku: String, mut ledger: SkuLedger) {
+        ledger.mark_all_changed();
+        self.dirty.insert(sku.clone());
+        self.entries.insert(sku, ledger);
+    }
+
+    /// Every cached ledger.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &SkuLedger)> {
+        self.entries.iter()
+    }
+
+    /// Number of cached ledgers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl Staged for LedgerTable {
+    fn stage(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        for sku in &self.dirty {
+            let Some(ledger) = self.entries.get_mut(sku) else { continue };
+            for key in ledger.take_changes() {
+                let row_key = format!("{sku}/{}", key.encode());
+                match ledger.piece(&key) {
+                    Some(piece) => batch.puts.push(Row {
+                        table: LEDGER_PIECES,
+                        idx: Some(sku.clone()),
+                        doc: encode(LEDGER_PIECES, &row_key, &piece)?,
+                        key: row_key,
+                    }),
+                    None => batch.deletes.push((LEDGER_PIECES, row_key)),
+                }
+            }
+            let doc = encode(LEDGERS, sku, &ledger.core())?;
+            batch.puts.push(Row { table: LEDGERS, key: sku.clone(), idx: None, doc });
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        for sku in self.dirty.drain() {
+            self.entries.remove(&sku);
+        }
+    }
+
+    fn committed(&mut self) {
+        self.dirty.clear();
+        if self.entries.len() > self.capacity {
+            let excess = self.entries.len() - self.capacity * 9 / 10;
+            let victims: Vec<String> = self.entries.keys().take(excess).cloned().collect();
+            for sku in victims {
+                self.entries.remove(&sku);
+            }
+        }
+    }
+}
+
+/// A ledger read from a store, and whether it was stored as one whole
+/// document (the format before pieces).
+pub struct StoredLedger {
+    /// The ledger.
+    pub ledger: SkuLedger,
+    /// True when it came from a whole document, not a core and pieces.
+    pub whole: bool,
+}
+
+/// Reads one SKU's ledger from an inventory store (core and pieces, or a
+/// whole document written by an older version).
+pub async fn read_ledger(store: &dyn Store, sku: &str) -> Result<Option<StoredLedger>, StoreError> {
+    let Some(row) = store.get(LEDGERS, sku).await? else { return Ok(None) };
+    let corrupt = |detail: String| StoreError::Corrupt { table: LEDGERS.to_owned(), key: sku.to_owned(), detail };
+    let core: LedgerCore = match serde_json::from_slice(&row.doc) {
+        Ok(core) => core,
+        Err(core_err) => {
+            let ledger: SkuLedger = serde_json::from_slice(&row.doc)
+                .map_err(|e| corrupt(format!("neither a ledger core ({core_err}) nor a whole ledger ({e})")))?;
+            return Ok(Some(StoredLedger { ledger, whole: true }));
+        }
+    };
+    let mut pieces = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let rows = store.scan(LEDGER_PIECES, Some(sku), after.as_deref(), PIECES_PAGE).await?;
+        let done = rows.len() < PIECES_PAGE as usize;
+        for row in &rows {
+            pieces.push(decode::<LedgerPiece>(LEDGER_PIECES, row)?);
+        }
+        after = rows.last().map(|r| r.key.clone());
+        if done {
+            break;
+        }
+    }
+    let ledger = SkuLedger::assemble(core, pieces).map_err(corrupt)?;
+    Ok(Some(StoredLedger { ledger, whole: false }))
+}
+
+/// Reads every ledger of an inventory store, in SKU order (for checks after a
+/// run: the benchmark, the simulator, reconciliation).
+pub async fn read_all_ledgers(store: &dyn Store) -> Result<Vec<SkuLedger>, StoreError> {
+    let mut skus = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let rows = store.scan(LEDGERS, None, after.as_deref(), 1000).await?;
+        let done = rows.len() < 1000;
+        after = rows.last().map(|r| r.key.clone());
+        skus.extend(rows.into_iter().map(|r| r.key));
+        if done {
+            break;
+        }
+    }
+    let mut out = Vec::with_capacity(skus.len());
+    for sku in skus {
+        if let Some(stored) = read_ledger(store, &sku).await? {
+            out.push(stored.ledger);
+        }
+    }
+    Ok(out)
+}
+
+fn encode<T: Serialize>(table: &str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        table: table.to_owned(),
+        key: key.to_owned(),
         detail: e.to_string(),
     })
 }

@@ -12,7 +12,7 @@ use crate::events::{
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{LedgerTable, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -164,7 +164,7 @@ pub struct Inventory {
     cfg: LedgerConfig,
     hold_ttl_ms: i64,
     hold_jitter_ms: i64,
-    ledgers: Table<SkuLedger>,
+    ledgers: LedgerTable,
     locations: Table<Location>,
     orders: Table<OrderRecord>,
     holds: Table<HoldRef>,
@@ -183,7 +183,7 @@ impl Inventory {
             cfg,
             hold_ttl_ms,
             hold_jitter_ms,
-            ledgers: Table::new("ledgers", 50_000, |_| None),
+            ledgers: LedgerTable::new(50_000),
             locations: Table::new("locations", usize::MAX, |_| None),
             orders: Table::new("orders", 200_000, |_| None),
             holds: Table::new("holds", usize::MAX, |_| None),
