@@ -2694,4 +2694,44 @@ mod tests {
         assert_eq!((d.safety_for(1), d.safety_for(20), d.safety_for(21), d.safety_for(0)), (1, 1, 2, 0));
         assert_eq!(cfg(1, 0).safety_for(1000), 0);
     }
+
+    #[test]
+    fn stored_pieces_follow_the_done_window_and_rebuild_the_ledger() {
+        let cfg = cfg(1, 0);
+        let mut ledger = given(&cfg, &[receive("WH-1", 10_000), backorder("late", 2, 1)]);
+        let mut stored: BTreeMap<PieceKey, LedgerPiece> = BTreeMap::new();
+        let mut store = |ledger: &mut SkuLedger| {
+            for key in ledger.take_changes() {
+                match ledger.piece(&key) {
+                    Some(piece) => stored.insert(key, piece),
+                    None => stored.remove(&key),
+                };
+            }
+        };
+        store(&mut ledger);
+        let closed = DONE_KEYS_MAX + 10;
+        for i in 0..closed {
+            let o = format!("o-{i}");
+            when(&mut ledger, &cfg, &reserve(&o, 1, "WH-1", 0)).expect("in stock");
+            when(&mut ledger, &cfg, &commit(&o, 1, "k")).expect("picked");
+            store(&mut ledger);
+        }
+        when(&mut ledger, &cfg, &reserve("open", 3, "WH-1", 0)).expect("in stock");
+        store(&mut ledger);
+        let done = stored.keys().filter(|k| matches!(k, PieceKey::Done(_))).count();
+        assert_eq!(done, DONE_KEYS_MAX, "done keys that left the window are deleted");
+        assert!(stored.contains_key(&PieceKey::Done(closed as u64 - 1)), "the newest is kept");
+        assert!(!stored.contains_key(&PieceKey::Done(9)), "the oldest are gone");
+        assert_eq!(stored.len(), DONE_KEYS_MAX + 2, "plus one open line and one waiting backorder");
+        let rebuilt = SkuLedger::assemble(ledger.core(), stored.values().cloned()).expect("fits together");
+        assert_eq!(rebuilt, ledger);
+        assert_eq!(
+            rebuilt.decide(&commit("o-4100", 1, "k"), &cfg),
+            ledger.decide(&commit("o-4100", 1, "k"), &cfg),
+            "a late duplicate is recognised the same way"
+        );
+        let mut gap = stored.clone();
+        gap.remove(&PieceKey::Done(closed as u64 - 2));
+        assert!(SkuLedger::assemble(ledger.core(), gap.into_values()).is_err(), "a missing done key is noticed");
+    }
 }
