@@ -2,7 +2,9 @@
 //! table is its only writer, so the cache is always true: it is filled from
 //! the store on a miss, changed in place, serialized into the batch on
 //! commit, and its changed entries are dropped (to be reloaded) if a commit
-//! fails.
+//! fails. Over capacity, the least recently loaded or changed entries are
+//! evicted, so what a flow is working on (a new order awaiting its
+//! allocation) stays cached.
 
 use crate::ports::{Batch, Row, Store, StoreError};
 use orderly_domain::ledger::{LedgerCore, LedgerPiece, SkuLedger};
@@ -24,7 +26,9 @@ pub trait Staged: Send {
 /// A typed cache over one table of a service's store.
 pub struct Table<T> {
     name: &'static str,
-    entries: HashMap<String, T>,
+    /// Each entry with when it was last loaded or changed (a logical clock).
+    entries: HashMap<String, (T, u64)>,
+    clock: u64,
     dirty: HashSet<String>,
     deleted: HashSet<String>,
     capacity: usize,
@@ -35,7 +39,15 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
     /// A table cache holding at most about `capacity` clean entries; `index`
     /// gives each document's secondary index value.
     pub fn new(name: &'static str, capacity: usize, index: fn(&T) -> Option<String>) -> Table<T> {
-        Table { name, entries: HashMap::new(), dirty: HashSet::new(), deleted: HashSet::new(), capacity, index }
+        Table {
+            name,
+            entries: HashMap::new(),
+            clock: 0,
+            dirty: HashSet::new(),
+            deleted: HashSet::new(),
+            capacity,
+            index,
+        }
     }
 
     /// The table's name.
@@ -54,7 +66,8 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         match store.get(self.name, key).await? {
             Some(row) => {
                 let value = decode(self.name, &row)?;
-                self.entries.insert(row.key, value);
+                self.clock += 1;
+                self.entries.insert(row.key, (value, self.clock));
                 Ok(true)
             }
             None => Ok(false),
@@ -71,7 +84,8 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
             for row in rows {
                 let value = decode(self.name, &row)?;
                 after = Some(row.key.clone());
-                self.entries.insert(row.key, value);
+                self.clock += 1;
+                self.entries.insert(row.key, (value, self.clock));
             }
             if done {
                 return Ok(self.entries.len());
@@ -81,12 +95,14 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
 
     /// A cached entry (call [`Table::load`] first).
     pub fn get(&self, key: &str) -> Option<&T> {
-        self.entries.get(key)
+        self.entries.get(key).map(|(value, _)| value)
     }
 
     /// A cached entry, to change; marks it changed.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut T> {
-        let value = self.entries.get_mut(key)?;
+        let (value, used) = self.entries.get_mut(key)?;
+        self.clock += 1;
+        *used = self.clock;
         if !self.dirty.contains(key) {
             self.dirty.insert(key.to_owned());
         }
@@ -97,19 +113,20 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
     pub fn insert(&mut self, key: String, value: T) {
         self.deleted.remove(&key);
         self.dirty.insert(key.clone());
-        self.entries.insert(key, value);
+        self.clock += 1;
+        self.entries.insert(key, (value, self.clock));
     }
 
     /// Deletes an entry.
     pub fn remove(&mut self, key: &str) -> Option<T> {
         self.dirty.remove(key);
         self.deleted.insert(key.to_owned());
-        self.entries.remove(key)
+        self.entries.remove(key).map(|(value, _)| value)
     }
 
     /// Every cached entry (the whole table for tables loaded with [`Table::load_all`]).
     pub fn iter(&self) -> impl Iterator<Item = (&String, &T)> {
-        self.entries.iter()
+        self.entries.iter().map(|(key, (value, _))| (key, value))
     }
 
     /// Number of cached entries.
@@ -126,7 +143,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
 impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
     fn stage(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
         for key in &self.dirty {
-            let Some(value) = self.entries.get(key) else { continue };
+            let Some((value, _)) = self.entries.get(key) else { continue };
             let doc = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
                 table: self.name.to_owned(),
                 key: key.clone(),
@@ -151,10 +168,12 @@ impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
         self.dirty.clear();
         self.deleted.clear();
         if self.entries.len() > self.capacity {
-            // Evict arbitrary clean entries down to 90% of capacity: the store
-            // has them, and a later miss reloads them.
+            // Evict the least recently used entries down to 90% of capacity
+            // (all clean now): the store has them, and a later miss reloads them.
             let excess = self.entries.len() - self.capacity * 9 / 10;
-            let victims: Vec<String> = self.entries.keys().take(excess).cloned().collect();
+            let mut by_age: Vec<(u64, &String)> = self.entries.iter().map(|(key, (_, used))| (*used, key)).collect();
+            by_age.select_nth_unstable(excess - 1);
+            let victims: Vec<String> = by_age[..excess].iter().map(|(_, key)| (*key).clone()).collect();
             for key in victims {
                 self.entries.remove(&key);
             }
@@ -358,4 +377,41 @@ fn encode<T: Serialize>(table: &str, key: &str, value: &T) -> Result<Vec<u8>, St
         key: key.to_owned(),
         detail: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory_store::MemoryStore;
+
+    #[tokio::test]
+    async fn eviction_keeps_the_most_recently_used_entries() {
+        let store = MemoryStore::new();
+        let mut table: Table<u32> = Table::new("things", 10, |_| None);
+        for i in 0..10u32 {
+            table.insert(format!("k{i:02}"), i);
+        }
+        let mut batch = Batch::default();
+        table.stage(&mut batch).expect("stage");
+        store.commit(batch).await.expect("commit");
+        table.committed();
+        // The oldest entry is used again; then new ones push the cache over capacity.
+        *table.get_mut("k00").expect("cached") += 100;
+        for i in 10..12u32 {
+            table.insert(format!("k{i:02}"), i);
+        }
+        let mut batch = Batch::default();
+        table.stage(&mut batch).expect("stage");
+        store.commit(batch).await.expect("commit");
+        table.committed();
+        assert_eq!(table.len(), 9, "evicted down to 90% of capacity");
+        for kept in ["k00", "k10", "k11"] {
+            assert!(table.get(kept).is_some(), "{kept} was used last and stays cached");
+        }
+        for evicted in ["k01", "k02", "k03"] {
+            assert!(table.get(evicted).is_none(), "{evicted} was the least recently used");
+        }
+        assert!(table.load(&store, "k01").await.expect("load"), "an evicted entry reloads from the store");
+        assert_eq!(table.get("k00"), Some(&100));
+    }
 }

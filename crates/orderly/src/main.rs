@@ -8,12 +8,6 @@ use orderly_store_sqlite::Durability;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// mimalloc instead of glibc malloc: the engine allocates and frees many
-/// small buffers per event (JSON, rows) across threads; glibc's arenas spent
-/// about a fifth of the flash-sale profile in malloc/free/consolidate.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Orderly: an event-driven order fulfillment engine.
 #[derive(Parser)]
 #[command(name = "orderly", version, about)]
