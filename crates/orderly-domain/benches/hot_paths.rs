@@ -36,8 +36,11 @@ fn hot_ledger(cfg: &LedgerConfig, units: u32, queued: u64) -> SkuLedger {
     for i in 0..queued {
         run(LedgerCommand::Backorder { order: order(i), line: line(i), qty: 1, since: Timestamp(0) });
     }
-    run(LedgerCommand::Receive { location: loc("WH-1"), qty: units / 2 });
-    run(LedgerCommand::Receive { location: loc("WH-2"), qty: units - units / 2 });
+    for (location, qty) in [("WH-1", units / 2), ("WH-2", units - units / 2)] {
+        if qty > 0 {
+            run(LedgerCommand::Receive { location: loc(location), qty });
+        }
+    }
     ledger.take_changes();
     ledger
 }
