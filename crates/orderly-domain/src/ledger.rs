@@ -606,7 +606,15 @@ impl LedgerError {
 }
 
 /// One SKU's inventory ledger: the aggregate `decide` reads and `apply` changes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Besides the whole-document serde form, a ledger can be stored in pieces:
+/// a small [`LedgerCore`] (stock numbers and counters) plus one
+/// [`LedgerPiece`] per open line, cart hold, waiting backorder and
+/// remembered done key. `apply` records which pieces it touched
+/// ([`SkuLedger::take_changes`]), so a store writes O(changes) per batch
+/// however long the backorder queue is; [`SkuLedger::assemble`] rebuilds the
+/// ledger from its pieces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SkuLedger {
     sku: Sku,
     stock: Stock,
@@ -622,8 +630,113 @@ pub struct SkuLedger {
     next_ticket: u64,
     done: VecDeque<DoneKey>,
     done_index: BTreeSet<DoneKey>,
+    /// How many done keys have left the window: `done[i]` is done key number
+    /// `done_base + i` (its piece's sequence).
+    #[serde(default)]
+    done_base: u64,
     next_claim_seq: u64,
     version: u64,
+    /// Pieces touched since [`SkuLedger::take_changes`] last ran.
+    #[serde(skip)]
+    changes: BTreeSet<PieceKey>,
+}
+
+impl PartialEq for SkuLedger {
+    /// Equal state: the derived ticket queue (which may still hold stale
+    /// tickets) and the pending change set are not part of it.
+    fn eq(&self, other: &SkuLedger) -> bool {
+        self.sku == other.sku
+            && self.stock == other.stock
+            && self.lines == other.lines
+            && self.holds == other.holds
+            && self.hold_expiries == other.hold_expiries
+            && self.backorder_entries == other.backorder_entries
+            && self.next_ticket == other.next_ticket
+            && self.done == other.done
+            && self.done_index == other.done_index
+            && self.done_base == other.done_base
+            && self.next_claim_seq == other.next_claim_seq
+            && self.version == other.version
+    }
+}
+
+impl Eq for SkuLedger {}
+
+/// Which piece of a stored ledger something is (see [`SkuLedger`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PieceKey {
+    /// An open order line's claim.
+    Line(LineId),
+    /// A live cart hold.
+    Hold(HoldId),
+    /// A line waiting in the backorder queue.
+    Backorder(LineId),
+    /// A remembered done key, by its sequence number.
+    Done(u64),
+}
+
+impl PieceKey {
+    /// The piece's key within its ledger: `l/<line>`, `h/<hold>`, `b/<line>`
+    /// or `d/<seq, 20 digits>` (ids never contain `/`, and done keys sort by
+    /// sequence).
+    pub fn encode(&self) -> String {
+        match self {
+            PieceKey::Line(line) => format!("l/{line}"),
+            PieceKey::Hold(hold) => format!("h/{hold}"),
+            PieceKey::Backorder(line) => format!("b/{line}"),
+            PieceKey::Done(seq) => format!("d/{seq:020}"),
+        }
+    }
+}
+
+/// One independently stored piece of a ledger. Opaque: only the ledger
+/// makes and reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LedgerPiece(Piece);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Piece {
+    Line(LineId, LineClaim),
+    Hold(HoldId, HoldClaim),
+    Backorder(u64, BackorderEntry),
+    Done(u64, DoneKey),
+}
+
+impl LedgerPiece {
+    /// Which piece this is.
+    pub fn key(&self) -> PieceKey {
+        match &self.0 {
+            Piece::Line(line, _) => PieceKey::Line(line.clone()),
+            Piece::Hold(hold, _) => PieceKey::Hold(hold.clone()),
+            Piece::Backorder(_, entry) => PieceKey::Backorder(entry.line.clone()),
+            Piece::Done(seq, _) => PieceKey::Done(*seq),
+        }
+    }
+}
+
+/// The part of a ledger stored as one small document: stock numbers and
+/// counters, without lines, holds, backorders or done keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerCore {
+    /// The piece format's version (2); a whole-document ledger has none.
+    v: u32,
+    sku: Sku,
+    stock: Stock,
+    next_ticket: u64,
+    done_base: u64,
+    next_claim_seq: u64,
+    version: u64,
+}
+
+/// [`LedgerCore`]'s format version.
+pub const LEDGER_CORE_VERSION: u32 = 2;
+
+impl LedgerCore {
+    /// The SKU.
+    pub fn sku(&self) -> &Sku {
+        &self.sku
+    }
 }
 
 impl SkuLedger {
@@ -689,10 +802,12 @@ impl SkuLedger {
                 };
                 self.hold_expiries.insert((*expires_at, hold_id.clone()));
                 self.holds.insert(hold_id.clone(), claim);
+                self.changes.insert(PieceKey::Hold(hold_id.clone()));
             }
             E::HoldConsumed { hold_id, order, line, location, parts, .. } => {
                 let hold = self.holds.remove(hold_id).expect("apply: a consumed hold was live when decided");
                 self.hold_expiries.remove(&(hold.expires_at, hold_id.clone()));
+                self.changes.insert(PieceKey::Hold(hold_id.clone()));
                 let claim = self.claim_line(order, line);
                 claim.add(location, parts);
                 claim.consumed_holds.insert(hold_id.clone());
@@ -703,6 +818,7 @@ impl SkuLedger {
             E::Backordered { order, line, qty, since, .. } => self.enqueue_backorder(order, line, *qty, *since),
             E::BackorderCanceled { line, .. } => {
                 self.backorder_entries.remove(line);
+                self.changes.insert(PieceKey::Backorder(line.clone()));
                 self.compact_backorders();
             }
         }
@@ -722,8 +838,10 @@ impl SkuLedger {
             next_ticket: 0,
             done: VecDeque::new(),
             done_index: BTreeSet::new(),
+            done_base: 0,
             next_claim_seq: 0,
             version: 0,
+            changes: BTreeSet::new(),
         }
     }
 
@@ -733,7 +851,106 @@ impl SkuLedger {
         for ev in events {
             ledger.apply(ev);
         }
+        ledger.changes.clear();
         ledger
+    }
+
+    /// The pieces touched by `apply` since the last call, in key order; the
+    /// caller stores [`SkuLedger::piece`] for each (or deletes it when that
+    /// is `None`) together with [`SkuLedger::core`].
+    pub fn take_changes(&mut self) -> Vec<PieceKey> {
+        std::mem::take(&mut self.changes).into_iter().collect()
+    }
+
+    /// Marks every piece changed (to store a ledger that was kept whole).
+    pub fn mark_all_changed(&mut self) {
+        let keys: Vec<PieceKey> = self
+            .lines
+            .keys()
+            .map(|l| PieceKey::Line(l.clone()))
+            .chain(self.holds.keys().map(|h| PieceKey::Hold(h.clone())))
+            .chain(self.backorder_entries.keys().map(|l| PieceKey::Backorder(l.clone())))
+            .chain((0..self.done.len() as u64).map(|i| PieceKey::Done(self.done_base + i)))
+            .collect();
+        self.changes.extend(keys);
+    }
+
+    /// The current content of a piece, `None` when it no longer exists.
+    pub fn piece(&self, key: &PieceKey) -> Option<LedgerPiece> {
+        let piece = match key {
+            PieceKey::Line(line) => Piece::Line(line.clone(), self.lines.get(line)?.clone()),
+            PieceKey::Hold(hold) => Piece::Hold(hold.clone(), self.holds.get(hold)?.clone()),
+            PieceKey::Backorder(line) => {
+                let (ticket, entry) = self.backorder_entries.get(line)?;
+                Piece::Backorder(*ticket, entry.clone())
+            }
+            PieceKey::Done(seq) => {
+                let i = usize::try_from(seq.checked_sub(self.done_base)?).ok()?;
+                Piece::Done(*seq, self.done.get(i)?.clone())
+            }
+        };
+        Some(LedgerPiece(piece))
+    }
+
+    /// The small document stored beside the pieces.
+    pub fn core(&self) -> LedgerCore {
+        LedgerCore {
+            v: LEDGER_CORE_VERSION,
+            sku: self.sku.clone(),
+            stock: self.stock.clone(),
+            next_ticket: self.next_ticket,
+            done_base: self.done_base,
+            next_claim_seq: self.next_claim_seq,
+            version: self.version,
+        }
+    }
+
+    /// Rebuilds a ledger from its core and every stored piece (any order),
+    /// checking that they fit together and that every invariant holds.
+    pub fn assemble(core: LedgerCore, pieces: impl IntoIterator<Item = LedgerPiece>) -> Result<SkuLedger, String> {
+        if core.v != LEDGER_CORE_VERSION {
+            return Err(format!("ledger core version {} (expected {LEDGER_CORE_VERSION})", core.v));
+        }
+        let mut ledger = SkuLedger::new(core.sku);
+        ledger.stock = core.stock;
+        ledger.next_ticket = core.next_ticket;
+        ledger.done_base = core.done_base;
+        ledger.next_claim_seq = core.next_claim_seq;
+        ledger.version = core.version;
+        let mut tickets: Vec<(u64, LineId)> = Vec::new();
+        let mut done: BTreeMap<u64, DoneKey> = BTreeMap::new();
+        for LedgerPiece(piece) in pieces {
+            match piece {
+                Piece::Line(line, claim) => {
+                    ledger.lines.insert(line, claim);
+                }
+                Piece::Hold(hold, claim) => {
+                    ledger.hold_expiries.insert((claim.expires_at, hold.clone()));
+                    ledger.holds.insert(hold, claim);
+                }
+                Piece::Backorder(ticket, entry) => {
+                    if ticket >= ledger.next_ticket {
+                        return Err(format!("backorder ticket {ticket} not yet issued"));
+                    }
+                    tickets.push((ticket, entry.line.clone()));
+                    ledger.backorder_entries.insert(entry.line.clone(), (ticket, entry));
+                }
+                Piece::Done(seq, key) => {
+                    done.insert(seq, key);
+                }
+            }
+        }
+        tickets.sort_unstable();
+        ledger.backorders = tickets.into();
+        for (i, (seq, key)) in (0u64..).zip(done) {
+            if seq != ledger.done_base + i {
+                return Err(format!("done key {seq} out of sequence (expected {})", ledger.done_base + i));
+            }
+            ledger.done_index.insert(key.clone());
+            ledger.done.push_back(key);
+        }
+        ledger.check_invariants()?;
+        Ok(ledger)
     }
 
     /// The SKU this ledger is for.
@@ -1603,6 +1820,7 @@ impl SkuLedger {
     }
 
     fn claim_line(&mut self, order: &OrderId, line: &LineId) -> &mut LineClaim {
+        self.changes.insert(PieceKey::Line(line.clone()));
         if !self.lines.contains_key(line) {
             let seq = self.next_seq();
             let claim = LineClaim {
@@ -1620,6 +1838,7 @@ impl SkuLedger {
     /// Takes units off a line; a line holding nothing more is closed and its
     /// dedup keys move to the bounded window of done keys.
     fn unclaim_line(&mut self, line: &LineId, location: &LocationId, parts: &[PartQty]) {
+        self.changes.insert(PieceKey::Line(line.clone()));
         let claim = self.lines.get_mut(line).expect("apply: a released line holds units");
         let held = claim.holdings.get_mut(location).expect("apply: a released line holds units there");
         subtract_parts(held, parts);
@@ -1639,6 +1858,7 @@ impl SkuLedger {
     }
 
     fn unclaim_hold(&mut self, hold_id: &HoldId, parts: &[PartQty]) {
+        self.changes.insert(PieceKey::Hold(hold_id.clone()));
         let hold = self.holds.get_mut(hold_id).expect("apply: a released hold is live");
         subtract_parts(&mut hold.parts, parts);
         if hold.parts.is_empty() {
@@ -1652,6 +1872,7 @@ impl SkuLedger {
         match self.lines.get_mut(line) {
             Some(claim) => {
                 claim.instruction_keys.insert(key.to_owned());
+                self.changes.insert(PieceKey::Line(line.clone()));
             }
             None => self.remember_done(DoneKey::Instruction { line: line.clone(), key: key.to_owned() }),
         }
@@ -1660,14 +1881,18 @@ impl SkuLedger {
     fn remember_done(&mut self, key: DoneKey) {
         if self.done_index.insert(key.clone()) {
             self.done.push_back(key);
+            self.changes.insert(PieceKey::Done(self.done_base + self.done.len() as u64 - 1));
         }
         while self.done.len() > DONE_KEYS_MAX {
             let oldest = self.done.pop_front().expect("longer than the limit");
             self.done_index.remove(&oldest);
+            self.changes.insert(PieceKey::Done(self.done_base));
+            self.done_base += 1;
         }
     }
 
     fn enqueue_backorder(&mut self, order: &OrderId, line: &LineId, qty: u64, since: Timestamp) {
+        self.changes.insert(PieceKey::Backorder(line.clone()));
         if let Some((_, entry)) = self.backorder_entries.get_mut(line) {
             entry.qty += qty;
             return;
@@ -1680,6 +1905,7 @@ impl SkuLedger {
     }
 
     fn shorten_backorder(&mut self, line: &LineId, qty: u64) {
+        self.changes.insert(PieceKey::Backorder(line.clone()));
         let (_, entry) = self.backorder_entries.get_mut(line).expect("apply: a filled backorder is queued");
         entry.qty = entry.qty.checked_sub(qty).expect("apply: a backorder is never overfilled");
         if entry.qty == 0 {
@@ -2631,5 +2857,45 @@ mod tests {
         assert_eq!((d.partitions(), d.safety_stock_pct()), (1, 5));
         assert_eq!((d.safety_for(1), d.safety_for(20), d.safety_for(21), d.safety_for(0)), (1, 1, 2, 0));
         assert_eq!(cfg(1, 0).safety_for(1000), 0);
+    }
+
+    #[test]
+    fn stored_pieces_follow_the_done_window_and_rebuild_the_ledger() {
+        let cfg = cfg(1, 0);
+        let mut ledger = given(&cfg, &[receive("WH-1", 10_000), backorder("late", 2, 1)]);
+        let mut stored: BTreeMap<PieceKey, LedgerPiece> = BTreeMap::new();
+        let mut store = |ledger: &mut SkuLedger| {
+            for key in ledger.take_changes() {
+                match ledger.piece(&key) {
+                    Some(piece) => stored.insert(key, piece),
+                    None => stored.remove(&key),
+                };
+            }
+        };
+        store(&mut ledger);
+        let closed = DONE_KEYS_MAX + 10;
+        for i in 0..closed {
+            let o = format!("o-{i}");
+            when(&mut ledger, &cfg, &reserve(&o, 1, "WH-1", 0)).expect("in stock");
+            when(&mut ledger, &cfg, &commit(&o, 1, "k")).expect("picked");
+            store(&mut ledger);
+        }
+        when(&mut ledger, &cfg, &reserve("open", 3, "WH-1", 0)).expect("in stock");
+        store(&mut ledger);
+        let done = stored.keys().filter(|k| matches!(k, PieceKey::Done(_))).count();
+        assert_eq!(done, DONE_KEYS_MAX, "done keys that left the window are deleted");
+        assert!(stored.contains_key(&PieceKey::Done(closed as u64 - 1)), "the newest is kept");
+        assert!(!stored.contains_key(&PieceKey::Done(9)), "the oldest are gone");
+        assert_eq!(stored.len(), DONE_KEYS_MAX + 2, "plus one open line and one waiting backorder");
+        let rebuilt = SkuLedger::assemble(ledger.core(), stored.values().cloned()).expect("fits together");
+        assert_eq!(rebuilt, ledger);
+        assert_eq!(
+            rebuilt.decide(&commit("o-4100", 1, "k"), &cfg),
+            ledger.decide(&commit("o-4100", 1, "k"), &cfg),
+            "a late duplicate is recognised the same way"
+        );
+        let mut gap = stored.clone();
+        gap.remove(&PieceKey::Done(closed as u64 - 2));
+        assert!(SkuLedger::assemble(ledger.core(), gap.into_values()).is_err(), "a missing done key is noticed");
     }
 }

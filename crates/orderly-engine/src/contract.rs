@@ -83,4 +83,94 @@ pub async fn check_store(store: &dyn Store) {
     assert!(dup.is_err(), "an event id is unique in the outbox");
     assert_eq!(store.outbox_head().await.expect("head"), 3, "a failed commit leaves nothing behind");
     assert!(store.get("things", "a").await.expect("get").is_some());
+    check_ledger_table(store).await;
+}
+
+/// A hot SKU's ledger stored in pieces: a commit writes only what changed
+/// (not the whole backorder queue), reading it back (across scan pages)
+/// gives the same ledger, a failed commit leaves the stored one intact, and a
+/// whole-document ledger from an older version is read and rewritten in
+/// pieces.
+async fn check_ledger_table(store: &dyn Store) {
+    use crate::table::{LEDGER_PIECES, LEDGERS, LedgerTable, Staged, read_ledger};
+    use orderly_domain::ledger::{LedgerCommand, LedgerConfig, SkuLedger};
+    use orderly_domain::{LineId, LocationId, OrderId, Sku};
+
+    let cfg = LedgerConfig::new(2, 0).expect("config");
+    let sku = Sku::parse("HOT-1").expect("sku");
+    let run = |ledger: &mut SkuLedger, cmd: LedgerCommand| {
+        for ev in ledger.decide(&cmd, &cfg).expect("accepted") {
+            ledger.apply(&ev);
+        }
+    };
+    let backorder = |i: u32| LedgerCommand::Backorder {
+        order: OrderId::parse(format!("o-{i}")).expect("order"),
+        line: LineId::parse(format!("o-{i}:1")).expect("line"),
+        qty: 1,
+        since: Timestamp(i64::from(i)),
+    };
+    let mut table = LedgerTable::new(10);
+    table.insert(sku.to_string(), SkuLedger::new(sku.clone()));
+    let queued = 2_500u32; // more than one page of pieces
+    for i in 0..queued {
+        run(table.get_mut(sku.as_str()).expect("cached"), backorder(i));
+    }
+    let mut batch = Batch::default();
+    table.stage(&mut batch).expect("stage");
+    store.commit(batch).await.expect("commit the queue");
+    table.committed();
+
+    // One more backorder and a receipt that fills three: a handful of rows.
+    run(table.get_mut(sku.as_str()).expect("cached"), backorder(queued));
+    run(
+        table.get_mut(sku.as_str()).expect("cached"),
+        LedgerCommand::Receive { location: LocationId::parse("WH-1").expect("loc"), qty: 3 },
+    );
+    let mut batch = Batch::default();
+    table.stage(&mut batch).expect("stage");
+    assert!(batch.puts.len() + batch.deletes.len() <= 12, "a batch writes O(changes) rows, not the queue");
+    store.commit(batch).await.expect("commit the change");
+    table.committed();
+    let live = table.get(sku.as_str()).expect("cached").clone();
+    let stored = read_ledger(store, sku.as_str()).await.expect("read").expect("stored");
+    assert!(!stored.whole, "stored in pieces");
+    assert_eq!(stored.ledger, live, "the pieces rebuild the live ledger");
+    assert_eq!(stored.ledger.backorders().count(), queued as usize - 2, "FIFO queue kept");
+    assert_eq!(
+        stored.ledger.backorders().next().map(|b| b.line.to_string()),
+        Some("o-3:1".to_owned()),
+        "the oldest waiting line is first"
+    );
+
+    // A failed commit (a duplicate outbox id) leaves the stored ledger as it was.
+    run(table.get_mut(sku.as_str()).expect("cached"), backorder(queued + 1));
+    let mut batch = Batch { outbox: vec![event("e1", "o-1", 9)], ..Batch::default() };
+    table.stage(&mut batch).expect("stage");
+    assert!(store.commit(batch).await.is_err(), "duplicate event id");
+    table.rollback();
+    assert!(table.load(store, sku.as_str()).await.expect("reload"), "reloaded after the rollback");
+    assert_eq!(table.get(sku.as_str()), Some(&live), "the cache is back to what is stored");
+
+    // A whole document from before pieces existed.
+    let mut old_ledger = SkuLedger::new(Sku::parse("OLD-1").expect("sku"));
+    run(&mut old_ledger, backorder(1));
+    run(&mut old_ledger, backorder(2));
+    run(&mut old_ledger, LedgerCommand::Receive { location: LocationId::parse("WH-2").expect("loc"), qty: 1 });
+    assert_eq!(old_ledger.reservations().len(), 1, "the oldest line was filled");
+    let doc = serde_json::to_vec(&old_ledger).expect("whole ledger");
+    store
+        .commit(Batch { puts: vec![Row { table: LEDGERS, key: "OLD-1".into(), idx: None, doc }], ..Batch::default() })
+        .await
+        .expect("commit a whole ledger");
+    let mut table = LedgerTable::new(10);
+    assert!(table.load(store, "OLD-1").await.expect("load"));
+    let mut batch = Batch::default();
+    table.stage(&mut batch).expect("stage");
+    assert!(batch.puts.iter().any(|r| r.table == LEDGER_PIECES), "rewritten in pieces");
+    store.commit(batch).await.expect("commit the rewrite");
+    table.committed();
+    let stored = read_ledger(store, "OLD-1").await.expect("read").expect("stored");
+    assert!(!stored.whole);
+    assert_eq!(stored.ledger.backorders().count(), 1);
+    assert_eq!(stored.ledger, old_ledger, "the same ledger, now in pieces");
 }

@@ -160,7 +160,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
             inbox.execute(params![id])?;
         }
     }
-    let head: i64 = tx.query_row("SELECT coalesce(max(position), 0) FROM outbox", [], |r| r.get(0))?;
+    let head: i64 = tx.prepare_cached("SELECT coalesce(max(position), 0) FROM outbox")?.query_row([], |r| r.get(0))?;
     tx.commit()?;
     Ok(head as u64)
 }

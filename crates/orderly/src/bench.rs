@@ -8,7 +8,6 @@
 use crate::{Application, RunOptions};
 use anyhow::{Context, Result, bail};
 use orderly_domain::allocation::{Location, LocationKind};
-use orderly_domain::ledger::SkuLedger;
 use orderly_domain::order::{Order, OrderState};
 use orderly_domain::{CustomerId, LocationId, Money, Priority, Sku, Zone};
 use orderly_engine::app::{Customer, Engine, LineRequest, OrderRequest, ShipTo};
@@ -465,24 +464,15 @@ async fn check_stores(engine: &Engine, cfg: &FlashSale, uniform: bool) -> Result
     let store = engine.runtime.store("inventory").context("inventory store")?;
     let mut oversold = 0u64;
     let mut invariants_ok = true;
-    let mut after: Option<String> = None;
-    loop {
-        let rows = store.scan("ledgers", None, after.as_deref(), 500).await?;
-        for row in &rows {
-            let ledger: SkuLedger = serde_json::from_slice(&row.doc).context("ledger")?;
-            if let Err(e) = ledger.check_invariants() {
-                eprintln!("invariant violated for {}: {e}", row.key);
-                invariants_ok = false;
-            }
-            for loc in ledger.snapshot().locations {
-                for p in loc.partitions {
-                    oversold += (p.reserved + p.safety).saturating_sub(p.on_hand);
-                }
-            }
+    for ledger in orderly_engine::table::read_all_ledgers(store.as_ref()).await? {
+        if let Err(e) = ledger.check_invariants() {
+            eprintln!("invariant violated for {}: {e}", ledger.sku());
+            invariants_ok = false;
         }
-        after = rows.last().map(|r| r.key.clone());
-        if rows.len() < 500 {
-            break;
+        for loc in ledger.snapshot().locations {
+            for p in loc.partitions {
+                oversold += (p.reserved + p.safety).saturating_sub(p.on_hand);
+            }
         }
     }
     let (mut allocated, mut backordered, mut hot_units) = (0u64, 0u64, 0u64);

@@ -13,7 +13,7 @@ use crate::events::{
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{IndexGuard, Staged, Table};
+use crate::table::{IndexGuard, LedgerTable, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -182,7 +182,7 @@ pub struct Inventory {
     cfg: LedgerConfig,
     hold_ttl_ms: i64,
     hold_jitter_ms: i64,
-    ledgers: Table<SkuLedger>,
+    ledgers: LedgerTable,
     locations: Table<Location>,
     orders: Table<OrderRecord>,
     holds: Table<HoldRef>,
@@ -202,7 +202,7 @@ impl Inventory {
             cfg,
             hold_ttl_ms,
             hold_jitter_ms,
-            ledgers: Table::new("ledgers", 50_000, |_| None),
+            ledgers: LedgerTable::new(50_000),
             locations: Table::new("locations", usize::MAX, |_| None),
             orders: Table::new("orders", 200_000, |_| None),
             holds: Table::new("holds", usize::MAX, |_| None),
@@ -956,7 +956,7 @@ impl Inventory {
         let mut skus: BTreeSet<String> = self.ledgers.iter().map(|(k, _)| k.clone()).collect();
         let mut after: Option<String> = None;
         loop {
-            let rows = tx.store().scan(self.ledgers.name(), None, after.as_deref(), PAGE).await?;
+            let rows = tx.store().scan(crate::table::LEDGERS, None, after.as_deref(), PAGE).await?;
             let done = rows.len() < PAGE as usize;
             after = rows.last().map(|r| r.key.clone());
             skus.extend(rows.into_iter().map(|r| r.key));
