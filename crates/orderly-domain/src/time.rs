@@ -164,7 +164,10 @@ mod tests {
         assert_eq!(Timestamp::MAX.to_string(), "9999-12-31T23:59:59.999Z");
         for edge in [Timestamp::MIN, Timestamp::MAX] {
             let parsed: Timestamp = serde_json::from_str(&edge.0.to_string()).expect("in range");
-            assert_eq!(serde_json::from_str::<Timestamp>(&serde_json::to_string(&parsed).expect("ser")).ok(), Some(edge));
+            assert_eq!(
+                serde_json::from_str::<Timestamp>(&serde_json::to_string(&parsed).expect("ser")).ok(),
+                Some(edge)
+            );
         }
         for out in [Timestamp::MIN.0 - 1, Timestamp::MAX.0 + 1, i64::MIN, i64::MAX] {
             assert!(serde_json::from_str::<Timestamp>(&out.to_string()).is_err(), "{out}");

@@ -110,17 +110,17 @@ fn check(method: Method, path: &str, key: &str, content_type: &str, body: &[u8])
     let (status, content_type, bytes) = api.runtime.block_on(async {
         let response = api.router.clone().oneshot(request).await.expect("the router is infallible");
         let status = response.status();
-        let content_type = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let content_type =
+            response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let bytes = response.into_body().collect().await.expect("the body is readable").to_bytes();
         (status, content_type, bytes)
     });
     let text = String::from_utf8_lossy(&bytes);
-    assert!(!status.is_server_error(), "{method} {path} answered {status}: {text}\nbody sent: {:?}", String::from_utf8_lossy(body));
+    assert!(
+        !status.is_server_error(),
+        "{method} {path} answered {status}: {text}\nbody sent: {:?}",
+        String::from_utf8_lossy(body)
+    );
     if status == StatusCode::NO_CONTENT {
         return;
     }

@@ -17,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Statuses of the framed mode.
-pub const STATUSES: &[u16] = &[200, 201, 202, 204, 206, 301, 304, 400, 401, 404, 408, 409, 422, 429, 500, 502, 503, 599];
+pub const STATUSES: &[u16] =
+    &[200, 201, 202, 204, 206, 301, 304, 400, 401, 404, 408, 409, 422, 429, 500, 502, 503, 599];
 
 /// Longest a client waits for one answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -131,7 +132,9 @@ pub fn carrier_response(data: &[u8]) {
         500..=599 | 408 | 429 => {
             assert_eq!(outcome, Err(CarrierError::Unavailable(status)), "retryable")
         }
-        400..=499 => assert!(matches!(&outcome, Err(CarrierError::Rejected { status: s, .. }) if *s == status), "{outcome:?}"),
+        400..=499 => {
+            assert!(matches!(&outcome, Err(CarrierError::Rejected { status: s, .. }) if *s == status), "{outcome:?}")
+        }
         200..=299 => assert!(matches!(outcome, Ok(_) | Err(CarrierError::BadResponse(_))), "{outcome:?}"),
         _ => assert!(matches!(outcome, Err(CarrierError::BadResponse(_))), "{status}: {outcome:?}"),
     }
