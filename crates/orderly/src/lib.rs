@@ -6,6 +6,7 @@ pub mod adapters;
 pub mod bench;
 pub mod demo;
 pub mod settings;
+pub mod soak;
 
 use anyhow::{Context, Result};
 use orderly_engine::app::Engine;
