@@ -19,8 +19,11 @@ use orderly_domain::shipping::rates::RateTable;
 use orderly_engine::events as contract;
 use orderly_engine::runtime::EventError;
 
+/// A fuzz target: raw bytes in, a panic on a contract violation.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("order_body", http::order_body),
     ("hold_body", http::hold_body),
     ("receipt_body", http::receipt_body),

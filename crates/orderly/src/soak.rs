@@ -32,6 +32,9 @@ pub struct Soak {
     pub rate: u32,
 }
 
+/// One sample: (second, RSS MB, max consumer lag s, total backlog).
+pub type Sample = (u64, f64, f64, u64);
+
 /// What happened, and whether every invariant held.
 #[derive(Debug, Serialize)]
 pub struct SoakReport {
@@ -68,7 +71,7 @@ pub struct SoakReport {
     /// Highest consumer backlog sampled, events.
     pub max_backlog: u64,
     /// Samples: (second, RSS MB, max lag s, total backlog).
-    pub samples: Vec<(u64, f64, f64, u64)>,
+    pub samples: Vec<Sample>,
     /// Every invariant violation found; empty means the run passed.
     pub violations: Vec<String>,
 }
@@ -138,10 +141,10 @@ impl Client {
         let value = response.json::<Value>().await.unwrap_or(Value::Null);
         if status >= 500 && status != 503 {
             self.counters.server_errors.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut e) = self.errors.lock() {
-                if e.len() < 20 {
-                    e.push(format!("{method} {path} answered {status}: {value}"));
-                }
+            if let Ok(mut e) = self.errors.lock()
+                && e.len() < 20
+            {
+                e.push(format!("{method} {path} answered {status}: {value}"));
             }
         }
         Some((status, value))
@@ -305,7 +308,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     }
 
     // The sampler.
-    let samples: Arc<Mutex<Vec<(u64, f64, f64, u64)>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let sampler = {
         let engine = engine.clone();
         let samples = samples.clone();
@@ -357,7 +360,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
             let body = json!({
                 "customer": {"id": format!("c-{n}"), "email": format!("c{n}@example.com")},
                 "ship_to": {"zone": zone},
-                "priority": if roll % 7 == 0 { "same_day" } else { "standard" },
+                "priority": if roll.is_multiple_of(7) { "same_day" } else { "standard" },
                 "lines": [{"sku": sku, "qty": qty, "unit_price": price}],
             });
             let key = format!("soak-order-{n}");
