@@ -229,12 +229,12 @@ fn edit_json(seed: &[u8], edits: &[Edit]) -> Option<Vec<u8>> {
                 }
             }
             Edit::Remove(n) | Edit::Rename(n) => {
-                if let Some(Value::Object(map)) = nth(&mut value, n % size) {
-                    if let Some(key) = map.keys().nth(n / size % map.len().max(1)).cloned() {
-                        let old = map.remove(&key);
-                        if let (Edit::Rename(_), Some(old)) = (e, old) {
-                            map.insert(format!("{key}_x"), old);
-                        }
+                if let Some(Value::Object(map)) = nth(&mut value, n % size)
+                    && let Some(key) = map.keys().nth(n / size % map.len().max(1)).cloned()
+                {
+                    let old = map.remove(&key);
+                    if let (Edit::Rename(_), Some(old)) = (e, old) {
+                        map.insert(format!("{key}_x"), old);
                     }
                 }
             }
