@@ -293,11 +293,21 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
                             .await
                         {
                             client.counters.picks.fetch_add(1, Ordering::Relaxed);
+                            // The order reaches `picked` once the pick event is consumed: retry a 409 briefly.
                             let pack = json!({"order_id": task["order_id"], "location": loc, "pick_ids": [id]});
-                            if let Some((201, _)) =
-                                client.send(reqwest::Method::POST, "/v1/packages", "warehouse", Some(pack), None).await
-                            {
-                                client.counters.packages.fetch_add(1, Ordering::Relaxed);
+                            for _ in 0..10 {
+                                let path = "/v1/packages";
+                                match client
+                                    .send(reqwest::Method::POST, path, "warehouse", Some(pack.clone()), None)
+                                    .await
+                                {
+                                    Some((201, _)) => {
+                                        client.counters.packages.fetch_add(1, Ordering::Relaxed);
+                                        break;
+                                    }
+                                    Some((409, _)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                                    _ => break,
+                                }
                             }
                         }
                     }
