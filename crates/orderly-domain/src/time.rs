@@ -28,10 +28,17 @@ impl<'de> Deserialize<'de> for Timestamp {
                     .ok_or_else(|| E::custom("time must be RFC 3339 UTC, e.g. \"2026-11-26T10:00:00Z\""))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Timestamp, E> {
-                Ok(Timestamp(v))
+                // Only instants RFC 3339 can write (years 0000 to 9999), so
+                // whatever is accepted serializes to a time that parses again.
+                if (Timestamp::MIN.0..=Timestamp::MAX.0).contains(&v) {
+                    Ok(Timestamp(v))
+                } else {
+                    Err(E::custom("time out of range (years 0000 to 9999)"))
+                }
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Timestamp, E> {
-                i64::try_from(v).map(Timestamp).map_err(|_| E::custom("time out of range"))
+                let v = i64::try_from(v).map_err(|_| E::custom("time out of range (years 0000 to 9999)"))?;
+                self.visit_i64(v)
             }
         }
         d.deserialize_any(V)
@@ -39,6 +46,11 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 impl Timestamp {
+    /// The earliest instant RFC 3339 can write: `0000-01-01T00:00:00.000Z`.
+    pub const MIN: Timestamp = Timestamp(-62_167_219_200_000);
+    /// The latest instant RFC 3339 can write: `9999-12-31T23:59:59.999Z`.
+    pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
+
     /// Milliseconds since the epoch.
     pub const fn millis(self) -> i64 {
         self.0
@@ -145,6 +157,23 @@ impl fmt::Display for Timestamp {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn integer_times_outside_rfc_3339_years_are_refused() {
+        assert_eq!(Timestamp::MIN.to_string(), "0000-01-01T00:00:00.000Z");
+        assert_eq!(Timestamp::MAX.to_string(), "9999-12-31T23:59:59.999Z");
+        for edge in [Timestamp::MIN, Timestamp::MAX] {
+            let parsed: Timestamp = serde_json::from_str(&edge.0.to_string()).expect("in range");
+            assert_eq!(
+                serde_json::from_str::<Timestamp>(&serde_json::to_string(&parsed).expect("ser")).ok(),
+                Some(edge)
+            );
+        }
+        for out in [Timestamp::MIN.0 - 1, Timestamp::MAX.0 + 1, i64::MIN, i64::MAX] {
+            assert!(serde_json::from_str::<Timestamp>(&out.to_string()).is_err(), "{out}");
+        }
+        assert!(serde_json::from_str::<Timestamp>(&u64::MAX.to_string()).is_err());
+    }
 
     #[test]
     fn formats_and_parses_known_instants() {

@@ -9,7 +9,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderName;
 use axum::middleware::{Next, from_fn_with_state, map_response};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{Listener, ListenerExt};
+use axum::serve::Listener;
 use orderly_engine::config::HttpSettings;
 use std::future::Future;
 use std::io;
@@ -47,6 +47,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// After shutdown is signalled, how long open requests may finish.
     pub shutdown_drain_ms: u64,
+    /// Longest a client may take to send a complete request head before
+    /// its connection is closed (slowloris defence).
+    pub header_read_timeout_ms: u64,
 }
 
 /// How long open requests may finish after shutdown, by default.
@@ -62,6 +65,7 @@ impl Limits {
             max_in_flight_requests: settings.max_connections,
             max_connections: settings.max_connections,
             shutdown_drain_ms: SHUTDOWN_DRAIN_MS_DEFAULT,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -132,42 +136,97 @@ async fn in_flight_limit(State(permits): State<Arc<Semaphore>>, request: Request
     next.run(request).await
 }
 
+/// Largest request head (request line and headers) accepted: hyper answers
+/// a bare 431 beyond it (the connection is not parsed far enough for a
+/// problem body). Also the HTTP/2 header list limit.
+pub const HEADER_BYTES_MAX: usize = 16 * 1024;
+
+/// Most headers in one request (431 beyond).
+pub const HEADERS_MAX: usize = 100;
+
+/// How long a client may take to send a complete request head, by default.
+pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
 /// Serves `router` on `listener` until `shutdown` completes, with at most
 /// `limits.max_connections` connections open (more wait in the backlog).
-/// After shutdown, open requests get `limits.shutdown_drain_ms` to finish;
-/// then the server stops anyway, so shutdown never hangs.
+/// A connection whose request head is not complete within
+/// `limits.header_read_timeout_ms` is closed (slowloris clients cannot hold
+/// the connection slots); heads over [`HEADER_BYTES_MAX`] bytes or
+/// [`HEADERS_MAX`] headers are refused. After shutdown, open requests get
+/// `limits.shutdown_drain_ms` to finish; then the server stops anyway, so
+/// shutdown never hangs.
 pub async fn serve<F>(listener: TcpListener, router: Router, limits: &Limits, shutdown: F) -> io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let listener = CappedListener::new(listener, limits.max_connections).tap_io(|stream| {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut listener = CappedListener::new(listener, limits.max_connections);
+    let head_timeout = Duration::from_millis(limits.header_read_timeout_ms.max(1));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(HEADER_BYTES_MAX.max(8192))
+        .max_headers(HEADERS_MAX);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(HEADER_BYTES_MAX as u32);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _address) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
         if let Err(error) = stream.stream.set_nodelay(true) {
             tracing::trace!(%error, "could not set TCP_NODELAY");
         }
-    });
-    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        let _ = signalled_tx.send(());
-    };
-    let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(signal)
-        .into_future();
-    let drain = Duration::from_millis(limits.shutdown_drain_ms);
-    let deadline = async move {
-        if signalled_rx.await.is_ok() {
-            tokio::time::sleep(drain).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!(drain_ms = limits.shutdown_drain_ms, "requests still open after the shutdown drain; stopping anyway");
-            Ok(())
-        }
+        // The HTTP/1 timer only starts once hyper knows the protocol, so the
+        // first request head is also bounded here: a connection that has not
+        // produced a request in time is dropped.
+        let first_request = Arc::new(tokio::sync::Notify::new());
+        let seen = first_request.clone();
+        let service = router.clone().map_request(move |request: axum::http::Request<hyper::body::Incoming>| {
+            seen.notify_one();
+            request.map(axum::body::Body::new)
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(error) = result {
+                        tracing::trace!(%error, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = first_request.notified() => {}
+                () = tokio::time::sleep(head_timeout) => {
+                    tracing::debug!("closing a connection that sent no complete request head in time");
+                    return;
+                }
+            }
+            if let Err(error) = connection.await {
+                tracing::trace!(%error, "connection ended with an error");
+            }
+        });
     }
+    drop(listener);
+    let drain = Duration::from_millis(limits.shutdown_drain_ms);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            drain_ms = limits.shutdown_drain_ms,
+            "requests still open after the shutdown drain; stopping anyway"
+        );
+    }
+    Ok(())
 }
 
 /// A TCP listener that holds at most `max_connections` connections open:

@@ -270,11 +270,72 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let limit = req.extensions().get::<BodyLimit>().map(|limit| limit.0);
-        match Json::<T>::from_request(req, state).await {
+        if !is_json_content_type(req.headers()) {
+            return Err(Problem::unsupported_media_type("expected a request with `Content-Type: application/json`"));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::payload_too_large(limit)
+            } else {
+                Problem::bad_request(format!("could not read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        check_json_depth(&bytes)?;
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(json_rejection_problem(&rejection, limit)),
         }
     }
+}
+
+/// Deepest nesting of arrays and objects accepted in a JSON body. Every
+/// request shape nests at most 4 levels; the parser's own recursion limit
+/// (128) is far above what any client needs.
+pub const JSON_DEPTH_MAX: usize = 32;
+
+/// `application/json` or any `application/*+json`, parameters ignored.
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.split_once('/') {
+        Some(("application", subtype)) => subtype == "json" || subtype.ends_with("+json"),
+        _ => false,
+    }
+}
+
+/// A 400 `json-too-deep` problem when `body` nests arrays or objects deeper
+/// than [`JSON_DEPTH_MAX`] (brackets inside strings do not count). One pass,
+/// no allocation: it runs before the parser.
+pub fn check_json_depth(body: &[u8]) -> Result<(), Problem> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > JSON_DEPTH_MAX {
+                    return Err(Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "json-too-deep",
+                        "JSON nested too deeply",
+                        format!("the JSON body nests arrays or objects deeper than {JSON_DEPTH_MAX} levels"),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl<T: Serialize> IntoResponse for ApiJson<T> {

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod demo;
 pub mod settings;
 pub mod simulate;
+pub mod soak;
 pub mod telemetry;
 
 use anyhow::{Context, Result};

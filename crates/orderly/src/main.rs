@@ -195,6 +195,18 @@ enum BusCommand {
         #[arg(long, default_value_t = 1)]
         from: u64,
     },
+    /// Steady order load for minutes with carrier faults, cancellations and expiring holds; samples RSS and lag, checks the invariants at the end (exit 1 on a violation).
+    Soak {
+        /// Minutes of load (fractions allowed: 0.5 is 30 s).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Orders per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,6 +294,20 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             if report.oversold != 0 || !report.invariants_ok {
                 eprintln!("FAILED: oversold {} units, invariants ok: {}", report.oversold, report.invariants_ok);
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Soak { minutes, rate, json } } => {
+            let cfg =
+                orderly::soak::Soak { duration: std::time::Duration::from_secs_f64(minutes.max(0.0) * 60.0), rate };
+            let report = orderly::soak::run(&cfg).await?;
+            if !json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.violations.is_empty() {
+                eprintln!("FAILED: {} invariant violations: {:?}", report.violations.len(), report.violations);
                 std::process::exit(1);
             }
             Ok(())

@@ -94,6 +94,7 @@ pub fn test_limits() -> Limits {
         max_in_flight_requests: 64,
         max_connections: 64,
         shutdown_drain_ms: 2_000,
+        header_read_timeout_ms: 2_000,
     }
 }
 
