@@ -275,12 +275,15 @@ impl Inventory {
         match ev {
             LedgerEvent::Reserved { order, line, location, qty, from_backorder, .. } => {
                 let entry = out.reserved.entry(order.clone()).or_default();
-                entry.0.push(AllocationData {
-                    line_id: line.clone(),
-                    sku: sku.clone(),
-                    location: location.clone(),
-                    qty: *qty as Qty,
-                });
+                add_allocation(
+                    &mut entry.0,
+                    AllocationData {
+                        line_id: line.clone(),
+                        sku: sku.clone(),
+                        location: location.clone(),
+                        qty: *qty as Qty,
+                    },
+                );
                 entry.1 |= *from_backorder;
             }
             LedgerEvent::HoldConsumed { order, line, location, qty, hold_id, .. } => {
@@ -289,12 +292,15 @@ impl Inventory {
                 let synchronous = self.holds.get(hold_id.as_str()).is_some_and(|h| h.line.is_some());
                 if !synchronous {
                     let entry = out.reserved.entry(order.clone()).or_default();
-                    entry.0.push(AllocationData {
-                        line_id: line.clone(),
-                        sku: sku.clone(),
-                        location: location.clone(),
-                        qty: *qty as Qty,
-                    });
+                    add_allocation(
+                        &mut entry.0,
+                        AllocationData {
+                            line_id: line.clone(),
+                            sku: sku.clone(),
+                            location: location.clone(),
+                            qty: *qty as Qty,
+                        },
+                    );
                 }
                 self.holds.remove(hold_id.as_str());
                 out.holds.push((
@@ -821,6 +827,16 @@ impl Inventory {
         }
         self.flush(tx, out);
         Ok(())
+    }
+}
+
+/// Adds units reserved for a line to an event's allocations: one entry per
+/// line and location, however many ledger events made it (a cart hold
+/// consumed and the rest of the line reserved at the same location).
+fn add_allocation(allocations: &mut Vec<AllocationData>, a: AllocationData) {
+    match allocations.iter_mut().find(|x| x.line_id == a.line_id && x.location == a.location) {
+        Some(x) => x.qty = x.qty.saturating_add(a.qty),
+        None => allocations.push(a),
     }
 }
 
