@@ -19,6 +19,7 @@ use orderly_engine::events::StockMoved;
 use orderly_engine::ports::Store;
 use orderly_engine::runtime::DeadLetter;
 use orderly_engine::services::picking::{PickStatus, PickTask};
+use orderly_engine::table::{read_all_ledgers, read_ledger};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -233,7 +234,9 @@ impl Checker {
     async fn check_ledgers(&mut self, world: &World, books: &Books, keys: &BTreeSet<String>) -> Result<(), Failure> {
         let store = world.store("inventory");
         for key in keys {
-            let Some(ledger) = get::<SkuLedger>(&store, "ledgers", key).await? else { continue };
+            let Some(ledger) = read_ledger(&*store, key).await.map_err(store_failure)?.map(|s| s.ledger) else {
+                continue;
+            };
             let ledger = &ledger;
             self.checked("ledger_consistent");
             if let Err(e) = ledger.check_invariants() {
@@ -430,7 +433,7 @@ impl Checker {
         idle(world, "notifications", "notifications", &["pending", "failed"]).await?;
         idle(world, "shipping", "shipments", &["label_pending", "failed"]).await?;
         idle(world, "picking", "picks", &["queued", "assigned"]).await?;
-        let ledgers: Vec<SkuLedger> = scan_all(&world.store("inventory"), "ledgers", None).await?;
+        let ledgers = read_all_ledgers(&*world.store("inventory")).await.map_err(store_failure)?;
         for l in ledgers {
             if l.next_expiry().is_some_and(|t| now.since(t) > HOLD_EXPIRY_SLACK_MS) {
                 return fail("liveness", format!("{} has a hold live past its expiry", l.sku()));
@@ -530,6 +533,6 @@ fn decode<T: DeserializeOwned>(table: &str, key: &str, doc: &[u8]) -> Result<T, 
         .map_err(|e| Failure { invariant: "store_readable", detail: format!("{table}/{key} does not decode: {e}") })
 }
 
-fn store_failure(e: orderly_engine::ports::StoreError) -> Failure {
+pub(crate) fn store_failure(e: orderly_engine::ports::StoreError) -> Failure {
     Failure { invariant: "store_readable", detail: e.to_string() }
 }

@@ -15,7 +15,6 @@ use crate::report::{Fingerprint, SeedReport, Trace, Violation};
 use crate::rng::SimRng;
 use crate::workload::{self, HOT_SKU, LOCATIONS, SKUS, id};
 use crate::world::World;
-use orderly_domain::ledger::SkuLedger;
 use orderly_domain::order::OrderState;
 use orderly_domain::{LocationId, OrderId, Qty, Sku};
 use orderly_engine::engine::SERVICES;
@@ -503,7 +502,9 @@ impl Sim {
         for store in self.world.stores.values() {
             store.fail_next_commits(0);
         }
-        let ledgers: Vec<SkuLedger> = scan_all(&self.world.store("inventory"), "ledgers", None).await?;
+        let ledgers = orderly_engine::table::read_all_ledgers(&*self.world.store("inventory"))
+            .await
+            .map_err(crate::invariants::store_failure)?;
         for l in ledgers {
             let waiting: u64 = l.backorders().map(|b| b.qty).sum();
             if waiting > 0 {

@@ -173,6 +173,18 @@ enum BenchCommand {
         #[arg(long)]
         bus: Option<String>,
     },
+    /// Steady order load for minutes with carrier faults, cancellations and expiring holds; samples RSS and lag, checks the invariants at the end (exit 1 on a violation).
+    Soak {
+        /// Minutes of load (fractions allowed: 0.5 is 30 s).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Orders per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,18 +206,6 @@ enum BusCommand {
         /// First outbox position to send (1: everything still in the outbox).
         #[arg(long, default_value_t = 1)]
         from: u64,
-    },
-    /// Steady order load for minutes with carrier faults, cancellations and expiring holds; samples RSS and lag, checks the invariants at the end (exit 1 on a violation).
-    Soak {
-        /// Minutes of load (fractions allowed: 0.5 is 30 s).
-        #[arg(long, default_value_t = 10.0)]
-        minutes: f64,
-        /// Orders per second.
-        #[arg(long, default_value_t = 20)]
-        rate: u32,
-        /// Print one JSON object on the last line.
-        #[arg(long)]
-        json: bool,
     },
 }
 
