@@ -93,14 +93,10 @@ pub async fn run(
     result
 }
 
-fn demo_settings(carrier_url: &str, rates_dir: &std::path::Path) -> Result<(Settings, Vec<(&'static str, String)>)> {
-    let mut settings = Settings::default();
-    let mut keys = Vec::new();
-    for role in ["ops", "storefront", "warehouse", "carrier", "viewer"] {
-        let (key, hash) = orderly_http::auth::generate_key().context("no randomness")?;
-        settings.auth.keys.push(ApiKey { name: format!("demo-{role}"), role: role.to_owned(), hash });
-        keys.push((role, key));
-    }
+/// The demo's carrier layout: `fastship` and `slowpost` at the simulator's
+/// `carrier_url`, fastship first in EU and slowpost first in US, rates from
+/// `rates_dir`. The soak uses the same layout.
+pub(crate) fn wire_carriers(settings: &mut Settings, carrier_url: &str, rates_dir: &std::path::Path) {
     settings.carriers.rates_dir = Some(rates_dir.display().to_string());
     for id in ["fastship", "slowpost"] {
         settings.carriers.endpoints.push(CarrierEndpoint { id: id.to_owned(), url: carrier_url.to_owned() });
@@ -115,6 +111,17 @@ fn demo_settings(carrier_url: &str, rates_dir: &std::path::Path) -> Result<(Sett
         primary: "slowpost".into(),
         secondary: "fastship".into(),
     });
+}
+
+fn demo_settings(carrier_url: &str, rates_dir: &std::path::Path) -> Result<(Settings, Vec<(&'static str, String)>)> {
+    let mut settings = Settings::default();
+    let mut keys = Vec::new();
+    for role in ["ops", "storefront", "warehouse", "carrier", "viewer"] {
+        let (key, hash) = orderly_http::auth::generate_key().context("no randomness")?;
+        settings.auth.keys.push(ApiKey { name: format!("demo-{role}"), role: role.to_owned(), hash });
+        keys.push((role, key));
+    }
+    wire_carriers(&mut settings, carrier_url, rates_dir);
     settings.shipping.max_retries = 2;
     settings.carriers.breaker_cooldown = orderly_engine::config::Millis(10_000);
     Ok((settings, keys))

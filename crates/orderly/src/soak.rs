@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use orderly_carrier::sim::{SimConfig, spawn_local};
 use orderly_carrier::wire::CarrierSettings;
-use orderly_engine::config::{ApiKey, CarrierEndpoint, Millis, Settings, ZoneRoute};
+use orderly_engine::config::{ApiKey, Millis, Settings};
 use orderly_store_sqlite::Durability;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -163,20 +163,7 @@ fn settings(
         settings.auth.keys.push(ApiKey { name: format!("soak-{role}"), role: role.to_owned(), hash });
         keys.insert(role, key);
     }
-    settings.carriers.rates_dir = Some(rates_dir.display().to_string());
-    for id in ["fastship", "slowpost"] {
-        settings.carriers.endpoints.push(CarrierEndpoint { id: id.to_owned(), url: carrier_url.to_owned() });
-    }
-    settings.carriers.routes.push(ZoneRoute {
-        zone: "EU".into(),
-        primary: "fastship".into(),
-        secondary: "slowpost".into(),
-    });
-    settings.carriers.routes.push(ZoneRoute {
-        zone: "US".into(),
-        primary: "slowpost".into(),
-        secondary: "fastship".into(),
-    });
+    crate::demo::wire_carriers(&mut settings, carrier_url, rates_dir);
     settings.carriers.breaker_cooldown = Millis(2_000);
     settings.shipping.max_retries = 2;
     settings.inventory.hold_ttl = Millis(2_000);

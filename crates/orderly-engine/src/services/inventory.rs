@@ -177,6 +177,15 @@ struct Outcome {
     holds: Vec<(EventType, Sku, serde_json::Value)>,
 }
 
+impl Outcome {
+    /// Units reserved for an order's line at a location: part of its `inventory.reserved`.
+    fn note_reserved(&mut self, order: &OrderId, line: &LineId, sku: &Sku, location: &LocationId, qty: u64) {
+        let entry = self.reserved.entry(order.clone()).or_default();
+        let a = AllocationData { line_id: line.clone(), sku: sku.clone(), location: location.clone(), qty: qty as Qty };
+        add_allocation(&mut entry.0, a);
+    }
+}
+
 /// The inventory service.
 pub struct Inventory {
     cfg: LedgerConfig,
@@ -274,33 +283,15 @@ impl Inventory {
         };
         match ev {
             LedgerEvent::Reserved { order, line, location, qty, from_backorder, .. } => {
-                let entry = out.reserved.entry(order.clone()).or_default();
-                add_allocation(
-                    &mut entry.0,
-                    AllocationData {
-                        line_id: line.clone(),
-                        sku: sku.clone(),
-                        location: location.clone(),
-                        qty: *qty as Qty,
-                    },
-                );
-                entry.1 |= *from_backorder;
+                out.note_reserved(order, line, sku, location, *qty);
+                out.reserved.entry(order.clone()).or_default().1 |= *from_backorder;
             }
             LedgerEvent::HoldConsumed { order, line, location, qty, hold_id, .. } => {
                 // A synchronous hold's allocation is already in the order
                 // (it was acknowledged with it); only cart holds are news.
                 let synchronous = self.holds.get(hold_id.as_str()).is_some_and(|h| h.line.is_some());
                 if !synchronous {
-                    let entry = out.reserved.entry(order.clone()).or_default();
-                    add_allocation(
-                        &mut entry.0,
-                        AllocationData {
-                            line_id: line.clone(),
-                            sku: sku.clone(),
-                            location: location.clone(),
-                            qty: *qty as Qty,
-                        },
-                    );
+                    out.note_reserved(order, line, sku, location, *qty);
                 }
                 self.holds.remove(hold_id.as_str());
                 out.holds.push((
