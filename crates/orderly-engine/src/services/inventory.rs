@@ -755,8 +755,11 @@ impl Inventory {
     }
 
     async fn on_pick(&mut self, tx: &mut Tx, pick: PickData, short: bool) -> Result<(), EventError> {
+        if !self.orders.load(tx.store(), pick.order_id.as_str()).await? {
+            // Its order.created (and the line's reservation) is still on the way.
+            return Err(EventError::Early(format!("pick of order {} before the order", pick.order_id)));
+        }
         self.load_ledgers(tx.store(), vec![pick.sku.clone()]).await?;
-        self.orders.load(tx.store(), pick.order_id.as_str()).await?;
         let mut out = Outcome::default();
         let cmd = if short {
             LedgerCommand::Short {

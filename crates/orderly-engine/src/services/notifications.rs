@@ -285,6 +285,7 @@ impl Notifications {
             call_deadline_ms: i64::try_from(WEBHOOK_TIMEOUT_MS).unwrap_or(i64::MAX).saturating_add(CALL_GRACE_MS),
         };
         svc.requeue_pending(store).await?;
+        svc.queue.committed(); // Loaded from the store: no rollback undoes it.
         Ok((svc, DeliveryWorker { jobs: jobs_rx, sink }))
     }
 
@@ -741,7 +742,10 @@ impl DeliveryWorker {
     pub async fn run(mut self, results: mpsc::Sender<Command>) {
         let mut deliveries = JoinSet::new();
         loop {
+            // Biased: an unbiased select picks among ready branches with a
+            // per-process random number, so a simulated seed would not replay.
             tokio::select! {
+                biased;
                 job = self.jobs.recv() => match job {
                     Some(job) => {
                         deliveries.spawn(deliver(self.sink.clone(), job, results.clone()));
