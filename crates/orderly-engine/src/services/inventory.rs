@@ -13,7 +13,7 @@ use crate::events::{
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{IndexGuard, LedgerTable, Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, IndexGuard, LEDGER_CACHE_MAX, LedgerTable, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -42,6 +42,17 @@ pub struct OrderRecord {
     /// back on the shelf (less what shipped) if the order is canceled.
     #[serde(default)]
     pub picked: Vec<(LineId, LocationId, Qty)>,
+}
+
+impl OrderRecord {
+    /// Every unit of every line picked: only a cancel or a return still
+    /// needs the record (and reloads it).
+    fn fully_picked(&self) -> bool {
+        self.lines.iter().all(|(line, _, qty)| {
+            self.picked.iter().filter(|(l, _, _)| l == line).map(|(_, _, q)| u64::from(*q)).sum::<u64>()
+                >= u64::from(*qty)
+        })
+    }
 }
 
 /// Where a hold lives.
@@ -211,10 +222,10 @@ impl Inventory {
             cfg,
             hold_ttl_ms,
             hold_jitter_ms,
-            ledgers: LedgerTable::new(50_000),
-            locations: Table::new("locations", usize::MAX, |_| None),
-            orders: Table::new("orders", 200_000, |_| None),
-            holds: Table::new("holds", usize::MAX, |_| None),
+            ledgers: LedgerTable::new(LEDGER_CACHE_MAX),
+            locations: Table::whole("locations", |_| None),
+            orders: Table::new("orders", CACHE_ENTRIES_MAX, |_| None).settled_when(OrderRecord::fully_picked),
+            holds: Table::whole("holds", |_| None),
             expiries: BTreeSet::new(),
             indexes: IndexGuard::unbuilt(),
         };

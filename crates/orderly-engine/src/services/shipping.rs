@@ -16,7 +16,7 @@ use crate::events::{self, AllocationData, CarrierFallback, LabelCreated, PackCom
 use crate::metrics::Metrics;
 use crate::ports::{Batch, CarrierApi, CarrierCallError, Clock, Label, LabelRequest, Store, StoreError};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::shipping::{
     BreakerConfig, BreakerState, CarrierChoice, CarrierId, CarrierPair, CarrierRoutes, CircuitBreaker, RateBook,
@@ -48,7 +48,6 @@ pub const CALL_GRACE_MS: i64 = 5_000;
 pub const BREAKER_RECHECK_MS: i64 = 1_000;
 /// The key of the accepted rate table in table `rates`.
 pub const RATES_KEY: &str = "latest";
-const SHIPMENT_CACHE_MAX: usize = 50_000;
 
 /// Where a shipment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,8 +353,12 @@ impl Shipping {
         let timeout_ms = u64::try_from(settings.shipping.carrier_timeout.0.max(1)).unwrap_or(u64::MAX);
         let worker = LabelWorker { jobs: jobs_rx, carriers: apis, timeout_ms };
         let mut svc = Shipping {
-            shipments: Table::new("shipments", SHIPMENT_CACHE_MAX, |s: &Shipment| Some(s.state.as_str().to_owned())),
-            canceled_orders: Table::new("canceled_orders", SHIPMENT_CACHE_MAX, |_| None),
+            shipments: Table::new("shipments", CACHE_ENTRIES_MAX, |s: &Shipment| Some(s.state.as_str().to_owned()))
+                .settled_when(|s| {
+                    matches!(s.state, ShipmentState::Delivered | ShipmentState::Failed | ShipmentState::Canceled)
+                }),
+            // Looked up once per package of the order (a miss reads the store).
+            canceled_orders: Table::new("canceled_orders", CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
             rates: Rates::open(store, initial_rates).await?,
             queue: DueQueue::new(),
             routes: config.routes,
@@ -1228,6 +1231,11 @@ impl<F> DueQueue<F> {
         let flight = self.in_flight.remove(id)?;
         self.settled.push(id.to_owned());
         Some(flight)
+    }
+
+    /// True when `id` is scheduled or out on a call.
+    pub fn contains(&self, id: &str) -> bool {
+        self.due_at.contains_key(id) || self.in_flight.contains_key(id)
     }
 
     /// Every call out.
