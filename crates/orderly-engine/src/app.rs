@@ -177,7 +177,7 @@ impl Engine {
 
     /// Creates or updates a location.
     pub async fn put_location(&self, location: Location) -> Result<Location, ApiError> {
-        self.inventory.call(|reply| inventory::Command::PutLocation { location, reply }).await
+        self.inventory.call_retrying(|reply| inventory::Command::PutLocation { location: location.clone(), reply }).await
     }
 
     /// Every location.
@@ -188,7 +188,9 @@ impl Engine {
     /// Stock arrived.
     pub async fn receive(&self, location: LocationId, sku: Sku, qty: Qty) -> Result<InventorySnapshot, ApiError> {
         positive(qty)?;
-        self.inventory.call(|reply| inventory::Command::Receive { location, sku, qty, reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::Receive { location: location.clone(), sku: sku.clone(), qty, reply })
+            .await
     }
 
     /// A manual adjustment (`counted: None`) or a cycle count.
@@ -202,7 +204,15 @@ impl Engine {
         user: String,
     ) -> Result<InventorySnapshot, ApiError> {
         self.inventory
-            .call(|reply| inventory::Command::Adjust { sku, location, delta, counted, reason, user, reply })
+            .call_retrying(|reply| inventory::Command::Adjust {
+                sku: sku.clone(),
+                location: location.clone(),
+                delta,
+                counted,
+                reason: reason.clone(),
+                user: user.clone(),
+                reply,
+            })
             .await
     }
 
@@ -214,7 +224,14 @@ impl Engine {
     /// A cart hold.
     pub async fn create_hold(&self, sku: Sku, qty: Qty, location: Option<LocationId>) -> Result<HoldInfo, ApiError> {
         positive(qty)?;
-        self.inventory.call(|reply| inventory::Command::CreateHold { sku, qty, location, reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::CreateHold {
+                sku: sku.clone(),
+                qty,
+                location: location.clone(),
+                reply,
+            })
+            .await
     }
 
     /// Creates an order. Lines worth at least `allocation.sync_min_line_value`
@@ -253,7 +270,12 @@ impl Engine {
         } else {
             let (id, zone) = (order_id.clone(), req.ship_to.zone.clone());
             self.inventory
-                .call(|reply| inventory::Command::ReserveSync { order_id: id, zone, lines: sync_lines, reply })
+                .call_retrying(|reply| inventory::Command::ReserveSync {
+                    order_id: id.clone(),
+                    zone: zone.clone(),
+                    lines: sync_lines.clone(),
+                    reply,
+                })
                 .await?
         };
         let new = new_order(order_id, req, &reserved);
@@ -329,7 +351,7 @@ impl Engine {
 
     /// The next pick task for a location.
     pub async fn next_pick(&self, location: LocationId) -> Result<Option<PickTask>, ApiError> {
-        self.picking.call(|reply| picking::Command::Next { location, reply }).await
+        self.picking.call_retrying(|reply| picking::Command::Next { location: location.clone(), reply }).await
     }
 
     /// Confirms a pick.
@@ -339,7 +361,14 @@ impl Engine {
         instruction_key: String,
         qty: Qty,
     ) -> Result<PickOutcome, ApiError> {
-        self.picking.call(|reply| picking::Command::Confirm { pick_id, instruction_key, qty, reply }).await
+        self.picking
+            .call_retrying(|reply| picking::Command::Confirm {
+                pick_id: pick_id.clone(),
+                instruction_key: instruction_key.clone(),
+                qty,
+                reply,
+            })
+            .await
     }
 
     /// Reports a short pick.
@@ -350,7 +379,15 @@ impl Engine {
         qty_found: Qty,
         reason: String,
     ) -> Result<PickOutcome, ApiError> {
-        self.picking.call(|reply| picking::Command::Short { pick_id, instruction_key, qty_found, reason, reply }).await
+        self.picking
+            .call_retrying(|reply| picking::Command::Short {
+                pick_id: pick_id.clone(),
+                instruction_key: instruction_key.clone(),
+                qty_found,
+                reason: reason.clone(),
+                reply,
+            })
+            .await
     }
 
     /// Packs picks into a package.

@@ -231,6 +231,7 @@ impl Inventory {
         if !self.indexes.is_stale() {
             return Ok(());
         }
+        self.locations.load_all(store).await?;
         self.holds.load_all(store).await?;
         self.expiries = self.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
         self.indexes.rebuilt();
@@ -951,6 +952,15 @@ impl Service for Inventory {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds, &mut self.indexes]
+    }
+
+    /// Ledgers, holds and locations are written by every replica (the API
+    /// goes to any); orders only by the owner of their partition.
+    fn drop_shared(&mut self) {
+        self.ledgers.clear();
+        self.holds.clear();
+        self.locations.clear();
+        self.indexes.mark_stale();
     }
 }
 
