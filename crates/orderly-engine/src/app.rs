@@ -177,7 +177,9 @@ impl Engine {
 
     /// Creates or updates a location.
     pub async fn put_location(&self, location: Location) -> Result<Location, ApiError> {
-        self.inventory.call_retrying(|reply| inventory::Command::PutLocation { location: location.clone(), reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::PutLocation { location: location.clone(), reply })
+            .await
     }
 
     /// Every location.
@@ -189,7 +191,12 @@ impl Engine {
     pub async fn receive(&self, location: LocationId, sku: Sku, qty: Qty) -> Result<InventorySnapshot, ApiError> {
         positive(qty)?;
         self.inventory
-            .call_retrying(|reply| inventory::Command::Receive { location: location.clone(), sku: sku.clone(), qty, reply })
+            .call_retrying(|reply| inventory::Command::Receive {
+                location: location.clone(),
+                sku: sku.clone(),
+                qty,
+                reply,
+            })
             .await
     }
 

@@ -92,7 +92,8 @@ pub async fn check_store(store: &dyn Store) {
 /// and writes nothing; expecting 0 means "absent".
 async fn check_versions(store: &dyn Store) {
     use crate::ports::{Expect, StoreError};
-    let put = |key: &str, doc: &str| Row { table: "versioned", key: key.into(), idx: Some("i".into()), doc: doc.into() };
+    let put =
+        |key: &str, doc: &str| Row { table: "versioned", key: key.into(), idx: Some("i".into()), doc: doc.into() };
     let expect = |key: &str, version| Expect { table: "versioned", key: key.into(), version };
     let batch = |rows: Vec<Row>, expect: Vec<Expect>| Batch { puts: rows, expect, ..Batch::default() };
 

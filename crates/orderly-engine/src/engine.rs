@@ -6,6 +6,7 @@ use crate::broker::Topology;
 use crate::bus::{EventSource, OutboxSource, Publisher};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::partitions::Ownership;
 use crate::ports::{Clock, Rng, Store, StoreError};
 use crate::runtime::{self, Control, ControlError, Ctx, Service};
 use crate::services::common::ApiError;
@@ -122,10 +123,11 @@ impl<C: Send + 'static> Handle<C> {
             match self.call(&make).await {
                 Err(ApiError::Unavailable(detail)) if detail == NOT_COMMITTED && attempt < CALL_ATTEMPTS => {
                     attempt += 1;
-                    let pause = 2 + (std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.subsec_nanos())
-                        % 20);
+                    let pause = 2
+                        + (std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.subsec_nanos())
+                            % 20);
                     tokio::time::sleep(Duration::from_millis(u64::from(pause))).await;
                 }
                 Err(ApiError::Unavailable(detail)) if detail == NOT_COMMITTED => {
@@ -256,11 +258,14 @@ impl EngineBuilder {
             return Ok(Handle { tx: None, service: name });
         }
         let store = self.store(name);
+        let sharing = self.topology.sharing.get(name).cloned();
+        let ownership = sharing.as_ref().map_or_else(|| Arc::new(Ownership::all()), |s| s.ownership.clone());
         let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
         for (producer, filter) in subscriptions {
             let source: Arc<dyn EventSource> = match &self.topology.broker {
                 Some(broker) => {
-                    broker.source(name, producer, *filter, store.clone(), self.adapters.clock.clone()).await?
+                    let clock = self.adapters.clock.clone();
+                    broker.source(name, producer, *filter, store.clone(), clock, ownership.clone()).await?
                 }
                 None => Arc::new(OutboxSource::new(
                     producer,
@@ -290,7 +295,10 @@ impl EngineBuilder {
             self.tasks.push(relay);
         }
         let shutdown = self.shutdown.subscribe();
-        let driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
+        let mut driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
+        if let Some(sharing) = sharing {
+            driver.set_sharing(sharing);
+        }
         self.tasks.push(tokio::spawn(runtime::run(driver, rx, control_rx, shutdown)));
         self.controls.insert(name, control_tx);
         Ok(Handle { tx: Some(tx), service: name })

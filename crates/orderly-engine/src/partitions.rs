@@ -16,6 +16,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::watch;
 
+/// The services whose replicas share the work (all their writes to rows
+/// another replica may write are versioned); any other service runs as one
+/// active replica at a time, the others standing by.
+pub const SHAREABLE: [&str; 2] = ["inventory", "picking"];
+
 /// What a replica should do with its partitions this round.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {

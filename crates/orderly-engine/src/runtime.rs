@@ -634,7 +634,8 @@ async fn commit<S: Service>(
             tracing::debug!(service = ctx.service, error = %e, "commit conflict; batch rolled back");
             ctx.metrics.inc("orderly_commit_conflicts_total", &[("service", ctx.service)], 1);
             service.tables().into_iter().for_each(|t| t.rollback());
-            let pause = CONFLICT_PAUSE_MIN_MS + ctx.rng.next_u64() % (CONFLICT_PAUSE_MAX_MS - CONFLICT_PAUSE_MIN_MS + 1);
+            let pause =
+                CONFLICT_PAUSE_MIN_MS + ctx.rng.next_u64() % (CONFLICT_PAUSE_MAX_MS - CONFLICT_PAUSE_MIN_MS + 1);
             tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             None
         }

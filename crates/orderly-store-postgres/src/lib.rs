@@ -16,10 +16,12 @@
 
 mod error;
 mod lease;
+mod partitions;
 mod schema;
 mod write;
 
 pub use lease::{LEASE_RETRY, Lease, create_database, drop_database};
+pub use partitions::{MEMBERSHIP_ROUND, RELEASE_DRAIN, share_partitions};
 
 pub use schema::{LOCK_TIMEOUT_MS, SCHEMA_NAME_MAX, STATEMENT_TIMEOUT_MS};
 pub use write::Expect;
@@ -143,12 +145,13 @@ type DocRow = (String, Option<String>, Vec<u8>, i64);
 #[async_trait]
 impl Store for PgStore {
     async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
-        let found: Option<DocRow> = sqlx::query_as("SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND key = $2")
-            .bind(table)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error)?;
+        let found: Option<DocRow> =
+            sqlx::query_as("SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND key = $2")
+                .bind(table)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
         Ok(found.map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)))
     }
 

@@ -16,7 +16,8 @@ pub const READERS_MAX: usize = 2;
 
 /// The schema, versioned with `PRAGMA user_version`. Each entry migrates from
 /// the previous version; never edit a released entry, append a new one.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE docs (
         tbl TEXT NOT NULL,
         key TEXT NOT NULL,
@@ -34,9 +35,11 @@ const MIGRATIONS: &[&str] = &[r"
     CREATE INDEX outbox_by_subject ON outbox (subject, position);
     CREATE TABLE cursors (producer TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE inbox (id TEXT PRIMARY KEY) WITHOUT ROWID;
-", r"
+",
+    r"
     ALTER TABLE docs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
-"];
+",
+];
 
 /// How hard a commit is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
