@@ -171,9 +171,9 @@ pub trait Service: Send + 'static {
     fn next_deadline(&self) -> Option<Timestamp>;
     /// The service's cached tables, to stage, roll back or settle.
     fn tables(&mut self) -> Vec<&mut dyn Staged>;
-    /// Forgets cached copies of rows that other replicas of this service
-    /// may write (called between batches, about once a second, while another
-    /// replica is live); they are reloaded on next use. A stale copy could
+    /// Forgets every cached row (called between batches, about once a
+    /// second while another replica is live, together with the versions
+    /// remembered of them); rows are reloaded on next use. A stale copy could
     /// never be committed over a newer row (versions are checked), but it
     /// would cost a conflict and give stale answers.
     fn drop_shared(&mut self) {}
@@ -328,7 +328,8 @@ impl<S: Service> Driver<S> {
     pub async fn step(&mut self, commands: Vec<S::Command>, controls: Vec<Control>) -> bool {
         if let Some(sharing) = &self.sharing {
             let now = self.ctx.clock.now();
-            if sharing.ownership.others_live() && now.since(self.dropped_at) >= DROP_SHARED_EVERY_MS {
+            let due = sharing.ownership.others_live() && now.since(self.dropped_at) >= DROP_SHARED_EVERY_MS;
+            if sharing.versioned.take_overflow() || due {
                 self.service.drop_shared();
                 sharing.versioned.forget();
                 self.dropped_at = now;

@@ -6,46 +6,63 @@
 //! the inputs are tried again. The stores check the versions inside the
 //! commit, so two replicas can never both take the same unit of stock.
 //!
-//! A document read as absent is expected absent. A document written without
-//! being read first (a key new by construction) is written as is, and its
-//! version is unknown until it is read again.
+//! A document read as absent, or written without being read first (a key
+//! new by construction), is expected absent; so forgetting versions is
+//! always safe: a row whose version was forgotten costs one conflict, after
+//! which its cache reloads it. Dead letters are the one exception, written
+//! as they are.
 
 use crate::ports::{Batch, Expect, OutboxRecord, Row, Store, StoreError};
+use crate::runtime::DEAD_LETTERS;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Versions remembered before the map is forgotten (and relearned).
+/// Versions remembered before they are all forgotten (and relearned).
 pub const VERSIONS_MAX: usize = 500_000;
 
 /// A store that turns what was read into commit preconditions.
 pub struct VersionedStore {
     inner: Arc<dyn Store>,
     versions: Mutex<HashMap<(&'static str, String), u64>>,
+    overflow: std::sync::atomic::AtomicBool,
 }
 
 impl VersionedStore {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Store>) -> VersionedStore {
-        VersionedStore { inner, versions: Mutex::default() }
+        VersionedStore { inner, versions: Mutex::default(), overflow: Default::default() }
     }
 
     fn versions(&self) -> std::sync::MutexGuard<'_, HashMap<(&'static str, String), u64>> {
         self.versions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Remembers the version a read saw, unless one is remembered already:
+    /// a cache keeps its copy when the same row is read again around it (a
+    /// scan), and the version must stay the one of the copy. An older
+    /// version can only cost a conflict; a newer one could let a stale copy
+    /// overwrite a change.
     fn learn(&self, table: &'static str, key: &str, version: u64) {
         let mut v = self.versions();
         if v.len() >= VERSIONS_MAX {
-            // Forgetting is safe only together with the caches: the service
-            // drops them when it calls `forget` (see `Service::drop_shared`).
-            // Here, a full map keeps what it has and learns nothing new.
+            // Unknown rows are expected absent, so a row not learnt costs a
+            // conflict, never a lost update; the service drops its caches
+            // and these versions together at its next step.
+            self.overflow.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        v.insert((table, key.to_owned()), version);
+        v.entry((table, key.to_owned())).or_insert(version);
     }
 
-    /// Forgets every version (call it when the caches of these rows are dropped).
+    /// True (once) when the versions outgrew [`VERSIONS_MAX`]: time to drop
+    /// the caches and [`VersionedStore::forget`].
+    pub fn take_overflow(&self) -> bool {
+        self.overflow.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forgets every version. Only together with dropping every cached copy
+    /// of the rows (see `Service::drop_shared`).
     pub fn forget(&self) {
         self.versions().clear();
     }
@@ -90,14 +107,22 @@ impl Store for VersionedStore {
             .chain(batch.deletes.iter().map(|(t, k)| (*t, k.clone(), false)))
             .collect();
         {
-            let known = self.versions();
+            let mut known = self.versions();
             let mut seen = std::collections::HashSet::new();
-            for (table, key, _) in &touched {
-                if let Some(v) = known.get(&(*table, key.clone()))
-                    && seen.insert((*table, key.as_str()))
-                {
-                    batch.expect.push(Expect { table, key: key.clone(), version: *v });
+            for (table, key, put) in &touched {
+                if !seen.insert((*table, key.as_str())) || *table == DEAD_LETTERS {
+                    continue;
                 }
+                let slot = (*table, key.clone());
+                let version = match known.get(&slot) {
+                    Some(v) => *v,
+                    None if *put => {
+                        known.insert(slot, 0);
+                        0
+                    }
+                    None => continue,
+                };
+                batch.expect.push(Expect { table, key: key.clone(), version });
             }
         }
         let result = self.inner.commit(batch).await;
@@ -183,6 +208,21 @@ mod tests {
         b.commit(put("stock", "8")).await.expect("b's retry on the fresh copy");
         // a's own next write knows its version moved on: its copy is stale now.
         assert!(matches!(a.commit(put("stock", "7")).await, Err(StoreError::Conflict(_))));
+    }
+
+    #[tokio::test]
+    async fn a_key_written_unread_is_expected_absent_and_known_after() {
+        let shared: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let (a, b) = (VersionedStore::new(shared.clone()), VersionedStore::new(shared.clone()));
+        a.commit(put("task", "queued")).await.expect("a creates the task without reading");
+        assert!(b.get("t", "task").await.expect("b reads").is_some());
+        b.commit(put("task", "assigned to b")).await.expect("b assigns it");
+        let lost = a.commit(put("task", "assigned to a")).await;
+        assert!(matches!(lost, Err(StoreError::Conflict(_))), "a's copy is stale: {lost:?}");
+        assert!(
+            b.commit(put("new", "x")).await.is_ok() && a.commit(put("new", "y")).await.is_err(),
+            "a key two writers both create unread: the second conflicts"
+        );
     }
 
     #[tokio::test]

@@ -441,7 +441,8 @@ impl Inventory {
         location: &LocationId,
         cmd: LedgerCommand,
     ) -> Result<InventorySnapshot, ApiError> {
-        if self.locations.get(location.as_str()).is_none() {
+        // A miss is checked in the store: another replica may have just created it.
+        if !self.locations.load(tx.store(), location.as_str()).await? {
             return Err(ApiError::invalid(
                 "unknown-location",
                 format!("location {location} does not exist; create it with PUT /v1/locations/{location}"),
@@ -506,7 +507,7 @@ impl Inventory {
         location: Option<LocationId>,
     ) -> Result<HoldInfo, ApiError> {
         if let Some(l) = &location
-            && self.locations.get(l.as_str()).is_none()
+            && !self.locations.load(tx.store(), l.as_str()).await?
         {
             return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
         }
@@ -841,6 +842,11 @@ impl Service for Inventory {
         }
         match cmd {
             Command::PutLocation { location, reply } => {
+                // Read first: a replica replaces the stored row, not its stale copy.
+                if let Err(e) = self.locations.load(tx.store(), location.id.as_str()).await {
+                    tx.reply(reply, Err(e.into()));
+                    return;
+                }
                 self.locations.insert(location.id.as_str().to_owned(), location.clone());
                 tx.reply(reply, Ok(location));
             }
@@ -955,9 +961,10 @@ impl Service for Inventory {
     }
 
     /// Ledgers, holds and locations are written by every replica (the API
-    /// goes to any); orders only by the owner of their partition.
+    /// goes to any); orders by the owner of their partition, which moves.
     fn drop_shared(&mut self) {
         self.ledgers.clear();
+        self.orders.clear();
         self.holds.clear();
         self.locations.clear();
         self.indexes.mark_stale();

@@ -574,6 +574,7 @@ impl Service for Picking {
     /// queues are rebuilt from the store's open tasks.
     fn drop_shared(&mut self) {
         self.tasks.clear();
+        self.line_picks.clear();
         self.indexes.mark_stale();
     }
 }
