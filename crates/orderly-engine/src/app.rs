@@ -177,7 +177,9 @@ impl Engine {
 
     /// Creates or updates a location.
     pub async fn put_location(&self, location: Location) -> Result<Location, ApiError> {
-        self.inventory.call(|reply| inventory::Command::PutLocation { location, reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::PutLocation { location: location.clone(), reply })
+            .await
     }
 
     /// Every location.
@@ -187,8 +189,33 @@ impl Engine {
 
     /// Stock arrived.
     pub async fn receive(&self, location: LocationId, sku: Sku, qty: Qty) -> Result<InventorySnapshot, ApiError> {
+        self.receive_keyed(location, sku, qty, None).await
+    }
+
+    /// Stock arrived, at most once per caller's idempotency key
+    /// (`request_key`): the key is committed with the receipt, so a retry
+    /// whose first answer was lost (a crash, a timeout) gets that answer
+    /// again and receives nothing twice; the same key with a different
+    /// request is refused (422).
+    pub async fn receive_keyed(
+        &self,
+        location: LocationId,
+        sku: Sku,
+        qty: Qty,
+        request_key: Option<String>,
+    ) -> Result<InventorySnapshot, ApiError> {
         positive(qty)?;
-        self.inventory.call(|reply| inventory::Command::Receive { location, sku, qty, reply }).await
+        let key = request_key
+            .map(|key| orders::RequestKey { key, fingerprint: fingerprint_of(&("receive", &location, &sku, qty)) });
+        self.inventory
+            .call_retrying(|reply| inventory::Command::Receive {
+                location: location.clone(),
+                sku: sku.clone(),
+                qty,
+                key: key.clone(),
+                reply,
+            })
+            .await
     }
 
     /// A manual adjustment (`counted: None`) or a cycle count.
@@ -201,8 +228,37 @@ impl Engine {
         reason: String,
         user: String,
     ) -> Result<InventorySnapshot, ApiError> {
+        self.adjust_keyed(sku, location, delta, counted, reason, user, None).await
+    }
+
+    /// Like [`Engine::adjust`], at most once per caller's idempotency key
+    /// (committed with the change, as in [`Engine::receive_keyed`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn adjust_keyed(
+        &self,
+        sku: Sku,
+        location: LocationId,
+        delta: i64,
+        counted: Option<u64>,
+        reason: String,
+        user: String,
+        request_key: Option<String>,
+    ) -> Result<InventorySnapshot, ApiError> {
+        let key = request_key.map(|key| orders::RequestKey {
+            key,
+            fingerprint: fingerprint_of(&("adjust", &sku, &location, delta, counted, &reason, &user)),
+        });
         self.inventory
-            .call(|reply| inventory::Command::Adjust { sku, location, delta, counted, reason, user, reply })
+            .call_retrying(|reply| inventory::Command::Adjust {
+                sku: sku.clone(),
+                location: location.clone(),
+                delta,
+                counted,
+                reason: reason.clone(),
+                user: user.clone(),
+                key: key.clone(),
+                reply,
+            })
             .await
     }
 
@@ -213,8 +269,30 @@ impl Engine {
 
     /// A cart hold.
     pub async fn create_hold(&self, sku: Sku, qty: Qty, location: Option<LocationId>) -> Result<HoldInfo, ApiError> {
+        self.create_hold_keyed(sku, qty, location, None).await
+    }
+
+    /// A cart hold, at most once per caller's idempotency key (committed with
+    /// the hold, as in [`Engine::receive_keyed`]): a retry gets the same hold.
+    pub async fn create_hold_keyed(
+        &self,
+        sku: Sku,
+        qty: Qty,
+        location: Option<LocationId>,
+        request_key: Option<String>,
+    ) -> Result<HoldInfo, ApiError> {
         positive(qty)?;
-        self.inventory.call(|reply| inventory::Command::CreateHold { sku, qty, location, reply }).await
+        let key = request_key
+            .map(|key| orders::RequestKey { key, fingerprint: fingerprint_of(&("hold", &sku, qty, &location)) });
+        self.inventory
+            .call_retrying(|reply| inventory::Command::CreateHold {
+                sku: sku.clone(),
+                qty,
+                location: location.clone(),
+                key: key.clone(),
+                reply,
+            })
+            .await
     }
 
     /// Creates an order. Lines worth at least `allocation.sync_min_line_value`
@@ -238,7 +316,7 @@ impl Engine {
         for l in &req.lines {
             positive(l.qty)?;
         }
-        let key = request_key.map(|key| orders::RequestKey { key, fingerprint: fingerprint(&req) });
+        let key = request_key.map(|key| orders::RequestKey { key, fingerprint: fingerprint_of(&req) });
         if let Some(k) = &key
             && let Some(existing) = self.keyed_order(k).await?
         {
@@ -253,7 +331,12 @@ impl Engine {
         } else {
             let (id, zone) = (order_id.clone(), req.ship_to.zone.clone());
             self.inventory
-                .call(|reply| inventory::Command::ReserveSync { order_id: id, zone, lines: sync_lines, reply })
+                .call_retrying(|reply| inventory::Command::ReserveSync {
+                    order_id: id.clone(),
+                    zone: zone.clone(),
+                    lines: sync_lines.clone(),
+                    reply,
+                })
                 .await?
         };
         let new = new_order(order_id, req, &reserved);
@@ -329,7 +412,7 @@ impl Engine {
 
     /// The next pick task for a location.
     pub async fn next_pick(&self, location: LocationId) -> Result<Option<PickTask>, ApiError> {
-        self.picking.call(|reply| picking::Command::Next { location, reply }).await
+        self.picking.call_retrying(|reply| picking::Command::Next { location: location.clone(), reply }).await
     }
 
     /// Confirms a pick.
@@ -339,7 +422,14 @@ impl Engine {
         instruction_key: String,
         qty: Qty,
     ) -> Result<PickOutcome, ApiError> {
-        self.picking.call(|reply| picking::Command::Confirm { pick_id, instruction_key, qty, reply }).await
+        self.picking
+            .call_retrying(|reply| picking::Command::Confirm {
+                pick_id: pick_id.clone(),
+                instruction_key: instruction_key.clone(),
+                qty,
+                reply,
+            })
+            .await
     }
 
     /// Reports a short pick.
@@ -350,7 +440,15 @@ impl Engine {
         qty_found: Qty,
         reason: String,
     ) -> Result<PickOutcome, ApiError> {
-        self.picking.call(|reply| picking::Command::Short { pick_id, instruction_key, qty_found, reason, reply }).await
+        self.picking
+            .call_retrying(|reply| picking::Command::Short {
+                pick_id: pick_id.clone(),
+                instruction_key: instruction_key.clone(),
+                qty_found,
+                reason: reason.clone(),
+                reply,
+            })
+            .await
     }
 
     /// Packs picks into a package.
@@ -618,8 +716,9 @@ fn control_error(e: ControlError) -> ApiError {
 }
 
 /// A stable hash of an order request, to tell a retry from a reused key.
-fn fingerprint(req: &OrderRequest) -> u64 {
-    let bytes = serde_json::to_vec(req).expect("an order request is plain data and always serializes");
+/// A hash of a request's kind and parameters, to tell a retry from a reuse of its key.
+fn fingerprint_of(req: &impl serde::Serialize) -> u64 {
+    let bytes = serde_json::to_vec(req).expect("a request is plain data and always serializes");
     orderly_domain::ids::fnv1a(&bytes)
 }
 

@@ -217,10 +217,16 @@ struct ReceiptBody {
     qty: Qty,
 }
 
-async fn receive(State(s): State<AppState>, who: Principal, body: Result<ApiJson<ReceiptBody>, Problem>) -> ApiResult {
+async fn receive(
+    State(s): State<AppState>,
+    who: Principal,
+    headers: axum::http::HeaderMap,
+    body: Result<ApiJson<ReceiptBody>, Problem>,
+) -> ApiResult {
     who.require(WAREHOUSE)?;
     let ApiJson(b) = body?;
-    let inv = s.engine.receive(b.location, b.sku, b.qty).await.map_err(problem)?;
+    let key = crate::idempotency::scoped_key(&who, &headers);
+    let inv = s.engine.receive_keyed(b.location, b.sku, b.qty, key).await.map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, inv))
 }
 
@@ -233,13 +239,23 @@ struct AdjustBody {
     reason: String,
 }
 
-async fn adjust(State(s): State<AppState>, who: Principal, body: Result<ApiJson<AdjustBody>, Problem>) -> ApiResult {
+async fn adjust(
+    State(s): State<AppState>,
+    who: Principal,
+    headers: axum::http::HeaderMap,
+    body: Result<ApiJson<AdjustBody>, Problem>,
+) -> ApiResult {
     who.require(OPS)?;
     let ApiJson(b) = body?;
     if b.delta == 0 {
         return Err(Problem::unprocessable("delta must not be 0"));
     }
-    let inv = s.engine.adjust(b.sku, b.location, b.delta, None, b.reason, who.name.clone()).await.map_err(problem)?;
+    let key = crate::idempotency::scoped_key(&who, &headers);
+    let inv = s
+        .engine
+        .adjust_keyed(b.sku, b.location, b.delta, None, b.reason, who.name.clone(), key)
+        .await
+        .map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, inv))
 }
 
@@ -254,13 +270,15 @@ struct CycleCountBody {
 async fn cycle_count(
     State(s): State<AppState>,
     who: Principal,
+    headers: axum::http::HeaderMap,
     body: Result<ApiJson<CycleCountBody>, Problem>,
 ) -> ApiResult {
     who.require(&[Role::Warehouse, Role::Ops])?;
     let ApiJson(b) = body?;
+    let key = crate::idempotency::scoped_key(&who, &headers);
     let inv = s
         .engine
-        .adjust(b.sku, b.location, 0, Some(u64::from(b.counted)), "cycle_count".into(), who.name.clone())
+        .adjust_keyed(b.sku, b.location, 0, Some(u64::from(b.counted)), "cycle_count".into(), who.name.clone(), key)
         .await
         .map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, inv))
@@ -281,10 +299,16 @@ struct HoldBody {
     location: Option<LocationId>,
 }
 
-async fn create_hold(State(s): State<AppState>, who: Principal, body: Result<ApiJson<HoldBody>, Problem>) -> ApiResult {
+async fn create_hold(
+    State(s): State<AppState>,
+    who: Principal,
+    headers: axum::http::HeaderMap,
+    body: Result<ApiJson<HoldBody>, Problem>,
+) -> ApiResult {
     who.require(WRITE_ORDERS)?;
     let ApiJson(b) = body?;
-    let hold = s.engine.create_hold(b.sku, b.qty, b.location).await.map_err(problem)?;
+    let key = crate::idempotency::scoped_key(&who, &headers);
+    let hold = s.engine.create_hold_keyed(b.sku, b.qty, b.location, key).await.map_err(problem)?;
     Ok(json_response(StatusCode::CREATED, hold))
 }
 

@@ -164,13 +164,20 @@ impl Clients {
     /// Stock arrives.
     pub fn receive(&mut self, nodes: &mut Nodes, sku: Sku, location: LocationId, qty: Qty) {
         let s = sku.clone();
-        let rx = ask(&mut nodes.inventory, |reply| inventory::Command::Receive { location, sku: s, qty, reply });
+        let rx =
+            ask(&mut nodes.inventory, |reply| inventory::Command::Receive { location, sku: s, qty, key: None, reply });
         self.calls.push(Call::Receive { sku, qty, rx });
     }
 
     /// A cart hold; with `for_order` the customer then orders what it holds.
     pub fn hold(&mut self, nodes: &mut Nodes, sku: Sku, qty: Qty, for_order: bool) {
-        let rx = ask(&mut nodes.inventory, |reply| inventory::Command::CreateHold { sku, qty, location: None, reply });
+        let rx = ask(&mut nodes.inventory, |reply| inventory::Command::CreateHold {
+            sku,
+            qty,
+            location: None,
+            key: None,
+            reply,
+        });
         self.calls.push(Call::Hold { for_order, rx });
     }
 

@@ -1,282 +1,17 @@
 //! The distributed mode end to end: the real `orderly` binary, one process
-//! per group of services, state in PostgreSQL (a database made for each test
-//! and dropped after it), events through NATS JetStream (streams under a
-//! prefix made for each test and deleted after it).
+//! per group of services, state in PostgreSQL, events through NATS JetStream
+//! (the fixtures are in `support/cluster.rs`, shared with `e2e_crash.rs`).
 //!
 //! Under `CI=true` an unreachable PostgreSQL or NATS fails the test;
 //! elsewhere it skips, loudly.
 
 mod support;
 
-use orderly_bus_nats::{NatsBus, NatsOptions};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::cluster::*;
 use support::*;
-
-const PG: &str = "127.0.0.1:5432";
-const NATS: &str = "127.0.0.1:4222";
-const NATS_SERVER: &str = "/usr/sbin/nats-server";
-
-fn unique(tag: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{tag}_{}_{}", std::process::id(), nanos % 1_000_000_000_000)
-}
-
-fn reachable(addr: &str) -> bool {
-    std::net::TcpStream::connect_timeout(&addr.parse().expect("address"), Duration::from_secs(1)).is_ok()
-}
-
-/// True when PostgreSQL and NATS answer; otherwise fails under CI, skips elsewhere.
-fn servers_up() -> bool {
-    for (name, addr) in [("PostgreSQL", PG), ("NATS", NATS)] {
-        if !reachable(addr) {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{name} at {addr} is required under CI=true");
-            eprintln!("\n*** SKIPPED: {name} is not reachable at {addr} (set CI=true to make this a failure) ***\n");
-            return false;
-        }
-    }
-    true
-}
-
-fn psql(db: &str, sql: &str) -> bool {
-    Command::new("psql")
-        .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-c", sql])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A database and a stream prefix for one test, both removed when it goes.
-struct World {
-    db: String,
-    prefix: String,
-    nats_url: String,
-    dir: tempfile::TempDir,
-}
-
-impl World {
-    fn new(nats_url: &str) -> World {
-        let db = unique("orderly_dist");
-        assert!(psql("postgres", &format!("CREATE DATABASE {db}")), "cannot create database {db}");
-        let dir = tempfile::tempdir().expect("temp dir");
-        World { db, prefix: unique("t"), nats_url: nats_url.to_owned(), dir }
-    }
-
-    fn store_url(&self) -> String {
-        format!("postgres://postgres@{PG}/{}", self.db)
-    }
-
-    fn config(&self, carrier_url: Option<&str>) -> PathBuf {
-        let path = self.dir.path().join("orderly.toml");
-        std::fs::write(&path, config_toml(carrier_url, "")).expect("config written");
-        path
-    }
-
-    async fn bus(&self) -> NatsBus {
-        NatsBus::connect(NatsOptions::new(&self.nats_url, &self.prefix)).await.expect("bus")
-    }
-
-    /// Starts `orderly serve` running `services`.
-    fn serve(&self, config: &Path, services: &str) -> Proc {
-        Proc::start(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
-    }
-
-    /// Starts `orderly serve` running `services`, without waiting for it.
-    fn spawn(&self, config: &Path, services: &str) -> Starting {
-        Proc::spawn(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.dir.disable_cleanup(true);
-            eprintln!("the processes' logs are kept in {}", self.dir.path().display());
-        }
-        psql("postgres", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
-        let (url, prefix) = (self.nats_url.clone(), self.prefix.clone());
-        // Drop cannot await: delete the streams from a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async {
-                if let Ok(bus) = NatsBus::connect(NatsOptions::new(&url, &prefix)).await {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), bus.delete_streams()).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// One `orderly serve` process.
-struct Proc {
-    child: Child,
-    api: Api,
-    services: String,
-}
-
-/// A started `orderly serve` that has not announced its address yet.
-struct Starting {
-    child: Option<Child>,
-    lines: std::sync::mpsc::Receiver<String>,
-    services: String,
-    log_path: PathBuf,
-    /// Lines it printed before listening.
-    seen: Vec<String>,
-}
-
-impl Starting {
-    /// Waits for its `listening on` line.
-    fn listening(mut self, within: Duration) -> Proc {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        let addr: SocketAddr = addr.trim().parse().expect("the announced address");
-                        let child = self.child.take().expect("the child is still ours");
-                        return Proc { child, api: Api::new(addr), services: self.services.clone() };
-                    }
-                    self.seen.push(line);
-                }
-                Err(_) => {
-                    let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-                    panic!("orderly serve --services {} never listened; its log:\n{log}", self.services);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Starting {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Proc {
-    fn start(config: &Path, store: &str, bus: &str, prefix: &str, services: &str, dir: &Path) -> Proc {
-        Proc::spawn(config, store, bus, prefix, services, dir).listening(Duration::from_secs(60))
-    }
-
-    fn spawn(config: &Path, store: &str, bus: &str, prefix: &str, services: &str, dir: &Path) -> Starting {
-        let log_path = dir.join(format!("{}.log", services.replace(',', "+")));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_orderly"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .args(["--store", store, "--bus", bus, "--bus-prefix", prefix, "--services", services])
-            .args(["--listen", "127.0.0.1:0"])
-            .env("ORDERLY_LOG", "warn,orderly_bus_nats=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("the orderly binary starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, lines) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Starting { child: Some(child), lines, services: services.to_owned(), log_path, seen: Vec::new() }
-    }
-
-    /// SIGKILL.
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl std::ops::Deref for Proc {
-    type Target = Api;
-    fn deref(&self) -> &Api {
-        &self.api
-    }
-}
-
-/// A private nats-server for tests that stop the broker (never the machine's shared one).
-struct PrivateNats {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateNats {
-    fn start() -> Option<PrivateNats> {
-        if !Path::new(NATS_SERVER).exists() {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{NATS_SERVER} is required under CI=true");
-            eprintln!("\n*** SKIPPED: {NATS_SERVER} not installed ***\n");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-        let mut n = PrivateNats { child: None, port, dir: tempfile::tempdir().expect("temp dir") };
-        n.up();
-        Some(n)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) {
-        let child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !reachable(&addr) {
-            assert!(Instant::now() < deadline, "the private nats-server never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops it gracefully (SIGTERM: JetStream flushes its store).
-    fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn id_of(created: &Resp) -> String {
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
@@ -470,43 +205,83 @@ async fn a_nats_outage_mid_load_drains_afterwards_with_nothing_lost() {
     let _ = world.bus().await.stream_messages(orderly_bus_nats::Lane::Events).await.expect("the stream is back");
 }
 
+/// A counter's value in a process's `/metrics` (0 when absent).
+async fn counter(api: &Api, series: &str) -> f64 {
+    let text = api.get("/metrics", VIEWER_KEY).await.text;
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_inventory_replicas_in_a_flash_sale_never_oversell() {
+async fn two_replicas_of_inventory_and_picking_share_a_flash_sale() {
     if !servers_up() {
         return;
     }
     let world = World::new(&format!("nats://{NATS}"));
     let config = world.config(None);
     let orders = world.serve(&config, "orders");
-    let active = world.serve(&config, "inventory,picking");
-    // The second replica of the same services: a hot standby on the lease.
-    let mut standby = world.spawn(&config, "inventory,picking");
+    let a = world.serve(&config, "inventory,picking");
+    let b = world.serve(&config, "inventory,picking");
     let _rest = world.serve(&config, "packing,shipping,notifications");
-    stock(&active, "SKU-HOT", 100).await;
+    // Both replicas are active: stock goes in through either.
+    stock(&a, "SKU-HOT", 60).await;
+    b.receive(WAREHOUSE, "SKU-HOT", 40).await;
+    // Let them split the partitions (a membership round is 0.5 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut ids = place(&orders, "SKU-HOT", 80).await;
-    let waiting = wait_for(Duration::from_secs(20), || {
-        let line = standby.lines.try_recv().ok();
-        if let Some(l) = &line {
-            standby.seen.push(l.clone());
-        }
-        std::future::ready(
-            standby.seen.iter().any(|l| l.starts_with("standby: waiting for the inventory lease")).then_some(()),
-        )
-    })
-    .await;
-    assert!(waiting.is_some(), "the second replica waits on the lease: {:?}", standby.seen);
-    // The active replica dies mid-sale; the standby takes over.
-    active.kill();
-    ids.extend(place(&orders, "SKU-HOT", 80).await);
-    let replica = standby.listening(Duration::from_secs(60));
-    ids.extend(place(&orders, "SKU-HOT", 80).await);
-
+    let ids = place(&orders, "SKU-HOT", 240).await;
     let done = settled(&orders, &ids, Duration::from_secs(120)).await;
     assert_eq!(done.len(), 240, "no order lost");
-    check_ledger(&replica, &done, "SKU-HOT", 100).await;
     let allocated: u64 = done.iter().map(allocated_units).sum();
     assert_eq!(allocated, 95, "the 95 sellable units (5% safety stock), each sold once: 0 oversold");
     let backordered = done.iter().filter(|o| state(o) == "backordered").count();
     assert_eq!(backordered, 240 - 95, "the rest wait as backorders");
+    // Both replicas answer the same ledger (shared rows are not trusted from a cache for long).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    check_ledger(&a, &done, "SKU-HOT", 100).await;
+    check_ledger(&b, &done, "SKU-HOT", 100).await;
+
+    let consumed = "orderly_events_consumed_total{consumer=\"inventory\"}";
+    let (by_a, by_b) = (counter(&a, consumed).await, counter(&b, consumed).await);
+    eprintln!("inventory events consumed: replica a {by_a}, replica b {by_b}");
+    assert!(by_a > 0.0 && by_b > 0.0, "both replicas consumed orders' events: a {by_a}, b {by_b}");
+    let conflicts = "orderly_commit_conflicts_total{service=\"inventory\"}";
+    eprintln!("inventory commit conflicts: a {}, b {}", counter(&a, conflicts).await, counter(&b, conflicts).await);
+
+    // Pickers on both replicas are never handed the same task.
+    let mut picks = Vec::new();
+    for round in 0..6 {
+        let (x, y) = tokio::join!(a.next_pick(WAREHOUSE), b.next_pick(WAREHOUSE));
+        assert!(x["id"].is_string() && y["id"].is_string(), "round {round}: {x} {y}");
+        picks.push(x["id"].as_str().expect("id").to_owned());
+        picks.push(y["id"].as_str().expect("id").to_owned());
+    }
+    let distinct: std::collections::BTreeSet<&String> = picks.iter().collect();
+    assert_eq!(distinct.len(), picks.len(), "a task is assigned once: {picks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_sale_leaves_its_partitions_to_the_other() {
+    if !servers_up() {
+        return;
+    }
+    let world = World::new(&format!("nats://{NATS}"));
+    let config = world.config(None);
+    let orders = world.serve(&config, "orders");
+    let doomed = world.serve(&config, "inventory,picking");
+    let survivor = world.serve(&config, "inventory,picking");
+    let _rest = world.serve(&config, "packing,shipping,notifications");
+    stock(&survivor, "SKU-HOT", 100).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut ids = place(&orders, "SKU-HOT", 80).await;
+    // One replica dies mid-sale; the other takes its partitions (what the
+    // dead one had fetched and not acknowledged comes back after ack_wait).
+    doomed.kill();
+    ids.extend(place(&orders, "SKU-HOT", 160).await);
+
+    let done = settled(&orders, &ids, Duration::from_secs(150)).await;
+    assert_eq!(done.len(), 240, "no order lost");
+    check_ledger(&survivor, &done, "SKU-HOT", 100).await;
+    let allocated: u64 = done.iter().map(allocated_units).sum();
+    assert_eq!(allocated, 95, "the 95 sellable units (5% safety stock), each sold once: 0 oversold");
 }

@@ -7,13 +7,14 @@
 //! so a store failure can only happen before state changes.
 
 use super::common::{ApiError, Reply};
+use super::orders::RequestKey;
 use super::reconcile;
 use crate::events::{
     self, AllocationData, InventoryBackordered, InventoryReserved, OrderCanceled, OrderCreated, PickData, StockMoved,
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{IndexGuard, LedgerTable, Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, IndexGuard, LEDGER_CACHE_MAX, LedgerTable, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -28,6 +29,22 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const BACKORDER_ETA_MS: i64 = 3 * 86_400_000;
 /// Most lines in one order.
 pub const ORDER_LINES_MAX: usize = 100;
+/// The table mapping a caller's scoped idempotency key to the answer of the
+/// receipt, adjustment, cycle count or hold it made.
+pub const REQUEST_KEYS: &str = "request_keys";
+/// Request keys kept in memory beyond what the store holds.
+const REQUEST_KEY_CACHE_MAX: usize = 10_000;
+
+/// The answer a request key got (table [`REQUEST_KEYS`]), stored in the same
+/// commit as the stock change it made, so a retry whose first answer was lost
+/// to a crash or a timeout gets that answer again instead of a second change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedRequest {
+    /// The fingerprint of the request that made it (kind and parameters).
+    pub fingerprint: u64,
+    /// The answer it got, as JSON.
+    pub answer: serde_json::Value,
+}
 
 /// What inventory remembers of an order: its lines (to release them on cancel).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +59,17 @@ pub struct OrderRecord {
     /// back on the shelf (less what shipped) if the order is canceled.
     #[serde(default)]
     pub picked: Vec<(LineId, LocationId, Qty)>,
+}
+
+impl OrderRecord {
+    /// Every unit of every line picked: only a cancel or a return still
+    /// needs the record (and reloads it).
+    fn fully_picked(&self) -> bool {
+        self.lines.iter().all(|(line, _, qty)| {
+            self.picked.iter().filter(|(l, _, _)| l == line).map(|(_, _, q)| u64::from(*q)).sum::<u64>()
+                >= u64::from(*qty)
+        })
+    }
 }
 
 /// Where a hold lives.
@@ -102,6 +130,8 @@ pub enum Command {
         sku: Sku,
         /// How many.
         qty: Qty,
+        /// The caller's idempotency key: a repeat answers the first receipt's answer.
+        key: Option<RequestKey>,
         /// Answer: the SKU's stock after.
         reply: Reply<InventorySnapshot>,
     },
@@ -119,6 +149,8 @@ pub enum Command {
         reason: String,
         /// Who.
         user: String,
+        /// The caller's idempotency key: a repeat answers the first change's answer.
+        key: Option<RequestKey>,
         /// Answer.
         reply: Reply<InventorySnapshot>,
     },
@@ -130,6 +162,8 @@ pub enum Command {
         qty: Qty,
         /// Where, if the storefront cares.
         location: Option<LocationId>,
+        /// The caller's idempotency key: a repeat answers the hold it made.
+        key: Option<RequestKey>,
         /// Answer.
         reply: Reply<HoldInfo>,
     },
@@ -195,6 +229,7 @@ pub struct Inventory {
     locations: Table<Location>,
     orders: Table<OrderRecord>,
     holds: Table<HoldRef>,
+    request_keys: Table<KeyedRequest>,
     expiries: BTreeSet<(Timestamp, Sku)>,
     indexes: IndexGuard,
 }
@@ -211,10 +246,11 @@ impl Inventory {
             cfg,
             hold_ttl_ms,
             hold_jitter_ms,
-            ledgers: LedgerTable::new(50_000),
-            locations: Table::new("locations", usize::MAX, |_| None),
-            orders: Table::new("orders", 200_000, |_| None),
-            holds: Table::new("holds", usize::MAX, |_| None),
+            ledgers: LedgerTable::new(LEDGER_CACHE_MAX),
+            locations: Table::whole("locations", |_| None),
+            orders: Table::new("orders", CACHE_ENTRIES_MAX, |_| None).settled_when(OrderRecord::fully_picked),
+            holds: Table::whole("holds", |_| None),
+            request_keys: Table::new(REQUEST_KEYS, REQUEST_KEY_CACHE_MAX, |_| None),
             expiries: BTreeSet::new(),
             indexes: IndexGuard::unbuilt(),
         };
@@ -231,6 +267,7 @@ impl Inventory {
         if !self.indexes.is_stale() {
             return Ok(());
         }
+        self.locations.load_all(store).await?;
         self.holds.load_all(store).await?;
         self.expiries = self.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
         self.indexes.rebuilt();
@@ -440,7 +477,8 @@ impl Inventory {
         location: &LocationId,
         cmd: LedgerCommand,
     ) -> Result<InventorySnapshot, ApiError> {
-        if self.locations.get(location.as_str()).is_none() {
+        // A miss is checked in the store: another replica may have just created it.
+        if !self.locations.load(tx.store(), location.as_str()).await? {
             return Err(ApiError::invalid(
                 "unknown-location",
                 format!("location {location} does not exist; create it with PUT /v1/locations/{location}"),
@@ -451,6 +489,38 @@ impl Inventory {
         self.exec(sku, &cmd, &mut out).map_err(ledger_error)?;
         self.flush(tx, out);
         Ok(self.ledgers.get(sku.as_str()).map(SkuLedger::snapshot).expect("loaded above"))
+    }
+
+    /// The answer a request key already got, if any; a different request
+    /// under the same key is refused (422).
+    async fn keyed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        tx: &mut Tx,
+        key: Option<&RequestKey>,
+    ) -> Result<Option<T>, ApiError> {
+        let Some(key) = key else { return Ok(None) };
+        if !self.request_keys.load(tx.store(), &key.key).await? {
+            return Ok(None);
+        }
+        let found = self.request_keys.get(&key.key).expect("loaded above");
+        if found.fingerprint != key.fingerprint {
+            return Err(ApiError::invalid(
+                "idempotency-key-reuse",
+                "this Idempotency-Key was already used for a different request; use a new key for a new request",
+            ));
+        }
+        let answer = serde_json::from_value(found.answer.clone())
+            .map_err(|e| ApiError::Unavailable(format!("stored answer of an idempotency key unreadable: {e}")))?;
+        Ok(Some(answer))
+    }
+
+    /// Records a successful answer under its request key, in the commit that
+    /// holds the change it answers (a refusal changed nothing: not recorded).
+    fn remember_key<T: Serialize>(&mut self, key: Option<RequestKey>, answer: &Result<T, ApiError>) {
+        if let (Some(key), Ok(answer)) = (key, answer) {
+            let answer = serde_json::to_value(answer).expect("an answer is plain data and always serializes");
+            self.request_keys.insert(key.key, KeyedRequest { fingerprint: key.fingerprint, answer });
+        }
     }
 }
 
@@ -505,7 +575,7 @@ impl Inventory {
         location: Option<LocationId>,
     ) -> Result<HoldInfo, ApiError> {
         if let Some(l) = &location
-            && self.locations.get(l.as_str()).is_none()
+            && !self.locations.load(tx.store(), l.as_str()).await?
         {
             return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
         }
@@ -843,6 +913,11 @@ impl Service for Inventory {
         }
         match cmd {
             Command::PutLocation { location, reply } => {
+                // Read first: a replica replaces the stored row, not its stale copy.
+                if let Err(e) = self.locations.load(tx.store(), location.id.as_str()).await {
+                    tx.reply(reply, Err(e.into()));
+                    return;
+                }
                 self.locations.insert(location.id.as_str().to_owned(), location.clone());
                 tx.reply(reply, Ok(location));
             }
@@ -850,11 +925,22 @@ impl Service for Inventory {
                 let all = self.all_locations();
                 tx.reply(reply, Ok(all));
             }
-            Command::Receive { location, sku, qty, reply } => {
+            Command::Receive { location, sku, qty, key, reply } => {
+                match self.keyed(tx, key.as_ref()).await {
+                    Ok(None) => {}
+                    Ok(Some(answer)) => return tx.reply(reply, Ok(answer)),
+                    Err(e) => return tx.reply(reply, Err(e)),
+                }
                 let r = self.stock_command(tx, &sku, &location.clone(), LedgerCommand::Receive { location, qty }).await;
+                self.remember_key(key, &r);
                 tx.reply(reply, r);
             }
-            Command::Adjust { sku, location, delta, counted, reason, user, reply } => {
+            Command::Adjust { sku, location, delta, counted, reason, user, key, reply } => {
+                match self.keyed(tx, key.as_ref()).await {
+                    Ok(None) => {}
+                    Ok(Some(answer)) => return tx.reply(reply, Ok(answer)),
+                    Err(e) => return tx.reply(reply, Err(e)),
+                }
                 if counted.is_none()
                     && delta < 0
                     && let Err(e) = self.check_free_stock(tx, &sku, &location, delta.unsigned_abs()).await
@@ -873,10 +959,17 @@ impl Service for Inventory {
                     tx.ctx().metrics.inc("orderly_manual_adjustments_total", &[], 1);
                     tx.ctx().metrics.count_at("manual_adjustments", tx.now.0, 1);
                 }
+                self.remember_key(key, &r);
                 tx.reply(reply, r);
             }
-            Command::CreateHold { sku, qty, location, reply } => {
+            Command::CreateHold { sku, qty, location, key, reply } => {
+                match self.keyed(tx, key.as_ref()).await {
+                    Ok(None) => {}
+                    Ok(Some(answer)) => return tx.reply(reply, Ok(answer)),
+                    Err(e) => return tx.reply(reply, Err(e)),
+                }
                 let r = self.create_hold(tx, sku, qty, location).await;
+                self.remember_key(key, &r);
                 tx.reply(reply, r);
             }
             Command::ReserveSync { order_id, zone, lines, reply } => {
@@ -953,7 +1046,25 @@ impl Service for Inventory {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.ledgers, &mut self.locations, &mut self.orders, &mut self.holds, &mut self.indexes]
+        vec![
+            &mut self.ledgers,
+            &mut self.locations,
+            &mut self.orders,
+            &mut self.holds,
+            &mut self.request_keys,
+            &mut self.indexes,
+        ]
+    }
+
+    /// Ledgers, holds and locations are written by every replica (the API
+    /// goes to any); orders by the owner of their partition, which moves.
+    fn drop_shared(&mut self) {
+        self.ledgers.clear();
+        self.orders.clear();
+        self.holds.clear();
+        self.request_keys.clear();
+        self.locations.clear();
+        self.indexes.mark_stale();
     }
 }
 

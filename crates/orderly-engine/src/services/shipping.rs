@@ -16,7 +16,7 @@ use crate::events::{self, AllocationData, CarrierFallback, LabelCreated, PackCom
 use crate::metrics::Metrics;
 use crate::ports::{Batch, CarrierApi, CarrierCallError, Clock, Label, LabelRequest, Store, StoreError};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::shipping::{
     BreakerConfig, BreakerState, CarrierChoice, CarrierId, CarrierPair, CarrierRoutes, CircuitBreaker, RateBook,
@@ -48,7 +48,6 @@ pub const CALL_GRACE_MS: i64 = 5_000;
 pub const BREAKER_RECHECK_MS: i64 = 1_000;
 /// The key of the accepted rate table in table `rates`.
 pub const RATES_KEY: &str = "latest";
-const SHIPMENT_CACHE_MAX: usize = 50_000;
 
 /// Where a shipment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,8 +353,12 @@ impl Shipping {
         let timeout_ms = u64::try_from(settings.shipping.carrier_timeout.0.max(1)).unwrap_or(u64::MAX);
         let worker = LabelWorker { jobs: jobs_rx, carriers: apis, timeout_ms };
         let mut svc = Shipping {
-            shipments: Table::new("shipments", SHIPMENT_CACHE_MAX, |s: &Shipment| Some(s.state.as_str().to_owned())),
-            canceled_orders: Table::new("canceled_orders", SHIPMENT_CACHE_MAX, |_| None),
+            shipments: Table::new("shipments", CACHE_ENTRIES_MAX, |s: &Shipment| Some(s.state.as_str().to_owned()))
+                .settled_when(|s| {
+                    matches!(s.state, ShipmentState::Delivered | ShipmentState::Failed | ShipmentState::Canceled)
+                }),
+            // Looked up once per package of the order (a miss reads the store).
+            canceled_orders: Table::new("canceled_orders", CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
             rates: Rates::open(store, initial_rates).await?,
             queue: DueQueue::new(),
             routes: config.routes,
@@ -370,7 +373,6 @@ impl Shipping {
             call_deadline_ms: settings.shipping.carrier_timeout.0.saturating_add(CALL_GRACE_MS),
         };
         svc.requeue_pending(store).await?;
-        svc.queue.committed(); // Loaded from the store: no rollback undoes it.
         Ok((svc, worker))
     }
 
@@ -388,7 +390,7 @@ impl Shipping {
                     key: row.key.clone(),
                     detail: e.to_string(),
                 })?;
-                self.queue.schedule(&row.key, shipment.next_attempt_at);
+                self.queue.schedule_stored(&row.key, shipment.next_attempt_at);
                 after = Some(row.key);
             }
             if done {
@@ -1200,6 +1202,14 @@ impl<F> DueQueue<F> {
         self.journal.push(Undo::Due(id.to_owned(), before));
     }
 
+    /// Schedules an item read from the store (committed state, not this
+    /// batch's work): a rollback leaves it scheduled.
+    pub fn schedule_stored(&mut self, id: &str, at: Timestamp) {
+        if !self.in_flight.contains_key(id) {
+            self.set_due(id, Some(at));
+        }
+    }
+
     /// Sets (or clears) when `id` is due; returns when it was due before.
     fn set_due(&mut self, id: &str, at: Option<Timestamp>) -> Option<Timestamp> {
         let before = match at {
@@ -1257,6 +1267,11 @@ impl<F> DueQueue<F> {
         let flight = self.in_flight.remove(id)?;
         self.journal.push(Undo::Finished(id.to_owned()));
         Some(flight)
+    }
+
+    /// True when `id` is scheduled or out on a call.
+    pub fn contains(&self, id: &str) -> bool {
+        self.due_at.contains_key(id) || self.in_flight.contains_key(id)
     }
 
     /// Every call out.
@@ -1345,6 +1360,14 @@ mod due_queue_tests {
         q.rollback();
         assert_eq!(state(&q), before);
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn what_a_failed_batch_read_from_the_store_stays_scheduled() {
+        let mut q = queue();
+        q.schedule_stored("e", t(30)); // paged in from the store
+        q.rollback();
+        assert!(q.contains("e"));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use anyhow::{Context, Result, bail};
 use orderly::{Application, RunOptions};
 use orderly_carrier::sim::{LocalSim, SimConfig, spawn_local};
