@@ -51,6 +51,11 @@ const REPEATS_PER_KILL_MAX: usize = 2 * DELIVERIES_IN_FLIGHT_MAX;
 /// Orphaned cart holds (a crash between a synchronous reservation and its
 /// order) lapse soon, so the stock check need not wait long.
 const HOLDS_TOML: &str = "[inventory]\nhold_ttl = \"3s\"\nhold_release_jitter = \"1s\"\n";
+/// In the distributed mode an `order.created` handed to a process that was
+/// then killed comes back only after JetStream's ack wait (30 s): a
+/// synchronous reservation's hold must outlive that, or it lapses before the
+/// order consumes it (a known gap: README "Crash safety").
+const DISTRIBUTED_HOLDS_TOML: &str = "[inventory]\nhold_ttl = \"40s\"\nhold_release_jitter = \"5s\"\n";
 
 /// The seed of the kill schedule: `ORDERLY_CRASH_SEED`, else random (printed).
 fn seed() -> u64 {
@@ -213,7 +218,6 @@ async fn acknowledged_orders_survive_random_sigkills() {
 const GROUPS: [&str; 3] = ["orders,inventory", "picking", "packing,shipping,notifications"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "under investigation: a unit stays reserved in the ledger that no order holds after some kill schedules"]
 async fn distributed_acknowledged_orders_survive_random_sigkills() {
     if !servers_up() {
         return;
@@ -221,7 +225,7 @@ async fn distributed_acknowledged_orders_survive_random_sigkills() {
     let mut rng = Rng(seed());
     let mut hooks = Hooks::start().await;
     let world = World::new(&format!("nats://{NATS}"));
-    let config = world.config_with(None, &format!("{HOLDS_TOML}{}", hooks.toml()));
+    let config = world.config_with(None, &format!("{DISTRIBUTED_HOLDS_TOML}{}", hooks.toml()));
     let mut procs: Vec<Proc> = GROUPS.iter().map(|g| world.serve(&config, g)).collect();
     let targets_of = |procs: &[Proc]| Targets {
         orders: procs[0].api.clone(),
@@ -254,7 +258,7 @@ async fn distributed_acknowledged_orders_survive_random_sigkills() {
         procs.insert(victim, world.serve(&config, GROUPS[victim]));
         retry_unknown(&targets_of(&procs), &log).await;
     }
-    let report = check_everything(&targets_of(&procs), &log, &hooks, Duration::from_secs(90)).await;
+    let report = check_everything(&targets_of(&procs), &log, &hooks, Duration::from_secs(120)).await;
     eprintln!("distributed crash test: {ROUNDS} kills ({killed:?}), {report}, {:.1}s", started.elapsed().as_secs_f64());
 }
 

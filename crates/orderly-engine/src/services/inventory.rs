@@ -34,6 +34,22 @@ pub const ORDER_LINES_MAX: usize = 100;
 pub const REQUEST_KEYS: &str = "request_keys";
 /// Request keys kept in memory beyond what the store holds.
 const REQUEST_KEY_CACHE_MAX: usize = 10_000;
+/// Most picks of one order that may wait for inventory to hear of the order.
+pub const EARLY_PICKS_PER_ORDER_MAX: usize = 64;
+
+/// A pick confirmation (or short) that reached inventory before the order's
+/// `order.created` did: the two come from different producers, so a
+/// redelivery (a crash of the process running inventory and orders, the
+/// broker handing the unacknowledged `order.created` out again only after
+/// its ack wait) can bring the pick first. Table `early_picks`, keyed by
+/// order: applied right after the order's reservations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyPick {
+    /// The pick.
+    pub pick: PickData,
+    /// A short pick rather than a confirmation.
+    pub short: bool,
+}
 
 /// The answer a request key got (table [`REQUEST_KEYS`]), stored in the same
 /// commit as the stock change it made, so a retry whose first answer was lost
@@ -219,6 +235,7 @@ pub struct Inventory {
     orders: Table<OrderRecord>,
     holds: Table<HoldRef>,
     request_keys: Table<KeyedRequest>,
+    early_picks: Table<Vec<EarlyPick>>,
     expiries: BTreeSet<(Timestamp, Sku)>,
     indexes: IndexGuard,
 }
@@ -240,6 +257,7 @@ impl Inventory {
             orders: Table::new("orders", 200_000, |_| None),
             holds: Table::new("holds", usize::MAX, |_| None),
             request_keys: Table::new(REQUEST_KEYS, REQUEST_KEY_CACHE_MAX, |_| None),
+            early_picks: Table::new("early_picks", 10_000, |_| None),
             expiries: BTreeSet::new(),
             indexes: IndexGuard::unbuilt(),
         };
@@ -664,6 +682,7 @@ impl Inventory {
         let hold_skus: Vec<Sku> = ev.hold_ids.iter().filter_map(|h| self.holds.get(h).map(|r| r.sku.clone())).collect();
         let skus = ev.lines.iter().map(|l| l.sku.clone()).chain(hold_skus).collect();
         self.load_ledgers(tx.store(), skus).await?;
+        self.early_picks.load(tx.store(), ev.order_id.as_str()).await?;
         let mut out = Outcome::default();
         let mut remaining: BTreeMap<LineId, Qty> = ev.lines.iter().map(|l| (l.line_id.clone(), l.qty)).collect();
         for hold_id in &ev.hold_ids {
@@ -686,6 +705,12 @@ impl Inventory {
             picked: Vec::new(),
         };
         self.orders.insert(ev.order_id.as_str().to_owned(), record);
+        if let Some(early) = self.early_picks.remove(ev.order_id.as_str()) {
+            for e in early {
+                tracing::info!(order_id = %ev.order_id, pick_id = %e.pick.pick_id, "applying a pick that came before its order");
+                self.apply_pick(tx, &e.pick, e.short, &mut out);
+            }
+        }
         self.flush(tx, out);
         Ok(())
     }
@@ -813,8 +838,31 @@ impl Inventory {
 
     async fn on_pick(&mut self, tx: &mut Tx, pick: PickData, short: bool) -> Result<(), EventError> {
         self.load_ledgers(tx.store(), vec![pick.sku.clone()]).await?;
-        self.orders.load(tx.store(), pick.order_id.as_str()).await?;
+        if !self.orders.load(tx.store(), pick.order_id.as_str()).await? {
+            // The pick overtook its order's creation: it waits for it.
+            self.early_picks.load(tx.store(), pick.order_id.as_str()).await?;
+            let mut early = self.early_picks.get(pick.order_id.as_str()).cloned().unwrap_or_default();
+            if early.len() >= EARLY_PICKS_PER_ORDER_MAX {
+                return Err(EventError::Poison(format!(
+                    "more than {EARLY_PICKS_PER_ORDER_MAX} picks of order {} before inventory heard of it",
+                    pick.order_id
+                )));
+            }
+            tracing::info!(order_id = %pick.order_id, pick_id = %pick.pick_id, "a pick came before its order; it waits for it");
+            let order_id = pick.order_id.as_str().to_owned();
+            early.push(EarlyPick { pick, short });
+            self.early_picks.insert(order_id, early);
+            return Ok(());
+        }
         let mut out = Outcome::default();
+        self.apply_pick(tx, &pick, short, &mut out);
+        self.flush(tx, out);
+        Ok(())
+    }
+
+    /// Applies a pick confirmation or short to the ledger (the pick's SKU
+    /// and order record loaded), backordering what a short leaves missing.
+    fn apply_pick(&mut self, tx: &mut Tx, pick: &PickData, short: bool, out: &mut Outcome) {
         let cmd = if short {
             LedgerCommand::Short {
                 line: pick.line_id.clone(),
@@ -832,7 +880,7 @@ impl Inventory {
                 instruction_key: pick.instruction_key.clone(),
             }
         };
-        match self.exec(&pick.sku, &cmd, &mut out) {
+        match self.exec(&pick.sku, &cmd, out) {
             Ok(evs) => {
                 self.record_picked(&pick.order_id, &evs);
                 let missing: u64 = evs
@@ -844,8 +892,8 @@ impl Inventory {
                     if let Some(zone) = zone {
                         let line =
                             RouteLine { line_id: pick.line_id.clone(), sku: pick.sku.clone(), qty: missing as Qty };
-                        let unfilled = self.route_and_reserve(&pick.order_id, &zone, &[line], &mut out);
-                        self.backorder(&pick.order_id, unfilled, tx.now, &mut out);
+                        let unfilled = self.route_and_reserve(&pick.order_id, &zone, &[line], out);
+                        self.backorder(&pick.order_id, unfilled, tx.now, out);
                     }
                 }
             }
@@ -854,8 +902,6 @@ impl Inventory {
                 tracing::warn!(order_id = %pick.order_id, pick_id = %pick.pick_id, error = %e, "pick not applied to the ledger");
             }
         }
-        self.flush(tx, out);
-        Ok(())
     }
 
     async fn on_returned(&mut self, tx: &mut Tx, ev: events::OrderReturned) -> Result<(), EventError> {
@@ -1031,6 +1077,7 @@ impl Service for Inventory {
             &mut self.orders,
             &mut self.holds,
             &mut self.request_keys,
+            &mut self.early_picks,
             &mut self.indexes,
         ]
     }
