@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use orderly_domain::event::Envelope;
 use orderly_engine::broker::{Broker, EventFilter};
 use orderly_engine::bus::EventSource;
+use orderly_engine::partitions::Ownership;
 use orderly_engine::ports::{Clock, OutboxRecord, Store, StoreError};
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -200,9 +201,11 @@ impl NatsBus {
         format!("{}.{producer}.{}.{partition}", self.inner.opts.prefix, Lane::of(env).as_str())
     }
 
-    /// The durable consumer name of `consumer` reading `producer` in `lane`.
-    pub fn durable_name(consumer: &str, producer: &str, lane: Lane) -> String {
-        format!("{consumer}-{producer}-{}", lane.as_str())
+    /// The durable consumer name of `consumer` reading partition
+    /// `partition` of `producer` in `lane`. One per partition, so replicas
+    /// of a consumer can split the partitions between them.
+    pub fn durable_name(consumer: &str, producer: &str, lane: Lane, partition: u32) -> String {
+        format!("{consumer}-{producer}-{}-p{partition}", lane.as_str())
     }
 
     /// Creates both streams if they are missing (idempotent; cached once done).
@@ -227,19 +230,20 @@ impl NatsBus {
         Ok(())
     }
 
-    /// A durable pull consumer (created if missing, idempotent).
+    /// The durable pull consumer of one partition (created if missing, idempotent).
     pub async fn pull_consumer(
         &self,
         consumer: &str,
         producer: &str,
         lane: Lane,
+        partition: u32,
     ) -> Result<consumer::PullConsumer, BusError> {
         self.ensure_streams().await?;
-        let name = NatsBus::durable_name(consumer, producer, lane);
+        let name = NatsBus::durable_name(consumer, producer, lane, partition);
         let stream = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: format!("{}.{producer}.{}.*", self.inner.opts.prefix, lane.as_str()),
+            filter_subject: format!("{}.{producer}.{}.{partition}", self.inner.opts.prefix, lane.as_str()),
             ack_policy: consumer::AckPolicy::Explicit,
             deliver_policy: consumer::DeliverPolicy::All,
             ack_wait: self.inner.opts.ack_wait,
@@ -340,8 +344,13 @@ impl Broker for NatsBus {
         filter: EventFilter,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        ownership: Arc<Ownership>,
     ) -> Result<Arc<dyn EventSource>, StoreError> {
-        Ok(Arc::new(JetStreamSource::new(self.clone(), consumer, producer, filter, store, clock)))
+        Ok(Arc::new(JetStreamSource::new(self.clone(), consumer, producer, filter, store, clock, ownership)))
+    }
+
+    fn partitions(&self) -> u32 {
+        self.inner.opts.partitions
     }
 
     fn relay(

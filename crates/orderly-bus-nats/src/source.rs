@@ -7,10 +7,10 @@ use futures_util::StreamExt;
 use orderly_domain::Timestamp;
 use orderly_domain::event::Envelope;
 use orderly_engine::bus::{EventSource, Polled};
+use orderly_engine::partitions::{Ownership, partition_of_subject};
 use orderly_engine::ports::{Batch, Clock, OutboxRecord, Row, Store, StoreError};
 use orderly_engine::runtime::{DEAD_LETTERS, DeadLetter};
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -19,6 +19,8 @@ use tokio::sync::{mpsc, watch};
 struct Item {
     /// Local position: the order this source offers messages in.
     position: u64,
+    /// The bus partition it came from.
+    partition: u32,
     msg: jetstream::Message,
     /// None: not for this consumer (filtered), undecodable, or given up on.
     envelope: Option<Envelope>,
@@ -38,8 +40,9 @@ struct Held {
 }
 
 /// Reads one producer's events for one consumer from both lanes' durable
-/// pull consumers. At-least-once: messages are acknowledged once the
-/// consumer's batch that handled them (with its inbox) has committed.
+/// pull consumers, one per partition this replica owns. At-least-once:
+/// messages are acknowledged once the consumer's batch that handled them
+/// (with its inbox) has committed.
 pub struct JetStreamSource {
     bus: NatsBus,
     consumer: &'static str,
@@ -50,15 +53,95 @@ pub struct JetStreamSource {
     held: Mutex<Held>,
     /// Messages the lanes' prefetch tasks fetched, not yet offered.
     fetched: tokio::sync::Mutex<[mpsc::Receiver<jetstream::Message>; 2]>,
-    pending: Arc<AtomicU64>,
+    pending: Arc<Pending>,
     wake: watch::Receiver<u64>,
-    prefetch: Vec<tokio::task::JoinHandle<()>>,
+    manager: tokio::task::JoinHandle<()>,
     last_progress: Mutex<std::time::Instant>,
+    ownership: Arc<Ownership>,
 }
 
 impl Drop for JetStreamSource {
     fn drop(&mut self) {
-        self.prefetch.iter().for_each(|t| t.abort());
+        // The manager's drop guard aborts the prefetch tasks with it.
+        self.manager.abort();
+    }
+}
+
+/// Messages waiting at the broker, per (lane, partition) consumer.
+#[derive(Default)]
+struct Pending(Mutex<HashMap<(Lane, u32), u64>>);
+
+impl Pending {
+    fn set(&self, lane: Lane, partition: u32, n: u64) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert((lane, partition), n);
+    }
+
+    fn total(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
+    }
+}
+
+/// The prefetch tasks of the partitions this replica consumes, aborted
+/// when dropped.
+#[derive(Default)]
+struct Prefetchers(HashMap<u32, [tokio::task::JoinHandle<()>; 2]>);
+
+impl Drop for Prefetchers {
+    fn drop(&mut self) {
+        self.0.values().flatten().for_each(|t| t.abort());
+    }
+}
+
+/// Keeps one prefetch task per lane for every partition `ownership` gives
+/// this replica: starts them for partitions gained, stops them for
+/// partitions given up (what they fetched is still handled and committed
+/// here, which is what the membership waits for before unlocking).
+#[allow(clippy::too_many_arguments)]
+async fn manage(
+    bus: NatsBus,
+    consumer: &'static str,
+    producer: &'static str,
+    ownership: Arc<Ownership>,
+    lanes: [mpsc::Sender<jetstream::Message>; 2],
+    wake: watch::Sender<u64>,
+    pending: Arc<Pending>,
+) {
+    let mut owned_rx = ownership.watch();
+    let mut running = Prefetchers::default();
+    let all: Vec<u32> = (0..bus.options().partitions).collect();
+    loop {
+        let owned: Vec<u32> = match owned_rx.borrow_and_update().as_ref() {
+            None => all.clone(),
+            Some(set) => set.iter().copied().filter(|p| *p < bus.options().partitions).collect(),
+        };
+        running.0.retain(|p, tasks| {
+            let keep = owned.contains(p);
+            if !keep {
+                tasks.iter().for_each(|t| t.abort());
+            }
+            keep
+        });
+        for p in owned {
+            running.0.entry(p).or_insert_with(|| {
+                [Lane::Events, Lane::Priority].map(|lane| {
+                    let out = lanes[usize::from(lane == Lane::Priority)].clone();
+                    tokio::spawn(prefetch(
+                        bus.clone(),
+                        consumer,
+                        producer,
+                        lane,
+                        p,
+                        out,
+                        wake.clone(),
+                        pending.clone(),
+                        ownership.clone(),
+                    ))
+                })
+            });
+        }
+        if owned_rx.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -68,21 +151,28 @@ const PREFETCH_MAX: usize = crate::MAX_ACK_PENDING as usize;
 /// How often messages held across polls are reported in progress (well
 /// inside the consumer's `ack_wait`).
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// Most messages one partition's pull asks for at a time (the lane's
+/// buffer is shared by every partition's consumer).
+const PULL_BATCH_MAX: usize = 128;
 /// How long one pull request waits at the broker for messages.
 const PULL_WAIT: Duration = Duration::from_secs(1);
 
-/// Keeps one lane's durable consumer pulled: messages go to `out` as they
-/// arrive (long polls of [`PULL_WAIT`]), `wake` changes for each. While the
-/// broker fails, a circuit breaker spaces the attempts; the consumer is
+/// Keeps one partition's durable consumer in one lane pulled: messages go
+/// to `out` as they arrive (long polls of [`PULL_WAIT`]), `wake` changes for
+/// each, `ownership` counts each as work in flight in its partition. While
+/// the broker fails, a circuit breaker spaces the attempts; the consumer is
 /// created again (idempotently) after every failure.
+#[allow(clippy::too_many_arguments)]
 async fn prefetch(
     bus: NatsBus,
     consumer: &'static str,
     producer: &'static str,
     lane: Lane,
+    partition: u32,
     out: mpsc::Sender<jetstream::Message>,
     wake: watch::Sender<u64>,
-    pending: Arc<AtomicU64>,
+    pending: Arc<Pending>,
+    ownership: Arc<Ownership>,
 ) {
     let clock = orderly_engine::ports::SystemClock;
     let mut breaker = breaker(bus.options());
@@ -97,21 +187,22 @@ async fn prefetch(
         }
         let round = async {
             if pull.is_none() {
-                pull = Some(bus.pull_consumer(consumer, producer, lane).await?);
+                pull = Some(bus.pull_consumer(consumer, producer, lane, partition).await?);
             }
             let c = pull.as_ref().expect("consumer was just created");
-            let room = out.capacity().clamp(1, 512);
+            let room = out.capacity().clamp(1, PULL_BATCH_MAX);
             let mut batch = timed(c.batch().max_messages(room).expires(PULL_WAIT).messages()).await?;
             let mut got = 0u64;
             loop {
                 match tokio::time::timeout(PULL_WAIT + crate::OP_TIMEOUT, batch.next()).await {
                     Ok(Some(Ok(m))) => {
                         if let Ok(info) = m.info() {
-                            pending.store(info.pending, Ordering::Relaxed);
+                            pending.set(lane, partition, info.pending);
                         }
                         if out.send(m).await.is_err() {
                             return Ok(got);
                         }
+                        ownership.took(partition);
                         got += 1;
                         wake.send_modify(|n| *n = n.wrapping_add(1));
                     }
@@ -140,7 +231,9 @@ async fn prefetch(
 }
 
 impl JetStreamSource {
-    /// A source; the broker's consumers are created on first poll.
+    /// A source over the partitions `ownership` gives this replica (all of
+    /// them for a service that is not shared); the broker's consumers are
+    /// created on first pull.
     pub fn new(
         bus: NatsBus,
         consumer: &'static str,
@@ -148,31 +241,21 @@ impl JetStreamSource {
         filter: fn(&str) -> bool,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        ownership: Arc<Ownership>,
     ) -> JetStreamSource {
         let (wake_tx, wake) = watch::channel(0u64);
-        let pending = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(Pending::default());
         let (events_tx, events_rx) = mpsc::channel(PREFETCH_MAX);
         let (priority_tx, priority_rx) = mpsc::channel(PREFETCH_MAX);
-        let prefetch = vec![
-            tokio::spawn(prefetch(
-                bus.clone(),
-                consumer,
-                producer,
-                Lane::Events,
-                events_tx,
-                wake_tx.clone(),
-                pending.clone(),
-            )),
-            tokio::spawn(prefetch(
-                bus.clone(),
-                consumer,
-                producer,
-                Lane::Priority,
-                priority_tx,
-                wake_tx,
-                pending.clone(),
-            )),
-        ];
+        let manager = tokio::spawn(manage(
+            bus.clone(),
+            consumer,
+            producer,
+            ownership.clone(),
+            [events_tx, priority_tx],
+            wake_tx,
+            pending.clone(),
+        ));
         JetStreamSource {
             bus,
             consumer,
@@ -184,8 +267,9 @@ impl JetStreamSource {
             fetched: tokio::sync::Mutex::new([events_rx, priority_rx]),
             pending,
             wake,
-            prefetch,
+            manager,
             last_progress: Mutex::new(std::time::Instant::now()),
+            ownership,
         }
     }
 
@@ -232,7 +316,8 @@ impl JetStreamSource {
                 Some(_) if give_up => (None, None),
                 other => (other, None),
             };
-            items.push(Item { position: 0, msg, envelope, published_ms, dead });
+            let partition = partition_of_subject(msg.message.subject.as_str()).unwrap_or(u32::MAX);
+            items.push(Item { position: 0, partition, msg, envelope, published_ms, dead });
         }
         Ok(items)
     }
@@ -333,7 +418,9 @@ impl EventSource for JetStreamSource {
         let mut held = self.held();
         let mut done = Vec::new();
         while held.buffer.front().is_some_and(|i| i.position <= upto) {
-            done.push(held.buffer.pop_front().expect("front exists").msg);
+            let item = held.buffer.pop_front().expect("front exists");
+            self.ownership.finished(item.partition);
+            done.push(item.msg);
         }
         held.dead.retain(|(p, _)| *p > upto);
         held.acked = held.acked.max(upto);
@@ -354,7 +441,7 @@ impl EventSource for JetStreamSource {
     }
 
     fn backlog(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed) + self.held().buffer.len() as u64
+        self.pending.total() + self.held().buffer.len() as u64
     }
 
     fn at_least_once(&self) -> bool {

@@ -9,6 +9,7 @@ use orderly_engine::broker::{Broker, EventFilter};
 use orderly_engine::bus::{EventSource, Publisher};
 use orderly_engine::bus_contract::{BusFixture, PRODUCER, check_bus};
 use orderly_engine::memory_store::MemoryStore;
+use orderly_engine::partitions::Ownership;
 use orderly_engine::ports::{Store, SystemClock};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,14 @@ struct JetStream {
 impl BusFixture for JetStream {
     async fn source(&self, filter: EventFilter) -> Arc<dyn EventSource> {
         self.bus
-            .source("inventory", PRODUCER, filter, self.consumer.clone(), Arc::new(SystemClock))
+            .source(
+                "inventory",
+                PRODUCER,
+                filter,
+                self.consumer.clone(),
+                Arc::new(SystemClock),
+                Arc::new(Ownership::all()),
+            )
             .await
             .expect("source")
     }
@@ -138,8 +146,10 @@ async fn a_message_delivered_max_deliver_times_is_dead_lettered_not_applied() {
     // A consumer that takes the message and dies before committing, twice.
     let mut last = None;
     for delivery in 1..=2 {
-        let source =
-            bus.source("inventory", PRODUCER, all, consumer.clone(), Arc::new(SystemClock)).await.expect("source");
+        let source = bus
+            .source("inventory", PRODUCER, all, consumer.clone(), Arc::new(SystemClock), Arc::new(Ownership::all()))
+            .await
+            .expect("source");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let p = source.poll(16).await.expect("poll");

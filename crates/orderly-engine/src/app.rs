@@ -177,7 +177,9 @@ impl Engine {
 
     /// Creates or updates a location.
     pub async fn put_location(&self, location: Location) -> Result<Location, ApiError> {
-        self.inventory.call(|reply| inventory::Command::PutLocation { location, reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::PutLocation { location: location.clone(), reply })
+            .await
     }
 
     /// Every location.
@@ -205,7 +207,15 @@ impl Engine {
         positive(qty)?;
         let key = request_key
             .map(|key| orders::RequestKey { key, fingerprint: fingerprint_of(&("receive", &location, &sku, qty)) });
-        self.inventory.call(|reply| inventory::Command::Receive { location, sku, qty, key, reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::Receive {
+                location: location.clone(),
+                sku: sku.clone(),
+                qty,
+                key: key.clone(),
+                reply,
+            })
+            .await
     }
 
     /// A manual adjustment (`counted: None`) or a cycle count.
@@ -239,7 +249,16 @@ impl Engine {
             fingerprint: fingerprint_of(&("adjust", &sku, &location, delta, counted, &reason, &user)),
         });
         self.inventory
-            .call(|reply| inventory::Command::Adjust { sku, location, delta, counted, reason, user, key, reply })
+            .call_retrying(|reply| inventory::Command::Adjust {
+                sku: sku.clone(),
+                location: location.clone(),
+                delta,
+                counted,
+                reason: reason.clone(),
+                user: user.clone(),
+                key: key.clone(),
+                reply,
+            })
             .await
     }
 
@@ -265,7 +284,15 @@ impl Engine {
         positive(qty)?;
         let key = request_key
             .map(|key| orders::RequestKey { key, fingerprint: fingerprint_of(&("hold", &sku, qty, &location)) });
-        self.inventory.call(|reply| inventory::Command::CreateHold { sku, qty, location, key, reply }).await
+        self.inventory
+            .call_retrying(|reply| inventory::Command::CreateHold {
+                sku: sku.clone(),
+                qty,
+                location: location.clone(),
+                key: key.clone(),
+                reply,
+            })
+            .await
     }
 
     /// Creates an order. Lines worth at least `allocation.sync_min_line_value`
@@ -304,7 +331,12 @@ impl Engine {
         } else {
             let (id, zone) = (order_id.clone(), req.ship_to.zone.clone());
             self.inventory
-                .call(|reply| inventory::Command::ReserveSync { order_id: id, zone, lines: sync_lines, reply })
+                .call_retrying(|reply| inventory::Command::ReserveSync {
+                    order_id: id.clone(),
+                    zone: zone.clone(),
+                    lines: sync_lines.clone(),
+                    reply,
+                })
                 .await?
         };
         let new = new_order(order_id, req, &reserved);
@@ -380,7 +412,7 @@ impl Engine {
 
     /// The next pick task for a location.
     pub async fn next_pick(&self, location: LocationId) -> Result<Option<PickTask>, ApiError> {
-        self.picking.call(|reply| picking::Command::Next { location, reply }).await
+        self.picking.call_retrying(|reply| picking::Command::Next { location: location.clone(), reply }).await
     }
 
     /// Confirms a pick.
@@ -390,7 +422,14 @@ impl Engine {
         instruction_key: String,
         qty: Qty,
     ) -> Result<PickOutcome, ApiError> {
-        self.picking.call(|reply| picking::Command::Confirm { pick_id, instruction_key, qty, reply }).await
+        self.picking
+            .call_retrying(|reply| picking::Command::Confirm {
+                pick_id: pick_id.clone(),
+                instruction_key: instruction_key.clone(),
+                qty,
+                reply,
+            })
+            .await
     }
 
     /// Reports a short pick.
@@ -401,7 +440,15 @@ impl Engine {
         qty_found: Qty,
         reason: String,
     ) -> Result<PickOutcome, ApiError> {
-        self.picking.call(|reply| picking::Command::Short { pick_id, instruction_key, qty_found, reason, reply }).await
+        self.picking
+            .call_retrying(|reply| picking::Command::Short {
+                pick_id: pick_id.clone(),
+                instruction_key: instruction_key.clone(),
+                qty_found,
+                reason: reason.clone(),
+                reply,
+            })
+            .await
     }
 
     /// Packs picks into a package.

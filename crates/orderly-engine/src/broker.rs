@@ -8,9 +8,12 @@
 //! deduplicates through the consumer's inbox in the same commit as the effect.
 
 use crate::bus::EventSource;
+use crate::partitions::Ownership;
 use crate::ports::{Clock, Store, StoreError};
+use crate::runtime::Sharing;
 use async_trait::async_trait;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -23,7 +26,8 @@ pub type EventFilter = fn(&str) -> bool;
 pub trait Broker: Send + Sync + 'static {
     /// The source through which `consumer` reads `producer`'s events of the
     /// types that pass `filter`. `store` and `clock` are the consumer's, for
-    /// events the broker itself gives up on (dead letters).
+    /// events the broker itself gives up on (dead letters). The source reads
+    /// only the partitions `ownership` gives this replica.
     async fn source(
         &self,
         consumer: &'static str,
@@ -31,7 +35,11 @@ pub trait Broker: Send + Sync + 'static {
         filter: EventFilter,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        ownership: Arc<Ownership>,
     ) -> Result<Arc<dyn EventSource>, StoreError>;
+
+    /// How many partitions each producer's events are spread over.
+    fn partitions(&self) -> u32;
 
     /// Starts relaying `producer`'s outbox (in `store`) to the broker, woken
     /// by `head` (the outbox head after each commit), until `shutdown`.
@@ -51,6 +59,9 @@ pub struct Topology {
     pub broker: Option<Arc<dyn Broker>>,
     /// The services this process runs; `None` runs them all.
     pub services: Option<BTreeSet<&'static str>>,
+    /// Services whose work this process shares with other replicas (their
+    /// partitions and versioned stores); the rest run alone.
+    pub sharing: HashMap<&'static str, Sharing>,
 }
 
 impl Topology {
@@ -86,7 +97,7 @@ mod tests {
         assert_eq!(s.into_iter().collect::<Vec<_>>(), vec!["inventory", "orders"]);
         assert!(Topology::parse_services("orders,billing").unwrap_err().contains("billing"));
         assert!(Topology::parse_services(" , ").is_err());
-        let t = Topology { broker: None, services: Some(Topology::parse_services("packing").expect("valid")) };
+        let t = Topology { services: Some(Topology::parse_services("packing").expect("valid")), ..Topology::default() };
         assert!(t.runs("packing") && !t.runs("orders"));
         assert!(Topology::default().runs("orders"));
     }

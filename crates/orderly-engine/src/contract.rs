@@ -84,6 +84,39 @@ pub async fn check_store(store: &dyn Store) {
     assert_eq!(store.outbox_head().await.expect("head"), 3, "a failed commit leaves nothing behind");
     assert!(store.get("things", "a").await.expect("get").is_some());
     check_ledger_table(store).await;
+    check_versions(store).await;
+}
+
+/// Optimistic concurrency: a document's version is 1 when first put and
+/// grows by one per put; a batch whose `expect` does not hold is a conflict
+/// and writes nothing; expecting 0 means "absent".
+async fn check_versions(store: &dyn Store) {
+    use crate::ports::{Expect, StoreError};
+    let put =
+        |key: &str, doc: &str| Row { table: "versioned", key: key.into(), idx: Some("i".into()), doc: doc.into() };
+    let expect = |key: &str, version| Expect { table: "versioned", key: key.into(), version };
+    let batch = |rows: Vec<Row>, expect: Vec<Expect>| Batch { puts: rows, expect, ..Batch::default() };
+
+    store.commit(batch(vec![put("p", "1")], vec![expect("p", 0)])).await.expect("create when absent");
+    let (row, version) = store.get_versioned("versioned", "p").await.expect("get").expect("p exists");
+    assert_eq!((row.doc.as_slice(), version), (b"1".as_slice(), 1), "first put is version 1");
+    let stale = store.commit(batch(vec![put("p", "2")], vec![expect("p", 0)])).await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "expected absent but present: {stale:?}");
+    store.commit(batch(vec![put("p", "2")], vec![expect("p", 1)])).await.expect("update at version 1");
+    let stale = store.commit(batch(vec![put("p", "3"), put("q", "1")], vec![expect("p", 1)])).await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "a stale version conflicts: {stale:?}");
+    assert!(store.get("versioned", "q").await.expect("get").is_none(), "a conflicting batch writes nothing");
+    let other = store.commit(batch(vec![put("q", "1")], vec![expect("p", 7)])).await;
+    assert!(matches!(other, Err(StoreError::Conflict(_))), "a precondition on another document: {other:?}");
+    let scanned = store.scan_versioned("versioned", Some("i"), None, 10).await.expect("scan");
+    let versions: Vec<(String, u64)> = scanned.into_iter().map(|(r, v)| (r.key, v)).collect();
+    assert_eq!(versions, vec![("p".to_owned(), 2)], "scan reports versions");
+    let delete = Batch { deletes: vec![("versioned", "p".into())], expect: vec![expect("p", 1)], ..Batch::default() };
+    assert!(matches!(store.commit(delete).await, Err(StoreError::Conflict(_))), "a stale delete conflicts");
+    let delete = Batch { deletes: vec![("versioned", "p".into())], expect: vec![expect("p", 2)], ..Batch::default() };
+    store.commit(delete).await.expect("delete at the current version");
+    assert!(store.get_versioned("versioned", "p").await.expect("get").is_none());
+    store.commit(batch(vec![put("p", "9")], vec![expect("p", 0)])).await.expect("absent again after a delete");
 }
 
 /// A hot SKU's ledger stored in pieces: a commit writes only what changed

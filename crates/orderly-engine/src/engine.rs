@@ -6,6 +6,7 @@ use crate::broker::Topology;
 use crate::bus::{EventSource, OutboxSource, Publisher};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::partitions::Ownership;
 use crate::ports::{Clock, Rng, Store, StoreError};
 use crate::runtime::{self, Control, ControlError, Ctx, Service};
 use crate::services::common::ApiError;
@@ -18,6 +19,13 @@ use tokio::task::JoinHandle;
 
 /// Every service, in start order.
 pub const SERVICES: [&str; 6] = ["orders", "inventory", "picking", "packing", "shipping", "notifications"];
+
+/// How many times [`Handle::call_retrying`] sends a command whose batch did
+/// not commit.
+pub const CALL_ATTEMPTS: u32 = 8;
+
+/// What a caller hears when the batch holding its command did not commit.
+const NOT_COMMITTED: &str = "the batch holding this request did not commit; retry";
 
 /// Longest the API waits for a service to answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,8 +104,39 @@ impl<C: Send + 'static> Handle<C> {
         })?;
         match tokio::time::timeout(CALL_TIMEOUT, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ApiError::Unavailable("the batch holding this request did not commit; retry".into())),
+            Ok(Err(_)) => Err(ApiError::Unavailable(NOT_COMMITTED.into())),
             Err(_) => Err(ApiError::Unavailable("timed out waiting for the engine".into())),
+        }
+    }
+
+    /// Like [`Handle::call`], for a service whose replicas share its rows: a
+    /// command whose batch did not commit (a conflict with another replica)
+    /// had no effect, so it is sent again, up to [`CALL_ATTEMPTS`] times with
+    /// a short pause, before the caller sees [`ApiError::Unavailable`] (503
+    /// with `Retry-After`).
+    pub async fn call_retrying<T>(
+        &self,
+        make: impl Fn(oneshot::Sender<Result<T, ApiError>>) -> C,
+    ) -> Result<T, ApiError> {
+        let mut attempt = 1;
+        loop {
+            match self.call(&make).await {
+                Err(ApiError::Unavailable(detail)) if detail == NOT_COMMITTED && attempt < CALL_ATTEMPTS => {
+                    attempt += 1;
+                    let pause = 2
+                        + (std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.subsec_nanos())
+                            % 20);
+                    tokio::time::sleep(Duration::from_millis(u64::from(pause))).await;
+                }
+                Err(ApiError::Unavailable(detail)) if detail == NOT_COMMITTED => {
+                    return Err(ApiError::Unavailable(format!(
+                        "{detail} (tried {CALL_ATTEMPTS} times: other replicas keep changing the same rows)"
+                    )));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -219,11 +258,14 @@ impl EngineBuilder {
             return Ok(Handle { tx: None, service: name });
         }
         let store = self.store(name);
+        let sharing = self.topology.sharing.get(name).cloned();
+        let ownership = sharing.as_ref().map_or_else(|| Arc::new(Ownership::all()), |s| s.ownership.clone());
         let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
         for (producer, filter) in subscriptions {
             let source: Arc<dyn EventSource> = match &self.topology.broker {
                 Some(broker) => {
-                    broker.source(name, producer, *filter, store.clone(), self.adapters.clock.clone()).await?
+                    let clock = self.adapters.clock.clone();
+                    broker.source(name, producer, *filter, store.clone(), clock, ownership.clone()).await?
                 }
                 None => Arc::new(OutboxSource::new(
                     producer,
@@ -253,7 +295,10 @@ impl EngineBuilder {
             self.tasks.push(relay);
         }
         let shutdown = self.shutdown.subscribe();
-        let driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
+        let mut driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
+        if let Some(sharing) = sharing {
+            driver.set_sharing(sharing);
+        }
         self.tasks.push(tokio::spawn(runtime::run(driver, rx, control_rx, shutdown)));
         self.controls.insert(name, control_tx);
         Ok(Handle { tx: Some(tx), service: name })

@@ -2,7 +2,7 @@
 //! crash drops nothing committed (commits are the durable state) but can be
 //! made to fail the next commits, like a disk or database going away.
 
-use crate::ports::{Batch, OutboxRecord, Row, Store, StoreError};
+use crate::ports::{Batch, OutboxRecord, Row, Store, StoreError, check_expectations};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 #[derive(Default)]
 struct Inner {
-    docs: BTreeMap<(&'static str, String), Row>,
+    /// Each document with its version.
+    docs: BTreeMap<(&'static str, String), (Row, u64)>,
     outbox: Vec<OutboxRecord>,
     cursors: HashMap<String, u64>,
     inbox: BTreeSet<String>,
@@ -42,24 +43,24 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
+    async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
         Ok(self.lock().docs.get(&(table, key.to_owned())).cloned())
     }
 
-    async fn scan(
+    async fn scan_versioned(
         &self,
         table: &'static str,
         idx: Option<&str>,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<Row>, StoreError> {
+    ) -> Result<Vec<(Row, u64)>, StoreError> {
         let inner = self.lock();
         let start = (table, after.map(|a| format!("{a}\u{0}")).unwrap_or_default());
         Ok(inner
             .docs
             .range(start..)
             .take_while(|((t, _), _)| *t == table)
-            .filter(|(_, r)| idx.is_none() || r.idx.as_deref() == idx)
+            .filter(|(_, (r, _))| idx.is_none() || r.idx.as_deref() == idx)
             .take(limit as usize)
             .map(|(_, r)| r.clone())
             .collect())
@@ -68,7 +69,7 @@ impl Store for MemoryStore {
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
         let inner = self.lock();
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        for ((t, _), r) in inner.docs.range((table, String::new())..) {
+        for ((t, _), (r, _)) in inner.docs.range((table, String::new())..) {
             if *t != table {
                 break;
             }
@@ -85,6 +86,7 @@ impl Store for MemoryStore {
             return Err(StoreError::Unavailable("injected commit failure".into()));
         }
         let mut inner = self.lock();
+        check_expectations(&batch.expect, |table, key| inner.docs.get(&(table, key.to_owned())).map(|(_, v)| *v))?;
         let mut fresh = BTreeSet::new();
         for env in &batch.outbox {
             if inner.event_ids.contains(&env.id) || !fresh.insert(env.id.clone()) {
@@ -93,7 +95,9 @@ impl Store for MemoryStore {
         }
         inner.event_ids.extend(fresh);
         for row in batch.puts {
-            inner.docs.insert((row.table, row.key.clone()), row);
+            let slot = (row.table, row.key.clone());
+            let version = inner.docs.get(&slot).map_or(0, |(_, v)| *v) + 1;
+            inner.docs.insert(slot, (row, version));
         }
         for (table, key) in batch.deletes {
             inner.docs.remove(&(table, key));

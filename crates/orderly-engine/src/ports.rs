@@ -34,8 +34,28 @@ pub struct Batch {
     pub outbox: Vec<Envelope>,
     /// Consumer cursors to store: (producer, last processed outbox position).
     pub cursors: Vec<(String, u64)>,
-    /// Processed event ids (distributed mode's inbox).
+    /// Processed event ids (distributed mode's inbox). An id already in the
+    /// inbox makes the commit a [`StoreError::Conflict`] (another replica
+    /// handled the event first).
     pub inbox: Vec<String>,
+    /// Preconditions: documents that must be at a version when the batch
+    /// commits, or it is a [`StoreError::Conflict`] and nothing is written.
+    pub expect: Vec<Expect>,
+    /// The outbox head the batch's `emit`ted sequences were numbered after.
+    /// A store shared by replicas renumbers them from its real head, so an
+    /// event's sequence is always its outbox position.
+    pub assumed_head: Option<u64>,
+}
+
+/// A precondition on a document's version (the number of times it was put).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// The document's table.
+    pub table: &'static str,
+    /// The document's key.
+    pub key: String,
+    /// The version the document must have: 0 means it must not exist.
+    pub version: u64,
 }
 
 impl Batch {
@@ -47,6 +67,30 @@ impl Batch {
             && self.cursors.is_empty()
             && self.inbox.is_empty()
     }
+}
+
+/// Checks `expect` against the versions `current` reports (None: absent);
+/// the first mismatch is a [`StoreError::Conflict`]. For stores that check
+/// in memory (the memory store, SQLite inside its write transaction).
+pub fn check_expectations(
+    expect: &[Expect],
+    mut current: impl FnMut(&'static str, &str) -> Option<u64>,
+) -> Result<(), StoreError> {
+    for e in expect {
+        let actual = current(e.table, &e.key).unwrap_or(0);
+        if actual != e.version {
+            return Err(version_conflict(e, actual));
+        }
+    }
+    Ok(())
+}
+
+/// The conflict a failed [`Expect`] reports.
+pub fn version_conflict(e: &Expect, actual: u64) -> StoreError {
+    StoreError::Conflict(format!(
+        "document {}/{} is at version {actual}, the batch expected {}",
+        e.table, e.key, e.version
+    ))
 }
 
 /// An event in a producer's outbox, with its position (1, 2, 3, …).
@@ -84,7 +128,19 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Reads one document.
-    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError>;
+    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
+        Ok(self.get_versioned(table, key).await?.map(|(row, _)| row))
+    }
+    /// Reads one document with its version (1 when first put, +1 per put).
+    async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError>;
+    /// [`Store::scan`] with each document's version.
+    async fn scan_versioned(
+        &self,
+        table: &'static str,
+        idx: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(Row, u64)>, StoreError>;
     /// Reads documents of a table in key order, optionally only those with
     /// index value `idx`, starting after key `after`, at most `limit`.
     async fn scan(
@@ -93,10 +149,13 @@ pub trait Store: Send + Sync + 'static {
         idx: Option<&str>,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<Row>, StoreError>;
+    ) -> Result<Vec<Row>, StoreError> {
+        Ok(self.scan_versioned(table, idx, after, limit).await?.into_iter().map(|(row, _)| row).collect())
+    }
     /// Counts documents per index value in a table.
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError>;
-    /// Commits a batch atomically and durably; returns the outbox head after it.
+    /// Commits a batch atomically and durably; returns the outbox head after
+    /// it. Honours `batch.expect` (all or nothing).
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError>;
     /// Outbox records after `position`, oldest first, at most `limit`.
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError>;

@@ -24,6 +24,10 @@ pub const COMMAND_BATCH_MAX: usize = 2048;
 pub const EVENT_BATCH_MAX: u32 = 2048;
 /// Longest a service sleeps with nothing to do before checking its timers.
 pub const IDLE_TICK_MS: u64 = 250;
+/// Shortest pause after a commit conflict, in ms.
+pub const CONFLICT_PAUSE_MIN_MS: u64 = 2;
+/// Longest pause after a commit conflict, in ms.
+pub const CONFLICT_PAUSE_MAX_MS: u64 = 21;
 /// The dead-letter table every service has.
 pub const DEAD_LETTERS: &str = "dead_letters";
 
@@ -53,11 +57,13 @@ pub struct Tx {
     batch: Batch,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     head: u64,
+    consumed: u64,
 }
 
 impl Tx {
     fn new(ctx: Arc<Ctx>, head: u64) -> Tx {
-        Tx { now: ctx.clock.now(), ctx, batch: Batch::default(), after_commit: Vec::new(), head }
+        let batch = Batch { assumed_head: Some(head), ..Batch::default() };
+        Tx { now: ctx.clock.now(), ctx, batch, after_commit: Vec::new(), head, consumed: 0 }
     }
 
     /// The service's own store (for cache misses and queries).
@@ -165,6 +171,26 @@ pub trait Service: Send + 'static {
     fn next_deadline(&self) -> Option<Timestamp>;
     /// The service's cached tables, to stage, roll back or settle.
     fn tables(&mut self) -> Vec<&mut dyn Staged>;
+    /// Forgets every cached row (called between batches, about once a
+    /// second while another replica is live, together with the versions
+    /// remembered of them); rows are reloaded on next use. A stale copy could
+    /// never be committed over a newer row (versions are checked), but it
+    /// would cost a conflict and give stale answers.
+    fn drop_shared(&mut self) {}
+}
+
+/// How often cached shared rows are dropped while another replica is live.
+pub const DROP_SHARED_EVERY_MS: i64 = 1_000;
+
+/// What a service whose work is shared with other replicas needs: who owns
+/// which partitions (and whether others are live), and the store wrapper
+/// that turns reads into commit preconditions.
+#[derive(Clone)]
+pub struct Sharing {
+    /// The replica's partitions and the live member count.
+    pub ownership: Arc<crate::partitions::Ownership>,
+    /// The service's store, versioned.
+    pub versioned: Arc<crate::versioned::VersionedStore>,
 }
 
 /// A dead-lettered event, as stored in the consumer's `dead_letters` table.
@@ -241,6 +267,8 @@ pub struct Driver<S: Service> {
     head: u64,
     publish: Box<dyn Fn(u64) + Send + Sync>,
     mutations: Mutations,
+    sharing: Option<Sharing>,
+    dropped_at: Timestamp,
 }
 
 impl<S: Service> Driver<S> {
@@ -260,7 +288,14 @@ impl<S: Service> Driver<S> {
             head,
             publish: Box::new(publish),
             mutations: Mutations::default(),
+            sharing: None,
+            dropped_at: Timestamp(0),
         })
+    }
+
+    /// Shares the service's work with other replicas (see [`Sharing`]).
+    pub fn set_sharing(&mut self, sharing: Sharing) {
+        self.sharing = Some(sharing);
     }
 
     /// Switches deliberate bugs on (the simulator's bug-finding tests only).
@@ -291,6 +326,15 @@ impl<S: Service> Driver<S> {
     /// One batch: the given commands and controls, pending events, due
     /// timers; one commit. Returns whether it did any work.
     pub async fn step(&mut self, commands: Vec<S::Command>, controls: Vec<Control>) -> bool {
+        if let Some(sharing) = &self.sharing {
+            let now = self.ctx.clock.now();
+            let due = sharing.ownership.others_live() && now.since(self.dropped_at) >= DROP_SHARED_EVERY_MS;
+            if sharing.versioned.take_overflow() || due {
+                self.service.drop_shared();
+                sharing.versioned.forget();
+                self.dropped_at = now;
+            }
+        }
         let mut tx = Tx::new(self.ctx.clone(), self.head);
         let mut worked = !commands.is_empty() || !controls.is_empty();
         for cmd in commands {
@@ -472,6 +516,7 @@ async fn consume<S: Service>(
         match service.on_event(tx, &record.envelope).await {
             Ok(()) => {
                 retry.attempts.remove(id);
+                tx.consumed += 1;
                 if record_inbox {
                     tx.batch.inbox.push(id.clone());
                 }
@@ -561,6 +606,7 @@ async fn commit<S: Service>(
         return None;
     }
     let emitted = tx.batch.outbox.len() as u64;
+    let consumed = tx.consumed;
     let result = match staged {
         Ok(()) => ctx.store.commit(tx.batch).await,
         Err(e) => Err(e),
@@ -575,8 +621,24 @@ async fn commit<S: Service>(
                 ctx.metrics.inc("orderly_events_emitted_total", &[("service", ctx.service)], emitted);
                 publish(head);
             }
+            if consumed > 0 {
+                ctx.metrics.inc("orderly_events_consumed_total", &[("consumer", ctx.service)], consumed);
+            }
             tx.after_commit.drain(..).for_each(|f| f());
             Some(head)
+        }
+        Err(StoreError::Conflict(e)) => {
+            // Another replica changed a row this batch decided on: the caches
+            // drop what changed and the inputs are tried again (events are
+            // offered again; API callers retry), after a short random pause
+            // so two replicas do not collide again in step.
+            tracing::debug!(service = ctx.service, error = %e, "commit conflict; batch rolled back");
+            ctx.metrics.inc("orderly_commit_conflicts_total", &[("service", ctx.service)], 1);
+            service.tables().into_iter().for_each(|t| t.rollback());
+            let pause =
+                CONFLICT_PAUSE_MIN_MS + ctx.rng.next_u64() % (CONFLICT_PAUSE_MAX_MS - CONFLICT_PAUSE_MIN_MS + 1);
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            None
         }
         Err(e) => {
             tracing::error!(service = ctx.service, error = %e, "commit failed; batch rolled back");

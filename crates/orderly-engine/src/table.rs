@@ -138,6 +138,14 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Drops every cached entry, to be reloaded from the store (call it
+    /// between batches: anything uncommitted is forgotten).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.dirty.clear();
+        self.deleted.clear();
+    }
 }
 
 impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
@@ -204,6 +212,11 @@ impl IndexGuard {
     /// Records that the indexes were just rebuilt from the store.
     pub fn rebuilt(&mut self) {
         self.stale = false;
+    }
+
+    /// Makes the indexes be rebuilt from the store before next use.
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
     }
 }
 
@@ -304,6 +317,12 @@ impl LedgerTable {
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Drops every cached ledger (between batches), to be reloaded.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.dirty.clear();
     }
 }
 

@@ -50,18 +50,18 @@ impl SimStore {
 
 #[async_trait]
 impl Store for SimStore {
-    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
-        self.inner.get(table, key).await
+    async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+        self.inner.get_versioned(table, key).await
     }
 
-    async fn scan(
+    async fn scan_versioned(
         &self,
         table: &'static str,
         idx: Option<&str>,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<Row>, StoreError> {
-        self.inner.scan(table, idx, after, limit).await
+    ) -> Result<Vec<(Row, u64)>, StoreError> {
+        self.inner.scan_versioned(table, idx, after, limit).await
     }
 
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {

@@ -16,10 +16,12 @@
 
 mod error;
 mod lease;
+mod partitions;
 mod schema;
 mod write;
 
 pub use lease::{LEASE_RETRY, Lease, create_database, drop_database};
+pub use partitions::{MEMBERSHIP_ROUND, RELEASE_DRAIN, share_partitions};
 
 pub use schema::{LOCK_TIMEOUT_MS, SCHEMA_NAME_MAX, STATEMENT_TIMEOUT_MS};
 pub use write::Expect;
@@ -88,18 +90,6 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    /// Reads one document with its version (the number of times it was put).
-    pub async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
-        let found: Option<(String, Option<String>, Vec<u8>, i64)> =
-            sqlx::query_as("SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND key = $2")
-                .bind(table)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_error)?;
-        Ok(found.map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)))
-    }
-
     /// Commits a batch like [`Store::commit`], but only if every document in
     /// `expect` is at the stated version (0: absent) when the batch commits;
     /// otherwise nothing is written and the answer is [`StoreError::Conflict`].
@@ -107,10 +97,9 @@ impl PgStore {
     /// Documents that exist are locked until commit. An expectation of
     /// absence on a document the batch does not put is checked but not
     /// locked (there is no row to lock).
-    pub async fn commit_expecting(&self, batch: Batch, expect: &[Expect]) -> Result<u64, StoreError> {
-        let columns = write::Columns::from_batch(batch)?;
-        let tx = self.pool.begin().await.map_err(store_error)?;
-        write::commit(tx, columns, expect).await
+    pub async fn commit_expecting(&self, mut batch: Batch, expect: &[Expect]) -> Result<u64, StoreError> {
+        batch.expect.extend_from_slice(expect);
+        self.commit(batch).await
     }
 
     /// Deletes inbox entries older than `age`, at most `limit` of them (oldest
@@ -151,25 +140,35 @@ fn decode_outbox(position: i64, event: &[u8]) -> Result<OutboxRecord, StoreError
     Ok(OutboxRecord { position: position as u64, envelope })
 }
 
-type DocRow = (String, Option<String>, Vec<u8>);
+type DocRow = (String, Option<String>, Vec<u8>, i64);
 
 #[async_trait]
 impl Store for PgStore {
-    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
-        Ok(self.get_versioned(table, key).await?.map(|(row, _)| row))
+    async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+        let found: Option<DocRow> =
+            sqlx::query_as("SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND key = $2")
+                .bind(table)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        Ok(found.map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)))
     }
 
-    async fn scan(
+    async fn scan_versioned(
         &self,
         table: &'static str,
         idx: Option<&str>,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<Row>, StoreError> {
+    ) -> Result<Vec<(Row, u64)>, StoreError> {
         let sql = match idx {
-            Some(_) => "SELECT key, idx, doc FROM docs WHERE tbl = $1 AND idx = $2 AND key > $3 ORDER BY key LIMIT $4",
+            Some(_) => {
+                "SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND idx = $2 AND key > $3 \
+                 ORDER BY key LIMIT $4"
+            }
             None => {
-                "SELECT key, idx, doc FROM docs WHERE tbl = $1 AND $2::text IS NULL AND key > $3 \
+                "SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND $2::text IS NULL AND key > $3 \
                      ORDER BY key LIMIT $4"
             }
         };
@@ -181,7 +180,7 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(store_error)?;
-        Ok(rows.into_iter().map(|(key, idx, doc)| Row { table, key, idx, doc }).collect())
+        Ok(rows.into_iter().map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)).collect())
     }
 
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
@@ -195,8 +194,11 @@ impl Store for PgStore {
         Ok(counts.into_iter().map(|(idx, n)| (idx, n as u64)).collect())
     }
 
-    async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
-        self.commit_expecting(batch, &[]).await
+    async fn commit(&self, mut batch: Batch) -> Result<u64, StoreError> {
+        let expect = std::mem::take(&mut batch.expect);
+        let columns = write::Columns::from_batch(batch)?;
+        let tx = self.pool.begin().await.map_err(store_error)?;
+        write::commit(tx, columns, &expect).await
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {

@@ -12,20 +12,11 @@
 //!    head, so writers cannot deadlock through it.
 
 use crate::error::store_error;
-use orderly_engine::ports::{Batch, StoreError};
+use orderly_domain::event::Envelope;
+pub use orderly_engine::ports::Expect;
+use orderly_engine::ports::{Batch, StoreError, version_conflict};
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// A precondition on a document's version, checked inside the commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expect {
-    /// The document's table.
-    pub table: &'static str,
-    /// The document's key.
-    pub key: String,
-    /// The version the document must have: 0 means it must not exist.
-    pub version: u64,
-}
 
 /// A batch laid out as one array per column, deduplicated and sorted.
 #[derive(Debug, Default)]
@@ -36,9 +27,9 @@ pub(crate) struct Columns {
     put_docs: Vec<Vec<u8>>,
     delete_tables: Vec<&'static str>,
     delete_keys: Vec<String>,
-    event_ids: Vec<String>,
-    event_subjects: Vec<String>,
-    event_bodies: Vec<Vec<u8>>,
+    events: Vec<Envelope>,
+    /// The head the events' `emit`ted sequences were numbered after.
+    assumed_head: Option<u64>,
     cursor_producers: Vec<String>,
     cursor_positions: Vec<i64>,
     inbox_ids: Vec<String>,
@@ -63,16 +54,8 @@ impl Columns {
             c.delete_tables.push(table);
             c.delete_keys.push(key);
         }
-        for envelope in batch.outbox {
-            let body = serde_json::to_vec(&envelope).map_err(|e| StoreError::Corrupt {
-                table: "outbox".into(),
-                key: envelope.id.clone(),
-                detail: format!("event does not encode: {e}"),
-            })?;
-            c.event_ids.push(envelope.id);
-            c.event_subjects.push(envelope.subject);
-            c.event_bodies.push(body);
-        }
+        c.events = batch.outbox;
+        c.assumed_head = batch.assumed_head;
         let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
         for (producer, position) in batch.cursors {
             let slot = cursors.entry(producer).or_default();
@@ -97,6 +80,7 @@ pub(crate) async fn commit(
     check_expected(&mut tx, expect).await?;
     let put_versions = upsert_docs(&mut tx, &columns).await?;
     check_put_versions(expect, &put_versions)?;
+    check_deleted(&mut tx, expect, &columns).await?;
     write_rest(&mut tx, &columns).await?;
     let head = append_outbox(&mut tx, &columns).await?;
     tx.commit().await.map_err(store_error)?;
@@ -147,11 +131,22 @@ fn check_put_versions(expect: &[Expect], put_versions: &BTreeMap<(String, String
     Ok(())
 }
 
-fn version_conflict(e: &Expect, actual: u64) -> StoreError {
-    StoreError::Conflict(format!(
-        "document {}/{} is at version {actual}, the batch expected {}",
-        e.table, e.key, e.version
-    ))
+/// A document expected absent that the batch does not put may have been
+/// inserted after [`check_expected`] looked; checked again before commit.
+async fn check_deleted(conn: &mut PgConnection, expect: &[Expect], c: &Columns) -> Result<(), StoreError> {
+    let put: BTreeSet<(&str, &str)> = c.put_tables.iter().copied().zip(c.put_keys.iter().map(String::as_str)).collect();
+    for e in expect.iter().filter(|e| e.version == 0 && !put.contains(&(e.table, e.key.as_str()))) {
+        let found: Option<i64> = sqlx::query_scalar("SELECT version FROM docs WHERE tbl = $1 AND key = $2")
+            .bind(e.table)
+            .bind(&e.key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(store_error)?;
+        if let Some(v) = found {
+            return Err(version_conflict(e, v as u64));
+        }
+    }
+    Ok(())
 }
 
 /// Inserts or replaces the batch's documents, bumping each one's version;
@@ -204,7 +199,9 @@ async fn write_rest(conn: &mut PgConnection, c: &Columns) -> Result<(), StoreErr
         .map_err(store_error)?;
     }
     if !c.inbox_ids.is_empty() {
-        sqlx::query("INSERT INTO inbox (id) SELECT * FROM unnest($1::text[]) ON CONFLICT (id) DO NOTHING")
+        // No ON CONFLICT: an id already there means another replica handled
+        // the event first; the unique violation makes this batch a conflict.
+        sqlx::query("INSERT INTO inbox (id) SELECT * FROM unnest($1::text[])")
             .bind(&c.inbox_ids)
             .execute(&mut *conn)
             .await
@@ -221,27 +218,53 @@ async fn write_rest(conn: &mut PgConnection, c: &Columns) -> Result<(), StoreErr
 /// becomes visible only after position `p` already is: a consumer reading
 /// `position > cursor` can never step over an event still in flight. A
 /// rolled-back batch releases the lock and its update, leaving no hole.
+///
+/// Events `emit`ted with a sequence numbered after the batch's assumed head
+/// are renumbered from the real one: a replica's idea of the head may be
+/// behind another replica's commits, and an event's sequence is its position.
 async fn append_outbox(conn: &mut PgConnection, c: &Columns) -> Result<u64, StoreError> {
-    if c.event_ids.is_empty() {
+    if c.events.is_empty() {
         let head: i64 =
             sqlx::query_scalar("SELECT position FROM outbox_head").fetch_one(&mut *conn).await.map_err(store_error)?;
         return Ok(head as u64);
     }
-    let count = c.event_ids.len() as i64;
+    let count = c.events.len() as i64;
     let head: i64 = sqlx::query_scalar("UPDATE outbox_head SET position = position + $1 RETURNING position")
         .bind(count)
         .fetch_one(&mut *conn)
         .await
         .map_err(store_error)?;
+    let base = (head - count) as u64;
+    let mut ids = Vec::with_capacity(c.events.len());
+    let mut subjects = Vec::with_capacity(c.events.len());
+    let mut bodies = Vec::with_capacity(c.events.len());
+    for (i, event) in c.events.iter().enumerate() {
+        let encoded = match c.assumed_head {
+            Some(assumed) if assumed != base && event.sequence == assumed + i as u64 + 1 => {
+                let mut renumbered = event.clone();
+                renumbered.sequence = base + i as u64 + 1;
+                serde_json::to_vec(&renumbered)
+            }
+            _ => serde_json::to_vec(event),
+        };
+        let body = encoded.map_err(|e| StoreError::Corrupt {
+            table: "outbox".into(),
+            key: event.id.clone(),
+            detail: format!("event does not encode: {e}"),
+        })?;
+        ids.push(event.id.clone());
+        subjects.push(event.subject.clone());
+        bodies.push(body);
+    }
     sqlx::query(
         "INSERT INTO outbox (position, id, subject, event) \
          SELECT $1 + e.n, e.id, e.subject, e.event \
          FROM unnest($2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY AS e(id, subject, event, n)",
     )
     .bind(head - count)
-    .bind(&c.event_ids)
-    .bind(&c.event_subjects)
-    .bind(&c.event_bodies)
+    .bind(&ids)
+    .bind(&subjects)
+    .bind(&bodies)
     .execute(&mut *conn)
     .await
     .map_err(store_error)?;

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use orderly_domain::event::Envelope;
-use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError};
+use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError, check_expectations};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,8 @@ pub const READERS_MAX: usize = 2;
 
 /// The schema, versioned with `PRAGMA user_version`. Each entry migrates from
 /// the previous version; never edit a released entry, append a new one.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE docs (
         tbl TEXT NOT NULL,
         key TEXT NOT NULL,
@@ -34,7 +35,11 @@ const MIGRATIONS: &[&str] = &[r"
     CREATE INDEX outbox_by_subject ON outbox (subject, position);
     CREATE TABLE cursors (producer TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE inbox (id TEXT PRIMARY KEY) WITHOUT ROWID;
-"];
+",
+    r"
+    ALTER TABLE docs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+",
+];
 
 /// How hard a commit is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,9 +124,21 @@ pub fn migrate(conn: &Connection) -> Result<usize, StoreError> {
     Ok(MIGRATIONS.len())
 }
 
-fn row_from(table: &'static str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok(Row { table, key: r.get(0)?, idx: r.get(1)?, doc: r.get(2)? })
+fn row_from(table: &'static str, r: &rusqlite::Row<'_>) -> rusqlite::Result<(Row, u64)> {
+    Ok((Row { table, key: r.get(0)?, idx: r.get(1)?, doc: r.get(2)? }, r.get::<_, i64>(3)? as u64))
 }
+
+/// A batch's expectation failed: rolled back, reported as a conflict.
+#[derive(Debug)]
+struct ExpectFailed(StoreError);
+
+impl std::fmt::Display for ExpectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ExpectFailed {}
 
 fn decode_outbox(position: i64, event: &[u8]) -> Result<OutboxRecord, StoreError> {
     let envelope: Envelope = serde_json::from_slice(event).map_err(|e| StoreError::Corrupt {
@@ -134,8 +151,28 @@ fn decode_outbox(position: i64, event: &[u8]) -> Result<OutboxRecord, StoreError
 
 fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
     let tx = conn.transaction()?;
+    if !batch.expect.is_empty() {
+        let mut version = tx.prepare_cached("SELECT version FROM docs WHERE tbl = ?1 AND key = ?2")?;
+        let mut failed: Option<rusqlite::Error> = None;
+        let checked = check_expectations(&batch.expect, |table, key| {
+            match version.query_row(params![table, key], |r| r.get::<_, i64>(0)).optional() {
+                Ok(v) => v.map(|v| v as u64),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    None
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        checked.map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(ExpectFailed(e))))?;
+    }
     {
-        let mut put = tx.prepare_cached("INSERT OR REPLACE INTO docs (tbl, key, idx, doc) VALUES (?1, ?2, ?3, ?4)")?;
+        let mut put = tx.prepare_cached(
+            "INSERT INTO docs (tbl, key, idx, doc, version) VALUES (?1, ?2, ?3, ?4, 1) \
+             ON CONFLICT (tbl, key) DO UPDATE SET idx = excluded.idx, doc = excluded.doc, version = docs.version + 1",
+        )?;
         for row in &batch.puts {
             put.execute(params![row.table, row.key, row.idx, row.doc])?;
         }
@@ -167,31 +204,32 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn get(&self, table: &'static str, key: &str) -> Result<Option<Row>, StoreError> {
+    async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
         let key = key.to_owned();
         self.read(move |c| {
-            c.prepare_cached("SELECT key, idx, doc FROM docs WHERE tbl = ?1 AND key = ?2")?
+            c.prepare_cached("SELECT key, idx, doc, version FROM docs WHERE tbl = ?1 AND key = ?2")?
                 .query_row(params![table, key], |r| row_from(table, r))
                 .optional()
         })
         .await
     }
 
-    async fn scan(
+    async fn scan_versioned(
         &self,
         table: &'static str,
         idx: Option<&str>,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<Row>, StoreError> {
+    ) -> Result<Vec<(Row, u64)>, StoreError> {
         let (idx, after) = (idx.map(str::to_owned), after.unwrap_or("").to_owned());
         self.read(move |c| {
             let mut stmt = match idx {
                 Some(_) => c.prepare_cached(
-                    "SELECT key, idx, doc FROM docs WHERE tbl = ?1 AND idx = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
+                    "SELECT key, idx, doc, version FROM docs WHERE tbl = ?1 AND idx = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
                 )?,
                 None => c.prepare_cached(
-                    "SELECT key, idx, doc FROM docs WHERE tbl = ?1 AND ?2 IS NULL AND key > ?3 ORDER BY key LIMIT ?4",
+                    "SELECT key, idx, doc, version FROM docs WHERE tbl = ?1 AND ?2 IS NULL AND key > ?3 \
+                     ORDER BY key LIMIT ?4",
                 )?,
             };
             let rows = stmt.query_map(params![table, idx, after, limit], |r| row_from(table, r))?;
@@ -222,6 +260,9 @@ impl Store for SqliteStore {
         .map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
                 StoreError::Conflict(f.to_string())
+            }
+            rusqlite::Error::ToSqlConversionFailure(inner) if inner.is::<ExpectFailed>() => {
+                StoreError::Conflict(inner.to_string())
             }
             other => unavailable(other),
         })

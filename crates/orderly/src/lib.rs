@@ -14,7 +14,11 @@ use anyhow::{Context, Result};
 use orderly_engine::app::Engine;
 use orderly_engine::broker::Topology;
 use orderly_engine::config::Settings;
+use orderly_engine::memory_store::MemoryStore;
+use orderly_engine::partitions::{Ownership, SHAREABLE};
 use orderly_engine::ports::SystemClock;
+use orderly_engine::runtime::Sharing;
+use orderly_engine::versioned::VersionedStore;
 use orderly_http::routes::{AppState, router};
 use orderly_http::{HttpLayers, Idempotency, IdempotencyConfig, KeyRing, Limits, SharedKeyRing};
 use orderly_store_sqlite::Durability;
@@ -46,6 +50,22 @@ pub struct Distributed {
     pub bus_prefix: Option<String>,
     /// Comma-separated services to run (default: all).
     pub services: Option<String>,
+}
+
+/// The services this process shares with other replicas: the shareable
+/// ones it runs, in distributed mode (PostgreSQL and a broker).
+fn shared_services(location: &adapters::StoreLocation, topology: &Topology) -> Vec<&'static str> {
+    let distributed = matches!(location, adapters::StoreLocation::Postgres(_)) && topology.broker.is_some();
+    SHAREABLE.into_iter().filter(|s| distributed && topology.runs(s)).collect()
+}
+
+/// A shared service's sharing, and its store wrapped to version its commits.
+fn sharing(
+    store: Arc<dyn orderly_engine::ports::Store>,
+    ownership: Arc<Ownership>,
+) -> (Sharing, Arc<dyn orderly_engine::ports::Store>) {
+    let versioned = Arc::new(VersionedStore::new(store));
+    (Sharing { ownership, versioned: versioned.clone() }, versioned)
 }
 
 /// The default stream prefix.
@@ -80,7 +100,7 @@ impl Distributed {
             tracing::warn!(error = %e, "NATS streams not ready yet; services start and the outbox buffers until it is");
         }
         tracing::info!(bus = %url, prefix, services = ?services, "distributed mode");
-        Ok(Topology { broker: Some(Arc::new(bus)), services })
+        Ok(Topology { broker: Some(Arc::new(bus)), services, ..Topology::default() })
     }
 }
 
@@ -92,6 +112,17 @@ pub struct Application {
     limits: Limits,
     keys: SharedKeyRing,
     leases: Option<LeaseGuard>,
+    /// Membership in the replicas of shared services (ends when dropped).
+    members: Vec<AbortOnDrop>,
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The leases on the services this process runs, watched: if the session
@@ -107,7 +138,8 @@ const LEASE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 impl LeaseGuard {
     async fn take(url: &str, topology: &Topology) -> Result<LeaseGuard> {
         let mut leases = Vec::new();
-        for name in orderly_engine::engine::SERVICES.into_iter().filter(|s| topology.runs(s)) {
+        let alone = |s: &&str| topology.runs(s) && !topology.sharing.contains_key(*s);
+        for name in orderly_engine::engine::SERVICES.into_iter().filter(alone) {
             let lease = orderly_store_postgres::Lease::acquire(url, name, || {
                 println!("standby: waiting for the {name} lease (another replica runs {name})");
                 tracing::warn!(service = name, "standby: another replica holds the lease; waiting to take over");
@@ -159,12 +191,32 @@ impl Application {
             );
         }
         let location = adapters::StoreLocation::from_args(options.store.as_deref(), &options.data_dir)?;
-        let topology = dist.topology(&location).await?;
+        let mut topology = dist.topology(&location).await?;
+        let shared = shared_services(&location, &topology);
+        // Placeholders until the stores are open: the leases skip these.
+        for name in &shared {
+            let placeholder: Arc<dyn orderly_engine::ports::Store> = Arc::new(MemoryStore::new());
+            topology.sharing.insert(name, sharing(placeholder, Arc::new(Ownership::shared())).0);
+        }
         let leases = match &location {
             adapters::StoreLocation::Postgres(url) => Some(LeaseGuard::take(url, &topology).await?),
             adapters::StoreLocation::Sqlite(_) => None,
         };
-        let (adapters, api_store) = location.open_for(options.durability, &topology).await?;
+        let (mut adapters, api_store) = location.open_for(options.durability, &topology).await?;
+        let mut members = Vec::new();
+        if let (adapters::StoreLocation::Postgres(url), Some(broker)) = (&location, topology.broker.clone()) {
+            for name in shared {
+                let ownership = Arc::new(Ownership::shared());
+                let (share, store) = sharing(adapters.stores[name].clone(), ownership.clone());
+                adapters.stores.insert(name, store);
+                topology.sharing.insert(name, share);
+                let task = orderly_store_postgres::share_partitions(url, name, broker.partitions(), ownership)
+                    .await
+                    .with_context(|| format!("cannot join the {name} replicas"))?;
+                tracing::info!(service = name, "sharing the work with any other replica of {name}");
+                members.push(AbortOnDrop(task));
+            }
+        }
         let carriers = adapters::carriers(&settings)?;
         let notifier = adapters::notifier(&settings)?;
         let rates = match &settings.carriers.rates_dir {
@@ -189,7 +241,7 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
-        Ok(Application { engine, listener, app, limits, keys, leases })
+        Ok(Application { engine, listener, app, limits, keys, leases, members })
     }
 
     /// The bound address.
@@ -220,6 +272,7 @@ impl Application {
         println!("listening on {addr}");
         let served = orderly_http::serve(self.listener, self.app, &self.limits, shutdown).await;
         self.engine.shutdown().await;
+        drop(self.members);
         drop(self.leases);
         served.context("HTTP server failed")
     }

@@ -274,6 +274,7 @@ impl Inventory {
         if !self.indexes.is_stale() {
             return Ok(());
         }
+        self.locations.load_all(store).await?;
         self.holds.load_all(store).await?;
         self.expiries = self.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
         self.indexes.rebuilt();
@@ -483,7 +484,8 @@ impl Inventory {
         location: &LocationId,
         cmd: LedgerCommand,
     ) -> Result<InventorySnapshot, ApiError> {
-        if self.locations.get(location.as_str()).is_none() {
+        // A miss is checked in the store: another replica may have just created it.
+        if !self.locations.load(tx.store(), location.as_str()).await? {
             return Err(ApiError::invalid(
                 "unknown-location",
                 format!("location {location} does not exist; create it with PUT /v1/locations/{location}"),
@@ -580,7 +582,7 @@ impl Inventory {
         location: Option<LocationId>,
     ) -> Result<HoldInfo, ApiError> {
         if let Some(l) = &location
-            && self.locations.get(l.as_str()).is_none()
+            && !self.locations.load(tx.store(), l.as_str()).await?
         {
             return Err(ApiError::invalid("unknown-location", format!("location {l} does not exist")));
         }
@@ -943,6 +945,11 @@ impl Service for Inventory {
         }
         match cmd {
             Command::PutLocation { location, reply } => {
+                // Read first: a replica replaces the stored row, not its stale copy.
+                if let Err(e) = self.locations.load(tx.store(), location.id.as_str()).await {
+                    tx.reply(reply, Err(e.into()));
+                    return;
+                }
                 self.locations.insert(location.id.as_str().to_owned(), location.clone());
                 tx.reply(reply, Ok(location));
             }
@@ -1080,6 +1087,17 @@ impl Service for Inventory {
             &mut self.early_picks,
             &mut self.indexes,
         ]
+    }
+
+    /// Ledgers, holds and locations are written by every replica (the API
+    /// goes to any); orders by the owner of their partition, which moves.
+    fn drop_shared(&mut self) {
+        self.ledgers.clear();
+        self.orders.clear();
+        self.holds.clear();
+        self.request_keys.clear();
+        self.locations.clear();
+        self.indexes.mark_stale();
     }
 }
 

@@ -569,4 +569,12 @@ impl Service for Picking {
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.tasks, &mut self.line_picks, &mut self.indexes]
     }
+
+    /// Tasks are popped, confirmed and timed out through any replica; the
+    /// queues are rebuilt from the store's open tasks.
+    fn drop_shared(&mut self) {
+        self.tasks.clear();
+        self.line_picks.clear();
+        self.indexes.mark_stale();
+    }
 }
