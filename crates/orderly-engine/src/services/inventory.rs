@@ -1096,6 +1096,7 @@ impl Service for Inventory {
         self.orders.clear();
         self.holds.clear();
         self.request_keys.clear();
+        self.early_picks.clear();
         self.locations.clear();
         self.indexes.mark_stale();
     }
