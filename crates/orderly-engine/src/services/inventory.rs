@@ -14,7 +14,7 @@ use crate::events::{
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{IndexGuard, LedgerTable, Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, IndexGuard, LEDGER_CACHE_MAX, LedgerTable, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -34,22 +34,6 @@ pub const ORDER_LINES_MAX: usize = 100;
 pub const REQUEST_KEYS: &str = "request_keys";
 /// Request keys kept in memory beyond what the store holds.
 const REQUEST_KEY_CACHE_MAX: usize = 10_000;
-/// Most picks of one order that may wait for inventory to hear of the order.
-pub const EARLY_PICKS_PER_ORDER_MAX: usize = 64;
-
-/// A pick confirmation (or short) that reached inventory before the order's
-/// `order.created` did: the two come from different producers, so a
-/// redelivery (a crash of the process running inventory and orders, the
-/// broker handing the unacknowledged `order.created` out again only after
-/// its ack wait) can bring the pick first. Table `early_picks`, keyed by
-/// order: applied right after the order's reservations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EarlyPick {
-    /// The pick.
-    pub pick: PickData,
-    /// A short pick rather than a confirmation.
-    pub short: bool,
-}
 
 /// The answer a request key got (table [`REQUEST_KEYS`]), stored in the same
 /// commit as the stock change it made, so a retry whose first answer was lost
@@ -75,6 +59,17 @@ pub struct OrderRecord {
     /// back on the shelf (less what shipped) if the order is canceled.
     #[serde(default)]
     pub picked: Vec<(LineId, LocationId, Qty)>,
+}
+
+impl OrderRecord {
+    /// Every unit of every line picked: only a cancel or a return still
+    /// needs the record (and reloads it).
+    fn fully_picked(&self) -> bool {
+        self.lines.iter().all(|(line, _, qty)| {
+            self.picked.iter().filter(|(l, _, _)| l == line).map(|(_, _, q)| u64::from(*q)).sum::<u64>()
+                >= u64::from(*qty)
+        })
+    }
 }
 
 /// Where a hold lives.
@@ -235,7 +230,6 @@ pub struct Inventory {
     orders: Table<OrderRecord>,
     holds: Table<HoldRef>,
     request_keys: Table<KeyedRequest>,
-    early_picks: Table<Vec<EarlyPick>>,
     expiries: BTreeSet<(Timestamp, Sku)>,
     indexes: IndexGuard,
 }
@@ -252,12 +246,11 @@ impl Inventory {
             cfg,
             hold_ttl_ms,
             hold_jitter_ms,
-            ledgers: LedgerTable::new(50_000),
-            locations: Table::new("locations", usize::MAX, |_| None),
-            orders: Table::new("orders", 200_000, |_| None),
-            holds: Table::new("holds", usize::MAX, |_| None),
+            ledgers: LedgerTable::new(LEDGER_CACHE_MAX),
+            locations: Table::whole("locations", |_| None),
+            orders: Table::new("orders", CACHE_ENTRIES_MAX, |_| None).settled_when(OrderRecord::fully_picked),
+            holds: Table::whole("holds", |_| None),
             request_keys: Table::new(REQUEST_KEYS, REQUEST_KEY_CACHE_MAX, |_| None),
-            early_picks: Table::new("early_picks", 10_000, |_| None),
             expiries: BTreeSet::new(),
             indexes: IndexGuard::unbuilt(),
         };
@@ -684,7 +677,6 @@ impl Inventory {
         let hold_skus: Vec<Sku> = ev.hold_ids.iter().filter_map(|h| self.holds.get(h).map(|r| r.sku.clone())).collect();
         let skus = ev.lines.iter().map(|l| l.sku.clone()).chain(hold_skus).collect();
         self.load_ledgers(tx.store(), skus).await?;
-        self.early_picks.load(tx.store(), ev.order_id.as_str()).await?;
         let mut out = Outcome::default();
         let mut remaining: BTreeMap<LineId, Qty> = ev.lines.iter().map(|l| (l.line_id.clone(), l.qty)).collect();
         for hold_id in &ev.hold_ids {
@@ -707,12 +699,6 @@ impl Inventory {
             picked: Vec::new(),
         };
         self.orders.insert(ev.order_id.as_str().to_owned(), record);
-        if let Some(early) = self.early_picks.remove(ev.order_id.as_str()) {
-            for e in early {
-                tracing::info!(order_id = %ev.order_id, pick_id = %e.pick.pick_id, "applying a pick that came before its order");
-                self.apply_pick(tx, &e.pick, e.short, &mut out);
-            }
-        }
         self.flush(tx, out);
         Ok(())
     }
@@ -839,32 +825,12 @@ impl Inventory {
     }
 
     async fn on_pick(&mut self, tx: &mut Tx, pick: PickData, short: bool) -> Result<(), EventError> {
-        self.load_ledgers(tx.store(), vec![pick.sku.clone()]).await?;
         if !self.orders.load(tx.store(), pick.order_id.as_str()).await? {
-            // The pick overtook its order's creation: it waits for it.
-            self.early_picks.load(tx.store(), pick.order_id.as_str()).await?;
-            let mut early = self.early_picks.get(pick.order_id.as_str()).cloned().unwrap_or_default();
-            if early.len() >= EARLY_PICKS_PER_ORDER_MAX {
-                return Err(EventError::Poison(format!(
-                    "more than {EARLY_PICKS_PER_ORDER_MAX} picks of order {} before inventory heard of it",
-                    pick.order_id
-                )));
-            }
-            tracing::info!(order_id = %pick.order_id, pick_id = %pick.pick_id, "a pick came before its order; it waits for it");
-            let order_id = pick.order_id.as_str().to_owned();
-            early.push(EarlyPick { pick, short });
-            self.early_picks.insert(order_id, early);
-            return Ok(());
+            // Its order.created (and the line's reservation) is still on the way.
+            return Err(EventError::Early(format!("pick of order {} before the order", pick.order_id)));
         }
+        self.load_ledgers(tx.store(), vec![pick.sku.clone()]).await?;
         let mut out = Outcome::default();
-        self.apply_pick(tx, &pick, short, &mut out);
-        self.flush(tx, out);
-        Ok(())
-    }
-
-    /// Applies a pick confirmation or short to the ledger (the pick's SKU
-    /// and order record loaded), backordering what a short leaves missing.
-    fn apply_pick(&mut self, tx: &mut Tx, pick: &PickData, short: bool, out: &mut Outcome) {
         let cmd = if short {
             LedgerCommand::Short {
                 line: pick.line_id.clone(),
@@ -882,7 +848,7 @@ impl Inventory {
                 instruction_key: pick.instruction_key.clone(),
             }
         };
-        match self.exec(&pick.sku, &cmd, out) {
+        match self.exec(&pick.sku, &cmd, &mut out) {
             Ok(evs) => {
                 self.record_picked(&pick.order_id, &evs);
                 let missing: u64 = evs
@@ -894,8 +860,8 @@ impl Inventory {
                     if let Some(zone) = zone {
                         let line =
                             RouteLine { line_id: pick.line_id.clone(), sku: pick.sku.clone(), qty: missing as Qty };
-                        let unfilled = self.route_and_reserve(&pick.order_id, &zone, &[line], out);
-                        self.backorder(&pick.order_id, unfilled, tx.now, out);
+                        let unfilled = self.route_and_reserve(&pick.order_id, &zone, &[line], &mut out);
+                        self.backorder(&pick.order_id, unfilled, tx.now, &mut out);
                     }
                 }
             }
@@ -904,6 +870,8 @@ impl Inventory {
                 tracing::warn!(order_id = %pick.order_id, pick_id = %pick.pick_id, error = %e, "pick not applied to the ledger");
             }
         }
+        self.flush(tx, out);
+        Ok(())
     }
 
     async fn on_returned(&mut self, tx: &mut Tx, ev: events::OrderReturned) -> Result<(), EventError> {
@@ -1084,7 +1052,6 @@ impl Service for Inventory {
             &mut self.orders,
             &mut self.holds,
             &mut self.request_keys,
-            &mut self.early_picks,
             &mut self.indexes,
         ]
     }
@@ -1096,7 +1063,6 @@ impl Service for Inventory {
         self.orders.clear();
         self.holds.clear();
         self.request_keys.clear();
-        self.early_picks.clear();
         self.locations.clear();
         self.indexes.mark_stale();
     }
