@@ -147,6 +147,11 @@ pub enum EventError {
     /// Will never succeed as it is: dead-letter it at once.
     #[error("poison: {0}")]
     Poison(String),
+    /// Came before an event it depends on, from another producer (a pick of
+    /// an order this consumer has not heard of yet): retried with backoff
+    /// until that event is consumed, and never dead-lettered.
+    #[error("early: {0}")]
+    Early(String),
 }
 
 impl From<StoreError> for EventError {
@@ -549,8 +554,9 @@ fn handle_failure(
     *attempts += 1;
     let ctx = tx.ctx.clone();
     let poison = matches!(error, EventError::Poison(_));
+    let early = matches!(error, EventError::Early(_));
     ctx.metrics.inc("orderly_events_failed_total", &[("consumer", ctx.service)], 1);
-    if poison || *attempts >= ctx.max_attempts {
+    if poison || (*attempts >= ctx.max_attempts && !early) {
         let letter = DeadLetter {
             id: env.id.clone(),
             consumer: ctx.service.to_owned(),
@@ -598,7 +604,9 @@ async fn commit<S: Service>(
     if tx.batch.is_empty() && staged.is_ok() {
         // Nothing to make durable: the events polled were all filtered out or
         // duplicates. A broker must still hear they are done, or it
-        // redelivers them for ever.
+        // redelivers them for ever. The tables settle too: a table without
+        // rows (a due queue) changed, and a later failed batch must not undo it.
+        service.tables().into_iter().for_each(|t| t.committed());
         for (i, upto) in marks {
             sources[*i].committed(*upto);
         }
@@ -647,5 +655,161 @@ async fn commit<S: Service>(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{OutboxSource, Publisher};
+    use crate::memory_store::MemoryStore;
+    use crate::ports::SeededRng;
+    use std::sync::Mutex;
+
+    /// Time that moves only when a test moves it.
+    #[derive(Default)]
+    struct ManualClock(Mutex<i64>);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Timestamp {
+            Timestamp(*self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+    }
+
+    impl ManualClock {
+        fn advance(&self, ms: i64) {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) += ms;
+        }
+    }
+
+    /// A table without rows that counts how often it was settled.
+    #[derive(Default)]
+    struct Settles {
+        committed: u32,
+        rolled_back: u32,
+    }
+
+    impl Staged for Settles {
+        fn stage(&mut self, _batch: &mut Batch) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn rollback(&mut self) {
+            self.rolled_back += 1;
+        }
+        fn committed(&mut self) {
+            self.committed += 1;
+        }
+    }
+
+    /// A consumer that finds every event early until a command says its
+    /// dependency arrived.
+    #[derive(Default)]
+    struct Waiting {
+        ready: bool,
+        applied: Vec<String>,
+        settles: Settles,
+    }
+
+    impl Service for Waiting {
+        type Command = bool;
+
+        async fn on_command(&mut self, _tx: &mut Tx, ready: bool) {
+            self.ready = ready;
+        }
+
+        async fn on_event(&mut self, _tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
+            if !self.ready {
+                return Err(EventError::Early(format!("{} before its order", event.id)));
+            }
+            self.applied.push(event.id.clone());
+            Ok(())
+        }
+
+        async fn on_tick(&mut self, _tx: &mut Tx) {}
+
+        fn next_deadline(&self) -> Option<Timestamp> {
+            None
+        }
+
+        fn tables(&mut self) -> Vec<&mut dyn Staged> {
+            vec![&mut self.settles]
+        }
+    }
+
+    const MAX_ATTEMPTS: u32 = 3;
+
+    /// A `Waiting` consumer of a producer whose outbox holds one pick event.
+    async fn consumer() -> (Driver<Waiting>, Arc<ManualClock>, Arc<MemoryStore>) {
+        let producer = Arc::new(MemoryStore::new());
+        let pick = Envelope::new(
+            "ev-1".to_owned(),
+            "/orderly/picking",
+            EventType::PickCompleted,
+            "o-1",
+            Timestamp(0),
+            1,
+            serde_json::json!({}),
+        );
+        let head = producer.commit(Batch { outbox: vec![pick], ..Batch::default() }).await.expect("commit");
+        let source = OutboxSource::new("picking", producer, Publisher::new(head), 0, |_| true);
+        let clock = Arc::new(ManualClock::default());
+        let store = Arc::new(MemoryStore::new());
+        let ctx = Arc::new(Ctx {
+            service: "inventory",
+            source: "/orderly/inventory".to_owned(),
+            clock: clock.clone(),
+            rng: Arc::new(SeededRng::new(7)),
+            store: store.clone(),
+            metrics: Arc::new(Metrics::default()),
+            max_attempts: MAX_ATTEMPTS,
+        });
+        let driver = Driver::new(Waiting::default(), ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
+        (driver, clock, store)
+    }
+
+    #[tokio::test]
+    async fn an_early_event_is_retried_past_max_attempts_never_dead_lettered_and_applies_once_it_can() {
+        let (mut driver, clock, store) = consumer().await;
+        for _ in 0..4 * MAX_ATTEMPTS {
+            clock.advance(5_000);
+            driver.step(Vec::new(), Vec::new()).await;
+        }
+        let retries = driver.ctx().metrics.counter_total("orderly_event_retries_total");
+        assert_eq!(retries, u64::from(4 * MAX_ATTEMPTS), "every step retried it");
+        assert!(store.scan(DEAD_LETTERS, None, None, 10).await.expect("scan").is_empty(), "never dead-lettered");
+        assert!(driver.service().applied.is_empty());
+        clock.advance(5_000);
+        driver.step(vec![true], Vec::new()).await;
+        assert_eq!(driver.service().applied, vec!["ev-1".to_owned()]);
+        clock.advance(5_000);
+        driver.step(Vec::new(), Vec::new()).await;
+        assert_eq!(driver.service().applied.len(), 1, "applied once; the cursor moved past it");
+        assert!(store.scan(DEAD_LETTERS, None, None, 10).await.expect("scan").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_early_event_is_held_off_but_never_longer_than_5_s() {
+        let (mut driver, clock, _store) = consumer().await;
+        let retries = |d: &Driver<Waiting>| d.ctx().metrics.counter_total("orderly_event_retries_total");
+        driver.step(Vec::new(), Vec::new()).await;
+        assert_eq!(retries(&driver), 1);
+        // Right after a failure the producer is held off (at least 25 ms).
+        clock.advance(1);
+        driver.step(Vec::new(), Vec::new()).await;
+        assert_eq!(retries(&driver), 1, "held off by its backoff");
+        // However many tries it took, the next one is at most 5 s away.
+        for attempt in 2..=20 {
+            clock.advance(5_000);
+            driver.step(Vec::new(), Vec::new()).await;
+            assert_eq!(retries(&driver), attempt, "attempt {attempt} came within 5 s");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_nothing_to_commit_still_settles_the_tables() {
+        let (mut driver, _clock, _store) = consumer().await;
+        driver.step(vec![false], Vec::new()).await; // a command, an early event: nothing durable
+        assert_eq!(driver.service().settles.committed, 1, "settled although nothing was committed");
+        assert_eq!(driver.service().settles.rolled_back, 0);
     }
 }

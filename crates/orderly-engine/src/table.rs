@@ -5,12 +5,44 @@
 //! fails. Over capacity, the least recently loaded or changed entries are
 //! evicted, so what a flow is working on (a new order awaiting its
 //! allocation) stays cached.
+//!
+//! Memory stays bounded however long the engine runs: a table's entries
+//! that are *settled* (a delivered order, a completed pick, a sent
+//! notification: rows that will rarely be touched again) leave the cache as
+//! soon as the batch that settled them (or loaded them) commits, and the
+//! rest are capped at [`CACHE_ENTRIES_MAX`]. Evicted rows stay in the store
+//! and are reloaded on demand. Only tables a service keeps whole in memory
+//! (built with [`Table::whole`]) are never evicted.
 
 use crate::ports::{Batch, Row, Store, StoreError};
 use orderly_domain::ledger::{LedgerCore, LedgerPiece, SkuLedger};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Most entries a service's table cache keeps once a batch commits (what
+/// a batch works on stays cached until it commits, whatever its size).
+pub const CACHE_ENTRIES_MAX: usize = 20_000;
+/// Most SKU ledgers the inventory service keeps cached (least recently used
+/// evicted first, so a hot SKU's large ledger stays).
+pub const LEDGER_CACHE_MAX: usize = 10_000;
+
+/// A process-wide cap below every table's own capacity (see [`limit_cache_entries`]).
+static CACHE_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Caps every bounded table and ledger cache of this process at `n` entries
+/// (at least 1) from their next commit on. For tests: a cache must never
+/// change a result, so a run with tiny caches (every entry reloaded from
+/// the store again and again) must end exactly like one with large caches.
+pub fn limit_cache_entries(n: usize) {
+    CACHE_LIMIT.store(n.max(1), Ordering::Relaxed);
+}
+
+/// The capacity in force for a cache built with `capacity`.
+fn effective(capacity: usize) -> usize {
+    capacity.min(CACHE_LIMIT.load(Ordering::Relaxed))
+}
 
 /// What a service's tables have in common, so the runtime can stage, roll
 /// back and settle all of them after a batch.
@@ -31,14 +63,31 @@ pub struct Table<T> {
     clock: u64,
     dirty: HashSet<String>,
     deleted: HashSet<String>,
-    capacity: usize,
+    /// Most clean entries kept; `None` for a table kept whole in memory.
+    capacity: Option<usize>,
     index: fn(&T) -> Option<String>,
+    /// Entries for which this is true are evicted once their batch commits.
+    settled: Option<fn(&T) -> bool>,
+    /// Settled entries loaded (not changed) in the current batch.
+    loaded_settled: Vec<String>,
 }
 
 impl<T: Serialize + DeserializeOwned + Send> Table<T> {
-    /// A table cache holding at most about `capacity` clean entries; `index`
-    /// gives each document's secondary index value.
+    /// A table cache holding at most about `capacity` clean entries (and never
+    /// more than [`CACHE_ENTRIES_MAX`]); `index` gives each document's
+    /// secondary index value.
     pub fn new(name: &'static str, capacity: usize, index: fn(&T) -> Option<String>) -> Table<T> {
+        Table::with_capacity(name, Some(capacity.min(CACHE_ENTRIES_MAX)), index)
+    }
+
+    /// A table the service keeps whole in memory ([`Table::load_all`] at
+    /// startup; small by nature, like locations): never evicted, so
+    /// [`Table::iter`] sees every row.
+    pub fn whole(name: &'static str, index: fn(&T) -> Option<String>) -> Table<T> {
+        Table::with_capacity(name, None, index)
+    }
+
+    fn with_capacity(name: &'static str, capacity: Option<usize>, index: fn(&T) -> Option<String>) -> Table<T> {
         Table {
             name,
             entries: HashMap::new(),
@@ -47,7 +96,19 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
             deleted: HashSet::new(),
             capacity,
             index,
+            settled: None,
+            loaded_settled: Vec::new(),
         }
+    }
+
+    /// Evicts an entry as soon as the batch that changed or loaded it
+    /// commits when `settled` says the row is done with (a terminal state):
+    /// it stays in the store and is reloaded if it is ever needed again.
+    pub fn settled_when(mut self, settled: fn(&T) -> bool) -> Table<T> {
+        if self.capacity.is_some() {
+            self.settled = Some(settled);
+        }
+        self
     }
 
     /// The table's name.
@@ -66,6 +127,9 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         match store.get(self.name, key).await? {
             Some(row) => {
                 let value = decode(self.name, &row)?;
+                if self.settled.is_some_and(|settled| settled(&value)) {
+                    self.loaded_settled.push(row.key.clone());
+                }
                 self.clock += 1;
                 self.entries.insert(row.key, (value, self.clock));
                 Ok(true)
@@ -145,6 +209,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         self.entries.clear();
         self.dirty.clear();
         self.deleted.clear();
+        self.loaded_settled.clear();
     }
 }
 
@@ -170,19 +235,36 @@ impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
             self.entries.remove(&key);
         }
         self.deleted.clear();
+        self.evict_settled(Vec::new());
     }
 
     fn committed(&mut self) {
-        self.dirty.clear();
+        let changed: Vec<String> = self.dirty.drain().collect();
         self.deleted.clear();
-        if self.entries.len() > self.capacity {
+        self.evict_settled(changed);
+        let Some(capacity) = self.capacity.map(effective) else { return };
+        if self.entries.len() > capacity {
             // Evict the least recently used entries down to 90% of capacity
             // (all clean now): the store has them, and a later miss reloads them.
-            let excess = self.entries.len() - self.capacity * 9 / 10;
+            let excess = self.entries.len() - capacity * 9 / 10;
             let mut by_age: Vec<(u64, &String)> = self.entries.iter().map(|(key, (_, used))| (*used, key)).collect();
             by_age.select_nth_unstable(excess - 1);
             let victims: Vec<String> = by_age[..excess].iter().map(|(_, key)| (*key).clone()).collect();
             for key in victims {
+                self.entries.remove(&key);
+            }
+        }
+    }
+}
+
+impl<T> Table<T> {
+    /// Drops the settled entries among those the batch just changed
+    /// (`changed`, all clean now) or loaded: the store has them.
+    fn evict_settled(&mut self, changed: Vec<String>) {
+        let loaded = std::mem::take(&mut self.loaded_settled);
+        let Some(settled) = self.settled else { return };
+        for key in changed.into_iter().chain(loaded) {
+            if self.entries.get(&key).is_some_and(|(value, _)| settled(value)) {
                 self.entries.remove(&key);
             }
         }
@@ -250,22 +332,34 @@ const PIECES_PAGE: u32 = 2000;
 /// A cache of SKU ledgers stored incrementally: each commit writes a
 /// ledger's small core document plus only the pieces (lines, holds,
 /// backorders, done keys) that changed, so the cost of a batch does not grow
-/// with a hot SKU's backorder queue. Same contract as [`Table`].
+/// with a hot SKU's backorder queue. Same contract as [`Table`]; over
+/// capacity the least recently used ledgers are evicted first, so a hot
+/// SKU's (large, costly to reload) ledger stays.
 pub struct LedgerTable {
-    entries: HashMap<String, SkuLedger>,
+    /// Each ledger with when it was last loaded or changed (a logical clock).
+    entries: HashMap<String, (SkuLedger, u64)>,
+    clock: u64,
     dirty: HashSet<String>,
     capacity: usize,
 }
 
 impl LedgerTable {
-    /// A cache holding at most about `capacity` clean ledgers.
+    /// A cache holding at most about `capacity` clean ledgers (and never
+    /// more than [`LEDGER_CACHE_MAX`]).
     pub fn new(capacity: usize) -> LedgerTable {
-        LedgerTable { entries: HashMap::new(), dirty: HashSet::new(), capacity }
+        LedgerTable {
+            entries: HashMap::new(),
+            clock: 0,
+            dirty: HashSet::new(),
+            capacity: capacity.min(LEDGER_CACHE_MAX),
+        }
     }
 
     /// Makes sure the ledger of `sku` is cached if it exists; returns whether it exists.
     pub async fn load(&mut self, store: &dyn Store, sku: &str) -> Result<bool, StoreError> {
-        if self.entries.contains_key(sku) {
+        self.clock += 1;
+        if let Some((_, used)) = self.entries.get_mut(sku) {
+            *used = self.clock;
             return Ok(true);
         }
         match read_ledger(store, sku).await? {
@@ -275,7 +369,7 @@ impl LedgerTable {
                     ledger.mark_all_changed();
                     self.dirty.insert(sku.to_owned());
                 }
-                self.entries.insert(sku.to_owned(), ledger);
+                self.entries.insert(sku.to_owned(), (ledger, self.clock));
                 Ok(true)
             }
             None => Ok(false),
@@ -284,12 +378,14 @@ impl LedgerTable {
 
     /// A cached ledger (call [`LedgerTable::load`] first).
     pub fn get(&self, sku: &str) -> Option<&SkuLedger> {
-        self.entries.get(sku)
+        self.entries.get(sku).map(|(ledger, _)| ledger)
     }
 
     /// A cached ledger, to change; marks it changed.
     pub fn get_mut(&mut self, sku: &str) -> Option<&mut SkuLedger> {
-        let value = self.entries.get_mut(sku)?;
+        let (value, used) = self.entries.get_mut(sku)?;
+        self.clock += 1;
+        *used = self.clock;
         if !self.dirty.contains(sku) {
             self.dirty.insert(sku.to_owned());
         }
@@ -301,12 +397,13 @@ impl LedgerTable {
     pub fn insert(&mut self, sku: String, mut ledger: SkuLedger) {
         ledger.mark_all_changed();
         self.dirty.insert(sku.clone());
-        self.entries.insert(sku, ledger);
+        self.clock += 1;
+        self.entries.insert(sku, (ledger, self.clock));
     }
 
     /// Every cached ledger.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &SkuLedger)> {
-        self.entries.iter()
+        self.entries.iter().map(|(sku, (ledger, _))| (sku, ledger))
     }
 
     /// Number of cached ledgers.
@@ -329,7 +426,7 @@ impl LedgerTable {
 impl Staged for LedgerTable {
     fn stage(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
         for sku in &self.dirty {
-            let Some(ledger) = self.entries.get_mut(sku) else { continue };
+            let Some((ledger, _)) = self.entries.get_mut(sku) else { continue };
             for key in ledger.take_changes() {
                 let row_key = format!("{sku}/{}", key.encode());
                 match ledger.piece(&key) {
@@ -356,9 +453,13 @@ impl Staged for LedgerTable {
 
     fn committed(&mut self) {
         self.dirty.clear();
-        if self.entries.len() > self.capacity {
-            let excess = self.entries.len() - self.capacity * 9 / 10;
-            let victims: Vec<String> = self.entries.keys().take(excess).cloned().collect();
+        let capacity = effective(self.capacity);
+        if self.entries.len() > capacity {
+            // The least recently used ledgers go, down to 90% of capacity.
+            let excess = self.entries.len() - capacity * 9 / 10;
+            let mut by_age: Vec<(u64, &String)> = self.entries.iter().map(|(sku, (_, used))| (*used, sku)).collect();
+            by_age.select_nth_unstable(excess - 1);
+            let victims: Vec<String> = by_age[..excess].iter().map(|(_, sku)| (*sku).clone()).collect();
             for sku in victims {
                 self.entries.remove(&sku);
             }
@@ -405,9 +506,8 @@ pub async fn read_ledger(store: &dyn Store, sku: &str) -> Result<Option<StoredLe
     Ok(Some(StoredLedger { ledger, whole: false }))
 }
 
-/// Reads every ledger of an inventory store, in SKU order (for checks after a
-/// run: the benchmark, the simulator, reconciliation).
-pub async fn read_all_ledgers(store: &dyn Store) -> Result<Vec<SkuLedger>, StoreError> {
+/// The SKU of every ledger of an inventory store, in order.
+pub async fn ledger_skus(store: &dyn Store) -> Result<Vec<String>, StoreError> {
     let mut skus = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -416,9 +516,16 @@ pub async fn read_all_ledgers(store: &dyn Store) -> Result<Vec<SkuLedger>, Store
         after = rows.last().map(|r| r.key.clone());
         skus.extend(rows.into_iter().map(|r| r.key));
         if done {
-            break;
+            return Ok(skus);
         }
     }
+}
+
+/// Reads every ledger of an inventory store, in SKU order (for checks after a
+/// run: the simulator, reconciliation). A check over a store with large
+/// ledgers reads them one at a time instead ([`ledger_skus`], [`read_ledger`]).
+pub async fn read_all_ledgers(store: &dyn Store) -> Result<Vec<SkuLedger>, StoreError> {
+    let skus = ledger_skus(store).await?;
     let mut out = Vec::with_capacity(skus.len());
     for sku in skus {
         if let Some(stored) = read_ledger(store, &sku).await? {
@@ -470,5 +577,96 @@ mod tests {
         }
         assert!(table.load(&store, "k01").await.expect("load"), "an evicted entry reloads from the store");
         assert_eq!(table.get("k00"), Some(&100));
+    }
+
+    async fn commit(store: &MemoryStore, table: &mut dyn Staged) {
+        let mut batch = Batch::default();
+        table.stage(&mut batch).expect("stage");
+        store.commit(batch).await.expect("commit");
+        table.committed();
+    }
+
+    /// An order-like row: settled once `done`.
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Doc {
+        n: u32,
+        done: bool,
+    }
+
+    #[tokio::test]
+    async fn settled_entries_leave_the_cache_when_their_batch_commits_and_reload_on_demand() {
+        let store = MemoryStore::new();
+        let mut table: Table<Doc> = Table::new("things", 100, |_| None).settled_when(|r| r.done);
+        table.insert("open".into(), Doc { n: 1, done: false });
+        table.insert("born-done".into(), Doc { n: 2, done: true });
+        commit(&store, &mut table).await;
+        assert!(table.get("open").is_some(), "an unsettled entry stays cached");
+        assert!(table.get("born-done").is_none(), "a settled entry leaves at its commit");
+
+        // Settling an entry evicts it once its batch commits.
+        table.get_mut("open").expect("cached").done = true;
+        assert!(table.get("open").is_some(), "still cached until the batch commits");
+        commit(&store, &mut table).await;
+        assert!(table.get("open").is_none(), "settled, so evicted");
+
+        // Loading a settled row (to answer a read) does not keep it either.
+        assert!(table.load(&store, "open").await.expect("load"), "an evicted entry reloads from the store");
+        assert_eq!(table.get("open"), Some(&Doc { n: 1, done: true }));
+        commit(&store, &mut table).await;
+        assert!(table.get("open").is_none(), "a settled row loaded by a batch leaves with it");
+
+        // Reopened (settled → unsettled) in a batch: it stays.
+        assert!(table.load(&store, "open").await.expect("load"));
+        table.get_mut("open").expect("cached").done = false;
+        commit(&store, &mut table).await;
+        assert_eq!(table.get("open"), Some(&Doc { n: 1, done: false }), "no longer settled: cached");
+        assert_eq!(table.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_bounded_table_is_capped_and_a_whole_table_is_never_evicted() {
+        let store = MemoryStore::new();
+        let mut bounded: Table<u32> = Table::new("bounded", usize::MAX, |_| None);
+        let mut whole: Table<u32> = Table::whole("whole", |_| None);
+        let n = CACHE_ENTRIES_MAX as u32 + 10;
+        for i in 0..n {
+            bounded.insert(format!("k{i}"), i);
+            whole.insert(format!("k{i}"), i);
+        }
+        assert_eq!(bounded.len(), n as usize, "what a batch works on stays until it commits");
+        commit(&store, &mut bounded).await;
+        commit(&store, &mut whole).await;
+        assert!(bounded.len() <= CACHE_ENTRIES_MAX, "{} entries cached", bounded.len());
+        assert!(bounded.get(&format!("k{}", n - 1)).is_some(), "the newest entries stay");
+        assert_eq!(whole.len(), n as usize, "a table kept whole keeps every row");
+        assert!(bounded.load(&store, "k0").await.expect("load"), "evicted rows reload");
+    }
+
+    #[tokio::test]
+    async fn the_ledger_cache_evicts_the_least_recently_used_ledgers() {
+        use orderly_domain::Sku;
+        let store = MemoryStore::new();
+        let mut table = LedgerTable::new(10);
+        let sku = |i: u32| format!("SKU-{i:02}");
+        for i in 0..10 {
+            table.insert(sku(i), SkuLedger::new(Sku::parse(sku(i)).expect("sku")));
+        }
+        commit(&store, &mut table).await;
+        // The oldest ledger is used again (a hot SKU); then new SKUs push the cache over capacity.
+        assert!(table.load(&store, &sku(0)).await.expect("load"));
+        table.get_mut(&sku(0)).expect("cached");
+        for i in 10..12 {
+            table.insert(sku(i), SkuLedger::new(Sku::parse(sku(i)).expect("sku")));
+        }
+        commit(&store, &mut table).await;
+        assert_eq!(table.len(), 9, "evicted down to 90% of capacity");
+        for kept in [0, 10, 11] {
+            assert!(table.get(&sku(kept)).is_some(), "{} was used last and stays cached", sku(kept));
+        }
+        for evicted in [1, 2, 3] {
+            assert!(table.get(&sku(evicted)).is_none(), "{} was the least recently used", sku(evicted));
+        }
+        assert!(table.load(&store, &sku(1)).await.expect("load"), "an evicted ledger reloads from the store");
+        assert!(LedgerTable::new(usize::MAX).capacity <= LEDGER_CACHE_MAX);
     }
 }

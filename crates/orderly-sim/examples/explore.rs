@@ -2,10 +2,19 @@
 //! `cargo run -p orderly-sim --example explore -- FIRST N STEPS [stats]` runs
 //! seeds FIRST..FIRST+N one after another and prints each one's outcome and
 //! violations with their trace; `TRACE=n` keeps n lines of trace, and
-//! `MUT=inbox` or `MUT=safety` switches one of the deliberate bugs on.
+//! `MUT=inbox` or `MUT=safety` switches one of the deliberate bugs on;
+//! `LOG=filter` (e.g. `LOG=orderly_engine=info`) prints the engine's logs on
+//! stderr, to follow one id through a seed.
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Ok(filter) = std::env::var("LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+    }
     let seed: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
     let steps: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(300);

@@ -482,7 +482,9 @@ async fn idle(world: &World, service: &str, table: &'static str, busy: &[&str]) 
     let counts = world.store(service).count_by_idx(table).await.map_err(store_failure)?;
     for (state, n) in counts {
         if n > 0 && busy.contains(&state.as_str()) {
-            return fail("liveness", format!("{service}: {n} {table} still {state}"));
+            let rows = world.store(service).scan(table, Some(&state), None, 3).await.map_err(store_failure)?;
+            let ids: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+            return fail("liveness", format!("{service}: {n} {table} still {state} ({})", ids.join(", ")));
         }
     }
     Ok(())

@@ -88,7 +88,8 @@ pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
         std::thread::Builder::new().name(format!("sim-{seed}")).stack_size(SEED_STACK_BYTES).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build();
             match rt {
-                Ok(rt) => rt.block_on(Sim::new(cfg.clone(), seed, shared).run()),
+                // The world (its clock above all) is built inside the runtime, on paused time.
+                Ok(rt) => rt.block_on(async { Sim::new(cfg.clone(), seed, shared).run().await }),
                 Err(e) => panicked_report(&cfg, seed, 0, Vec::new(), format!("no runtime: {e}")),
             }
         });

@@ -158,9 +158,10 @@ struct SaleResult {
 }
 
 /// One order to send: its SKU, price, and whether it is part of the sale.
+/// The SKU is shared: a million planned orders hold one copy of each.
 #[derive(Clone)]
 struct Planned {
-    sku: Sku,
+    sku: Arc<Sku>,
     flash: bool,
     priority: Priority,
 }
@@ -176,13 +177,17 @@ fn plan(cfg: &FlashSale, uniform: bool) -> Result<Vec<Planned>> {
     let rng = SeededRng::new(0x5A1E);
     let regular = cfg.orders * REGULAR_PER_100 / 100;
     let mut v = Vec::with_capacity((cfg.orders + regular) as usize);
-    let hot = id::<Sku>("HOT-1")?;
+    let hot = Arc::new(id::<Sku>("HOT-1")?);
+    let uniform_skus: Vec<Arc<Sku>> =
+        (0..UNIFORM_SKUS).map(|i| id(&format!("U-{i}")).map(Arc::new)).collect::<Result<_>>()?;
+    let regular_skus: Vec<Arc<Sku>> =
+        (0..cfg.skus.max(1)).map(|i| id(&format!("REG-{i}")).map(Arc::new)).collect::<Result<_>>()?;
     for i in 0..cfg.orders {
-        let sku = if uniform { id(&format!("U-{}", i % u64::from(UNIFORM_SKUS)))? } else { hot.clone() };
+        let sku = if uniform { uniform_skus[(i % u64::from(UNIFORM_SKUS)) as usize].clone() } else { hot.clone() };
         v.push(Planned { sku, flash: true, priority: Priority::SameDay });
     }
     for i in 0..regular {
-        let sku = id(&format!("REG-{}", rng.next_u64() % u64::from(cfg.skus.max(1))))?;
+        let sku = regular_skus[(rng.next_u64() % regular_skus.len() as u64) as usize].clone();
         let priority = if i % 3 == 0 { Priority::SameDay } else { Priority::Standard };
         v.push(Planned { sku, flash: false, priority });
     }
@@ -242,7 +247,7 @@ fn request(p: &Planned, n: usize) -> Result<OrderRequest> {
         ship_to: ShipTo { zone: id::<Zone>("EU")? },
         priority: p.priority,
         lines: vec![LineRequest {
-            sku: p.sku.clone(),
+            sku: Sku::clone(&p.sku),
             qty: 1,
             unit_price: Money::parse(price).map_err(|e| anyhow::anyhow!("{e}"))?,
         }],
@@ -409,9 +414,11 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
     let accepted_total = results.iter().filter(|r| r.2).count() as u64;
     settle(&engine, accepted_total).await?;
     let elapsed = start.elapsed().as_secs_f64();
-    let check = check_stores(&engine, cfg, uniform).await?;
+    // The stores are checked once the engine has stopped (its caches freed),
+    // one ledger and one page of orders at a time.
     let _ = stop.send(());
     let _ = server.await;
+    let check = check_stores(&engine, cfg, uniform).await?;
     let flash_latency_ms: Vec<f64> = results.iter().filter(|r| r.0 && r.2).map(|r| r.1).collect();
     Ok(SaleResult {
         accepted: results.iter().filter(|r| r.0 && r.2).count() as u64,
@@ -459,12 +466,15 @@ struct StoreCheck {
 }
 
 /// Reads the stores after the run: allocation per flash order, oversell per
-/// ledger partition and against the units received, every ledger's invariants.
+/// ledger partition and against the units received, every ledger's
+/// invariants. One ledger is in memory at a time (a hot SKU's may be large).
 async fn check_stores(engine: &Engine, cfg: &FlashSale, uniform: bool) -> Result<StoreCheck> {
     let store = engine.runtime.store("inventory").context("inventory store")?;
     let mut oversold = 0u64;
     let mut invariants_ok = true;
-    for ledger in orderly_engine::table::read_all_ledgers(store.as_ref()).await? {
+    for sku in orderly_engine::table::ledger_skus(store.as_ref()).await? {
+        let Some(stored) = orderly_engine::table::read_ledger(store.as_ref(), &sku).await? else { continue };
+        let ledger = stored.ledger;
         if let Err(e) = ledger.check_invariants() {
             eprintln!("invariant violated for {}: {e}", ledger.sku());
             invariants_ok = false;

@@ -14,7 +14,7 @@ use crate::events::{
     UnfilledData,
 };
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{IndexGuard, LedgerTable, Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, IndexGuard, LEDGER_CACHE_MAX, LedgerTable, Staged, Table};
 use orderly_domain::allocation::{Location, RouteLine, route};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::ids::fnv1a;
@@ -59,6 +59,17 @@ pub struct OrderRecord {
     /// back on the shelf (less what shipped) if the order is canceled.
     #[serde(default)]
     pub picked: Vec<(LineId, LocationId, Qty)>,
+}
+
+impl OrderRecord {
+    /// Every unit of every line picked: only a cancel or a return still
+    /// needs the record (and reloads it).
+    fn fully_picked(&self) -> bool {
+        self.lines.iter().all(|(line, _, qty)| {
+            self.picked.iter().filter(|(l, _, _)| l == line).map(|(_, _, q)| u64::from(*q)).sum::<u64>()
+                >= u64::from(*qty)
+        })
+    }
 }
 
 /// Where a hold lives.
@@ -235,10 +246,10 @@ impl Inventory {
             cfg,
             hold_ttl_ms,
             hold_jitter_ms,
-            ledgers: LedgerTable::new(50_000),
-            locations: Table::new("locations", usize::MAX, |_| None),
-            orders: Table::new("orders", 200_000, |_| None),
-            holds: Table::new("holds", usize::MAX, |_| None),
+            ledgers: LedgerTable::new(LEDGER_CACHE_MAX),
+            locations: Table::whole("locations", |_| None),
+            orders: Table::new("orders", CACHE_ENTRIES_MAX, |_| None).settled_when(OrderRecord::fully_picked),
+            holds: Table::whole("holds", |_| None),
             request_keys: Table::new(REQUEST_KEYS, REQUEST_KEY_CACHE_MAX, |_| None),
             expiries: BTreeSet::new(),
             indexes: IndexGuard::unbuilt(),
@@ -814,8 +825,11 @@ impl Inventory {
     }
 
     async fn on_pick(&mut self, tx: &mut Tx, pick: PickData, short: bool) -> Result<(), EventError> {
+        if !self.orders.load(tx.store(), pick.order_id.as_str()).await? {
+            // Its order.created (and the line's reservation) is still on the way.
+            return Err(EventError::Early(format!("pick of order {} before the order", pick.order_id)));
+        }
         self.load_ledgers(tx.store(), vec![pick.sku.clone()]).await?;
-        self.orders.load(tx.store(), pick.order_id.as_str()).await?;
         let mut out = Outcome::default();
         let cmd = if short {
             LedgerCommand::Short {

@@ -20,7 +20,7 @@ use crate::events::{self, LabelCreated, ShipmentDelivered};
 use crate::metrics::Metrics;
 use crate::ports::{Store, StoreError, WebhookSink};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::shipping::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy};
 use orderly_domain::{OrderId, ShipmentId, Timestamp};
@@ -43,10 +43,15 @@ pub const RETRY_BASE_MS: u64 = 1_000;
 pub const RETRY_MAX_MS: u64 = 60_000;
 /// Most failed notifications listed at once.
 pub const FAILED_LIST_MAX: u32 = 500;
+/// Most notifications waiting in the in-memory delivery queue. The rest
+/// wait in the store (status `pending`, in id order, which is creation
+/// order) and are paged in as the queue drains, so an endpoint down for
+/// hours costs disk, not memory.
+pub const QUEUE_MAX: usize = 10_000;
+/// Pending notifications read from the store per page when refilling the queue.
+const REFILL_PAGE: u32 = 1_000;
 /// How long a delivery waits when the breaker's one probe is already out.
 const PROBE_WAIT_MS: i64 = 1_000;
-const NOTIFICATION_CACHE_MAX: usize = 50_000;
-const CONTACT_CACHE_MAX: usize = 100_000;
 
 /// Where a notification is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +256,12 @@ pub struct Notifications {
     jobs: mpsc::Sender<DeliveryJob>,
     next_job: u64,
     call_deadline_ms: i64,
+    /// Some pending notification may be in the store only (the queue was full).
+    spilled: bool,
+    /// Spilled again since the current pass over the store began.
+    spilled_in_pass: bool,
+    /// Where the current pass over the store's pending notifications resumes.
+    refill_after: Option<String>,
 }
 
 impl Notifications {
@@ -272,10 +283,11 @@ impl Notifications {
             .map_err(|e| OpenError::Config(format!("notifications.breaker_*: {e}")))?;
         let (jobs_tx, jobs_rx) = mpsc::channel(DELIVERIES_IN_FLIGHT_MAX);
         let mut svc = Notifications {
-            notifications: Table::new("notifications", NOTIFICATION_CACHE_MAX, |n: &Notification| {
+            notifications: Table::new("notifications", CACHE_ENTRIES_MAX, |n: &Notification| {
                 Some(n.status.as_str().to_owned())
-            }),
-            contacts: Table::new("contacts", CONTACT_CACHE_MAX, |_| None),
+            })
+            .settled_when(|n| n.status != NotificationStatus::Pending),
+            contacts: Table::new("contacts", CACHE_ENTRIES_MAX, |_| None),
             queue: DueQueue::new(),
             endpoint: endpoint_label(settings.notifications.webhook_url.as_deref()),
             breaker: CircuitBreaker::new(breaker),
@@ -283,27 +295,61 @@ impl Notifications {
             jobs: jobs_tx,
             next_job: 0,
             call_deadline_ms: i64::try_from(WEBHOOK_TIMEOUT_MS).unwrap_or(i64::MAX).saturating_add(CALL_GRACE_MS),
+            // Every pending notification is in the store only: the first refill pages them in.
+            spilled: true,
+            spilled_in_pass: false,
+            refill_after: None,
         };
-        svc.requeue_pending(store).await?;
+        svc.refill(store).await?;
         Ok((svc, DeliveryWorker { jobs: jobs_rx, sink }))
     }
 
-    async fn requeue_pending(&mut self, store: &dyn Store) -> Result<(), StoreError> {
-        const PAGE: u32 = 1_000;
-        let mut after: Option<String> = None;
-        loop {
-            let rows =
-                store.scan("notifications", Some(NotificationStatus::Pending.as_str()), after.as_deref(), PAGE).await?;
-            let done = rows.len() < PAGE as usize;
-            for row in rows {
-                let n: Notification = decode(&row.key, &row.doc)?;
-                self.queue.schedule(&row.key, n.next_attempt_at);
-                after = Some(row.key);
+    /// Queues a pending notification for delivery at `at`, or leaves it to
+    /// the store when the queue is full (a later refill pages it in).
+    fn enqueue(&mut self, id: &str, at: Timestamp) {
+        if self.queue.contains(id) || self.queue.len() < QUEUE_MAX {
+            self.queue.schedule(id, at);
+        } else {
+            self.spilled = true;
+            self.spilled_in_pass = true;
+        }
+    }
+
+    /// True when pending notifications wait in the store only and the queue has room for them.
+    fn wants_refill(&self) -> bool {
+        self.spilled && self.queue.len() <= QUEUE_MAX / 2
+    }
+
+    /// Pages pending notifications from the store into the queue, up to
+    /// [`QUEUE_MAX`], continuing a pass over them in id order. A pass that
+    /// reaches the end with nothing spilled meanwhile means the queue holds
+    /// every pending notification again.
+    async fn refill(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+        while self.spilled && self.queue.len() < QUEUE_MAX {
+            if self.refill_after.is_none() {
+                self.spilled_in_pass = false;
             }
-            if done {
-                return Ok(());
+            let room = u32::try_from(QUEUE_MAX - self.queue.len()).unwrap_or(REFILL_PAGE).min(REFILL_PAGE);
+            let pending = Some(NotificationStatus::Pending.as_str());
+            let rows = store.scan("notifications", pending, self.refill_after.as_deref(), room).await?;
+            let end = rows.len() < room as usize;
+            for row in rows {
+                if !self.queue.contains(&row.key) {
+                    let n: Notification = decode(&row.key, &row.doc)?;
+                    self.queue.schedule_stored(&row.key, n.next_attempt_at);
+                }
+                self.refill_after = Some(row.key);
+            }
+            if end {
+                self.refill_after = None;
+                self.spilled = self.spilled_in_pass;
+                if self.spilled {
+                    // Spilled during this pass: the next tick starts another.
+                    return Ok(());
+                }
             }
         }
+        Ok(())
     }
 
     async fn on_order_event(&mut self, tx: &mut Tx, event: &Envelope, state: &str) -> Result<(), EventError> {
@@ -398,7 +444,7 @@ impl Notifications {
             failed_at: None,
         };
         self.notifications.insert(event.id.clone(), notification);
-        self.queue.schedule(&event.id, tx.now);
+        self.enqueue(&event.id, tx.now);
         tx.ctx().metrics.inc("orderly_notifications_created_total", &[], 1);
     }
 
@@ -585,7 +631,7 @@ impl Notifications {
         n.failed_at = None;
         n.next_attempt_at = tx.now;
         let n = n.clone();
-        self.queue.schedule(id, tx.now);
+        self.enqueue(id, tx.now);
         tx.ctx().metrics.inc("orderly_notification_replays_total", &[], 1);
         Ok(n)
     }
@@ -674,6 +720,11 @@ impl Service for Notifications {
     }
 
     async fn on_tick(&mut self, tx: &mut Tx) {
+        if self.wants_refill()
+            && let Err(e) = self.refill(tx.store()).await
+        {
+            tracing::warn!(error = %e, "could not page pending notifications in; retrying on the next tick");
+        }
         self.reap_lost_deliveries(tx).await;
         self.dispatch(tx).await;
         self.publish_gauges(tx);
@@ -682,7 +733,8 @@ impl Service for Notifications {
     fn next_deadline(&self) -> Option<Timestamp> {
         let dispatch = (self.queue.in_flight() < DELIVERIES_IN_FLIGHT_MAX).then(|| self.queue.earliest()).flatten();
         let lost = self.queue.flights().map(|(_, d)| d.dispatched_at.plus_ms(self.call_deadline_ms + 1)).min();
-        [dispatch, lost].into_iter().flatten().min()
+        let refill = self.wants_refill().then_some(Timestamp(i64::MIN));
+        [dispatch, lost, refill].into_iter().flatten().min()
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
@@ -741,7 +793,10 @@ impl DeliveryWorker {
     pub async fn run(mut self, results: mpsc::Sender<Command>) {
         let mut deliveries = JoinSet::new();
         loop {
+            // Biased: an unbiased select picks among ready branches with a
+            // per-process random number, so a simulated seed would not replay.
             tokio::select! {
+                biased;
                 job = self.jobs.recv() => match job {
                     Some(job) => {
                         deliveries.spawn(deliver(self.sink.clone(), job, results.clone()));

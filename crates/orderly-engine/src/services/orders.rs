@@ -15,7 +15,7 @@ use crate::events::{
 };
 use crate::ports::Row;
 use crate::runtime::{DEAD_LETTERS, DeadLetter, EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::order::{
     AllocationEntry, LineQty, NewOrder, Order, OrderChange, OrderCommand, OrderError, OrderEvent, OrderPolicy,
@@ -25,8 +25,6 @@ use orderly_domain::{LocationId, OrderId, Priority, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// Orders kept in memory beyond what the store holds.
-const ORDER_CACHE_MAX: usize = 100_000;
 /// The table mapping a caller's scoped idempotency key to the order it created.
 pub const ORDER_KEYS: &str = "order_keys";
 
@@ -112,9 +110,13 @@ impl Orders {
     /// An orders service with the given split policy.
     pub fn new(policy: OrderPolicy) -> Orders {
         Orders {
-            orders: Table::new("orders", ORDER_CACHE_MAX, |o: &Order| Some(o.state().as_str().to_owned())),
-            keys: Table::new(ORDER_KEYS, ORDER_CACHE_MAX, |_| None),
-            parked: Table::new("parked", ORDER_CACHE_MAX, |_| None),
+            orders: Table::new("orders", CACHE_ENTRIES_MAX, |o: &Order| Some(o.state().as_str().to_owned()))
+                .settled_when(|o| {
+                    matches!(o.state(), OrderState::Delivered | OrderState::Canceled | OrderState::Returned)
+                }),
+            // A key is looked up once per create (a retry reloads it): nothing to keep.
+            keys: Table::new(ORDER_KEYS, CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
+            parked: Table::new("parked", CACHE_ENTRIES_MAX, |_| None),
             policy,
         }
     }

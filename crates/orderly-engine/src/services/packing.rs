@@ -5,7 +5,7 @@
 use super::common::{ApiError, Reply};
 use crate::events::{self, AllocationData, PackCompleted, PickData};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::{LocationId, OrderId, PickId, Timestamp, Zone};
 use serde::{Deserialize, Serialize};
@@ -78,9 +78,12 @@ impl Packing {
     /// A packing service assuming `unit_weight_g` grams per unit.
     pub fn new(unit_weight_g: u32) -> Packing {
         Packing {
-            picked: Table::new("picked", 100_000, |p: &PickedItem| Some(p.pick.order_id.as_str().to_owned())),
-            orders: Table::new("orders", 100_000, |_| None),
-            packages: Table::new("packages", 10_000, |p: &Package| Some(p.order_id.as_str().to_owned())),
+            picked: Table::new("picked", CACHE_ENTRIES_MAX, |p: &PickedItem| Some(p.pick.order_id.as_str().to_owned()))
+                .settled_when(|p| p.package_id.is_some()),
+            orders: Table::new("orders", CACHE_ENTRIES_MAX, |_| None).settled_when(|o| o.canceled),
+            // A package is written once and never read back by the service.
+            packages: Table::new("packages", CACHE_ENTRIES_MAX, |p: &Package| Some(p.order_id.as_str().to_owned()))
+                .settled_when(|_| true),
             unit_weight_g,
         }
     }

@@ -7,7 +7,7 @@ use super::common::{ApiError, Reply, derived_id};
 use crate::events::{self, OrderAllocated, OrderCanceled, PickData};
 use crate::ports::{Store, StoreError};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{IndexGuard, Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, IndexGuard, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::pick_queue::PickQueue;
 use orderly_domain::{LineId, LocationId, OrderId, PickId, Priority, Qty, Sku, Timestamp};
@@ -16,8 +16,6 @@ use std::collections::{BTreeMap, HashMap};
 
 /// How long a picker may hold a task before it goes back to the queue.
 pub const ASSIGNMENT_TIMEOUT_MS: i64 = 15 * 60_000;
-/// Most tasks kept in the cache beyond the open ones.
-const TASK_CACHE_MAX: usize = 200_000;
 
 /// Where a pick task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,8 +165,9 @@ impl Picking {
         starvation_limit_ms: i64,
     ) -> Result<Picking, crate::ports::StoreError> {
         let mut svc = Picking {
-            tasks: Table::new("picks", TASK_CACHE_MAX, |t: &PickTask| Some(t.status.as_str().to_owned())),
-            line_picks: Table::new("line_picks", 100_000, |_| None),
+            tasks: Table::new("picks", CACHE_ENTRIES_MAX, |t: &PickTask| Some(t.status.as_str().to_owned()))
+                .settled_when(|t| matches!(t.status, PickStatus::Completed | PickStatus::Short | PickStatus::Canceled)),
+            line_picks: Table::new("line_picks", CACHE_ENTRIES_MAX, |_| None),
             queues: BTreeMap::new(),
             assigned: BTreeMap::new(),
             open_by_order: HashMap::new(),

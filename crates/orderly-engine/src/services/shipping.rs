@@ -16,7 +16,7 @@ use crate::events::{self, AllocationData, CarrierFallback, LabelCreated, PackCom
 use crate::metrics::Metrics;
 use crate::ports::{Batch, CarrierApi, CarrierCallError, Clock, Label, LabelRequest, Store, StoreError};
 use crate::runtime::{EventError, Service, Tx};
-use crate::table::{Staged, Table};
+use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
 use orderly_domain::shipping::{
     BreakerConfig, BreakerState, CarrierChoice, CarrierId, CarrierPair, CarrierRoutes, CircuitBreaker, RateBook,
@@ -48,7 +48,6 @@ pub const CALL_GRACE_MS: i64 = 5_000;
 pub const BREAKER_RECHECK_MS: i64 = 1_000;
 /// The key of the accepted rate table in table `rates`.
 pub const RATES_KEY: &str = "latest";
-const SHIPMENT_CACHE_MAX: usize = 50_000;
 
 /// Where a shipment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,8 +353,12 @@ impl Shipping {
         let timeout_ms = u64::try_from(settings.shipping.carrier_timeout.0.max(1)).unwrap_or(u64::MAX);
         let worker = LabelWorker { jobs: jobs_rx, carriers: apis, timeout_ms };
         let mut svc = Shipping {
-            shipments: Table::new("shipments", SHIPMENT_CACHE_MAX, |s: &Shipment| Some(s.state.as_str().to_owned())),
-            canceled_orders: Table::new("canceled_orders", SHIPMENT_CACHE_MAX, |_| None),
+            shipments: Table::new("shipments", CACHE_ENTRIES_MAX, |s: &Shipment| Some(s.state.as_str().to_owned()))
+                .settled_when(|s| {
+                    matches!(s.state, ShipmentState::Delivered | ShipmentState::Failed | ShipmentState::Canceled)
+                }),
+            // Looked up once per package of the order (a miss reads the store).
+            canceled_orders: Table::new("canceled_orders", CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
             rates: Rates::open(store, initial_rates).await?,
             queue: DueQueue::new(),
             routes: config.routes,
@@ -387,7 +390,7 @@ impl Shipping {
                     key: row.key.clone(),
                     detail: e.to_string(),
                 })?;
-                self.queue.schedule(&row.key, shipment.next_attempt_at);
+                self.queue.schedule_stored(&row.key, shipment.next_attempt_at);
                 after = Some(row.key);
             }
             if done {
@@ -1113,7 +1116,10 @@ impl LabelWorker {
     pub async fn run(mut self, results: mpsc::Sender<Command>) {
         let mut calls = JoinSet::new();
         loop {
+            // Biased: an unbiased select picks among ready branches with a
+            // per-process random number, so a simulated seed would not replay.
             tokio::select! {
+                biased;
                 job = self.jobs.recv() => match job {
                     Some(job) => {
                         let api = self.carriers.get(&job.carrier).cloned();
@@ -1150,21 +1156,33 @@ async fn call_carrier(
 
 /// Work items (by id) waiting for their due time, and those out on a call,
 /// for a service that calls out through a worker (shipping, notifications).
-/// It is a [`Staged`] table without rows: when a commit fails, the items whose
-/// results were processed in that batch are put back, due at once, because the
-/// store still has them pending.
+/// It is a [`Staged`] table without rows, journaled per batch: when a commit
+/// fails, the batch's schedule changes are undone (the store still has the
+/// state from before it), and the items whose results were processed in that
+/// batch are put back, due at once, because the store still has them pending.
+/// A call started in the batch stays out: it really went out (its breaker
+/// slot is taken), and its result decides what happens next.
 #[derive(Debug)]
 pub struct DueQueue<F> {
     due: BTreeSet<(Timestamp, String)>,
     due_at: HashMap<String, Timestamp>,
     // Ordered: calls presumed lost are settled in id order, so a seed replays.
     in_flight: BTreeMap<String, F>,
-    settled: Vec<String>,
+    journal: Vec<Undo>,
+}
+
+/// How to undo one change of the batch in progress.
+#[derive(Debug)]
+enum Undo {
+    /// The item was due then (or not scheduled).
+    Due(String, Option<Timestamp>),
+    /// The item's call result was processed: it is due again at once.
+    Finished(String),
 }
 
 impl<F> Default for DueQueue<F> {
     fn default() -> Self {
-        DueQueue { due: BTreeSet::new(), due_at: HashMap::new(), in_flight: BTreeMap::new(), settled: Vec::new() }
+        DueQueue { due: BTreeSet::new(), due_at: HashMap::new(), in_flight: BTreeMap::new(), journal: Vec::new() }
     }
 }
 
@@ -1180,10 +1198,31 @@ impl<F> DueQueue<F> {
         if self.in_flight.contains_key(id) {
             return;
         }
-        if let Some(old) = self.due_at.insert(id.to_owned(), at) {
+        let before = self.set_due(id, Some(at));
+        self.journal.push(Undo::Due(id.to_owned(), before));
+    }
+
+    /// Schedules an item read from the store (committed state, not this
+    /// batch's work): a rollback leaves it scheduled.
+    pub fn schedule_stored(&mut self, id: &str, at: Timestamp) {
+        if !self.in_flight.contains_key(id) {
+            self.set_due(id, Some(at));
+        }
+    }
+
+    /// Sets (or clears) when `id` is due; returns when it was due before.
+    fn set_due(&mut self, id: &str, at: Option<Timestamp>) -> Option<Timestamp> {
+        let before = match at {
+            Some(at) => self.due_at.insert(id.to_owned(), at),
+            None => self.due_at.remove(id),
+        };
+        if let Some(old) = before {
             self.due.remove(&(old, id.to_owned()));
         }
-        self.due.insert((at, id.to_owned()));
+        if let Some(at) = at {
+            self.due.insert((at, id.to_owned()));
+        }
+        before
     }
 
     /// Every id scheduled or in flight.
@@ -1197,8 +1236,8 @@ impl<F> DueQueue<F> {
 
     /// Forgets a scheduled item.
     pub fn unschedule(&mut self, id: &str) {
-        if let Some(at) = self.due_at.remove(id) {
-            self.due.remove(&(at, id.to_owned()));
+        if let Some(before) = self.set_due(id, None) {
+            self.journal.push(Undo::Due(id.to_owned(), Some(before)));
         }
     }
 
@@ -1212,9 +1251,9 @@ impl<F> DueQueue<F> {
         self.due.first().map(|(at, _)| *at)
     }
 
-    /// Moves an item out on a call.
+    /// Moves an item out on a call (for good: a rollback leaves it out).
     pub fn start(&mut self, id: &str, flight: F) {
-        self.unschedule(id);
+        self.set_due(id, None);
         self.in_flight.insert(id.to_owned(), flight);
     }
 
@@ -1226,8 +1265,13 @@ impl<F> DueQueue<F> {
     /// Takes an item back from its call (its result is being processed).
     pub fn finish(&mut self, id: &str) -> Option<F> {
         let flight = self.in_flight.remove(id)?;
-        self.settled.push(id.to_owned());
+        self.journal.push(Undo::Finished(id.to_owned()));
         Some(flight)
+    }
+
+    /// True when `id` is scheduled or out on a call.
+    pub fn contains(&self, id: &str) -> bool {
+        self.due_at.contains_key(id) || self.in_flight.contains_key(id)
     }
 
     /// Every call out.
@@ -1256,15 +1300,104 @@ impl<F: Send> Staged for DueQueue<F> {
         Ok(())
     }
 
+    /// Undoes the batch's changes, newest first. An item out on a call stays
+    /// out; an item whose result the batch processed is due again at once.
     fn rollback(&mut self) {
-        for id in std::mem::take(&mut self.settled) {
-            if !self.due_at.contains_key(&id) && !self.in_flight.contains_key(&id) {
-                self.schedule(&id, Timestamp(i64::MIN));
+        while let Some(undo) = self.journal.pop() {
+            match undo {
+                Undo::Due(id, at) => {
+                    if !self.in_flight.contains_key(&id) {
+                        self.set_due(&id, at);
+                    }
+                }
+                Undo::Finished(id) => {
+                    if !self.in_flight.contains_key(&id) {
+                        self.set_due(&id, Some(Timestamp(i64::MIN)));
+                    }
+                }
             }
         }
     }
 
     fn committed(&mut self) {
-        self.settled.clear();
+        self.journal.clear();
+    }
+}
+
+#[cfg(test)]
+mod due_queue_tests {
+    use super::*;
+
+    fn t(ms: i64) -> Timestamp {
+        Timestamp(ms)
+    }
+
+    /// A queue with `a` due at 10 and `b` out on call 1, committed.
+    fn queue() -> DueQueue<u32> {
+        let mut q = DueQueue::new();
+        q.schedule("a", t(10));
+        q.schedule("b", t(20));
+        q.start("b", 1);
+        q.committed();
+        q
+    }
+
+    /// What is due (with when) and what is out (with its call).
+    type State = (Vec<(Timestamp, String)>, Vec<(String, u32)>);
+
+    fn state(q: &DueQueue<u32>) -> State {
+        (q.due(t(i64::MAX), usize::MAX), q.flights().map(|(id, f)| (id.clone(), *f)).collect())
+    }
+
+    #[test]
+    fn a_failed_batch_loses_everything_it_did_to_the_queue() {
+        let mut q = queue();
+        let before = state(&q);
+        q.unschedule("a"); // e.g. its order was canceled
+        q.schedule("c", t(5)); // a new shipment
+        q.schedule("c", t(7));
+        q.schedule("a", t(3));
+        q.rollback();
+        assert_eq!(state(&q), before);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn what_a_failed_batch_read_from_the_store_stays_scheduled() {
+        let mut q = queue();
+        q.schedule_stored("e", t(30)); // paged in from the store
+        q.rollback();
+        assert!(q.contains("e"));
+    }
+
+    #[test]
+    fn a_call_started_in_a_failed_batch_stays_out() {
+        let mut q = queue();
+        q.start("a", 2);
+        q.rollback();
+        assert_eq!(state(&q), (vec![], vec![("a".to_owned(), 2), ("b".to_owned(), 1)]));
+    }
+
+    #[test]
+    fn a_result_processed_in_a_failed_batch_is_due_again_at_once() {
+        let mut q = queue();
+        assert_eq!(q.finish("b"), Some(1));
+        q.schedule("b", t(500)); // its retry, decided in the lost batch
+        q.rollback();
+        assert_eq!(q.flight("b"), None);
+        assert_eq!(q.due(t(0), 10), vec![(t(i64::MIN), "b".to_owned())]);
+        assert_eq!(q.earliest(), Some(t(i64::MIN)));
+    }
+
+    #[test]
+    fn a_committed_batch_is_never_undone_by_a_later_failed_one() {
+        let mut q = queue();
+        q.unschedule("a");
+        q.committed();
+        q.schedule("d", t(1));
+        q.rollback();
+        assert_eq!(state(&q), (vec![], vec![("b".to_owned(), 1)]));
+        q.rollback();
+        assert_eq!(q.len(), 1, "a second rollback has nothing left to undo");
     }
 }
