@@ -3,6 +3,7 @@
 //! within one process and across processes (each with its own hash seeds,
 //! its own tokio randomness and its own timing).
 
+#[allow(dead_code)] // Only describe() is used here.
 mod common;
 
 use orderly_sim::SimConfig;
