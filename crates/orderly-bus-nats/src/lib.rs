@@ -201,11 +201,15 @@ impl NatsBus {
         format!("{}.{producer}.{}.{partition}", self.inner.opts.prefix, Lane::of(env).as_str())
     }
 
-    /// The durable consumer name of `consumer` reading partition
-    /// `partition` of `producer` in `lane`. One per partition, so replicas
-    /// of a consumer can split the partitions between them.
-    pub fn durable_name(consumer: &str, producer: &str, lane: Lane, partition: u32) -> String {
-        format!("{consumer}-{producer}-{}-p{partition}", lane.as_str())
+    /// The durable consumer name of `consumer` reading `producer` in
+    /// `lane`: one for every partition (a service with one active replica),
+    /// or one per partition (`-p<n>`: a service whose replicas split the
+    /// partitions between them).
+    pub fn durable_name(consumer: &str, producer: &str, lane: Lane, partition: Option<u32>) -> String {
+        match partition {
+            None => format!("{consumer}-{producer}-{}", lane.as_str()),
+            Some(p) => format!("{consumer}-{producer}-{}-p{p}", lane.as_str()),
+        }
     }
 
     /// Creates both streams if they are missing (idempotent; cached once done).
@@ -230,20 +234,26 @@ impl NatsBus {
         Ok(())
     }
 
-    /// The durable pull consumer of one partition (created if missing, idempotent).
+    /// A durable pull consumer of every partition or of one (created if
+    /// missing, idempotent).
     pub async fn pull_consumer(
         &self,
         consumer: &str,
         producer: &str,
         lane: Lane,
-        partition: u32,
+        partition: Option<u32>,
     ) -> Result<consumer::PullConsumer, BusError> {
         self.ensure_streams().await?;
         let name = NatsBus::durable_name(consumer, producer, lane, partition);
         let stream = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: format!("{}.{producer}.{}.{partition}", self.inner.opts.prefix, lane.as_str()),
+            filter_subject: format!(
+                "{}.{producer}.{}.{}",
+                self.inner.opts.prefix,
+                lane.as_str(),
+                partition.map_or_else(|| "*".to_owned(), |p| p.to_string())
+            ),
             ack_policy: consumer::AckPolicy::Explicit,
             deliver_policy: consumer::DeliverPolicy::All,
             ack_wait: self.inner.opts.ack_wait,

@@ -81,10 +81,10 @@ impl Pending {
     }
 }
 
-/// The prefetch tasks of the partitions this replica consumes, aborted
-/// when dropped.
+/// The prefetch tasks of the partitions this replica consumes (`None`: one
+/// pair for all of them), aborted when dropped.
 #[derive(Default)]
-struct Prefetchers(HashMap<u32, [tokio::task::JoinHandle<()>; 2]>);
+struct Prefetchers(HashMap<Option<u32>, [tokio::task::JoinHandle<()>; 2]>);
 
 impl Drop for Prefetchers {
     fn drop(&mut self) {
@@ -108,11 +108,10 @@ async fn manage(
 ) {
     let mut owned_rx = ownership.watch();
     let mut running = Prefetchers::default();
-    let all: Vec<u32> = (0..bus.options().partitions).collect();
     loop {
-        let owned: Vec<u32> = match owned_rx.borrow_and_update().as_ref() {
-            None => all.clone(),
-            Some(set) => set.iter().copied().filter(|p| *p < bus.options().partitions).collect(),
+        let owned: Vec<Option<u32>> = match owned_rx.borrow_and_update().as_ref() {
+            None => vec![None],
+            Some(set) => set.iter().copied().filter(|p| *p < bus.options().partitions).map(Some).collect(),
         };
         running.0.retain(|p, tasks| {
             let keep = owned.contains(p);
@@ -157,9 +156,10 @@ const PULL_BATCH_MAX: usize = 128;
 /// How long one pull request waits at the broker for messages.
 const PULL_WAIT: Duration = Duration::from_secs(1);
 
-/// Keeps one partition's durable consumer in one lane pulled: messages go
-/// to `out` as they arrive (long polls of [`PULL_WAIT`]), `wake` changes for
-/// each, `ownership` counts each as work in flight in its partition. While
+/// Keeps one partition's durable consumer in one lane pulled (`None`: the
+/// one consumer of all partitions): messages go to `out` as they arrive
+/// (long polls of [`PULL_WAIT`]), `wake` changes for each, `ownership`
+/// counts each as work in flight in its partition. While
 /// the broker fails, a circuit breaker spaces the attempts; the consumer is
 /// created again (idempotently) after every failure.
 #[allow(clippy::too_many_arguments)]
@@ -168,7 +168,7 @@ async fn prefetch(
     consumer: &'static str,
     producer: &'static str,
     lane: Lane,
-    partition: u32,
+    partition: Option<u32>,
     out: mpsc::Sender<jetstream::Message>,
     wake: watch::Sender<u64>,
     pending: Arc<Pending>,
@@ -190,19 +190,22 @@ async fn prefetch(
                 pull = Some(bus.pull_consumer(consumer, producer, lane, partition).await?);
             }
             let c = pull.as_ref().expect("consumer was just created");
-            let room = out.capacity().clamp(1, PULL_BATCH_MAX);
+            let most = if partition.is_some() { PULL_BATCH_MAX } else { 512 };
+            let room = out.capacity().clamp(1, most);
             let mut batch = timed(c.batch().max_messages(room).expires(PULL_WAIT).messages()).await?;
             let mut got = 0u64;
             loop {
                 match tokio::time::timeout(PULL_WAIT + crate::OP_TIMEOUT, batch.next()).await {
                     Ok(Some(Ok(m))) => {
                         if let Ok(info) = m.info() {
-                            pending.set(lane, partition, info.pending);
+                            pending.set(lane, partition.unwrap_or(u32::MAX), info.pending);
                         }
                         if out.send(m).await.is_err() {
                             return Ok(got);
                         }
-                        ownership.took(partition);
+                        if let Some(p) = partition {
+                            ownership.took(p);
+                        }
                         got += 1;
                         wake.send_modify(|n| *n = n.wrapping_add(1));
                     }

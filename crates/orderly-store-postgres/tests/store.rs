@@ -177,3 +177,27 @@ async fn bad_schema_names_and_unreachable_servers_are_unavailable() {
     let refused = PgStore::connect("postgres://postgres@127.0.0.1:1/test", "fine", 1).await;
     assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
 }
+
+#[tokio::test]
+async fn replicas_numbering_events_from_a_stale_head_get_their_real_positions() {
+    let Some(schema) = TestSchema::new("renumber").await else { return };
+    let store = PgStore::connect(&schema.url, &schema.name, POOL).await.expect("connect");
+    // Replica a and replica b both believe the head is 0 and number their
+    // `emit`ted events 1, 2 from it; a commits first.
+    let batch = |ids: [&str; 2]| Batch {
+        outbox: vec![event(ids[0], "o-1", 1), event(ids[1], "o-2", 2)],
+        assumed_head: Some(0),
+        ..Batch::default()
+    };
+    assert_eq!(store.commit(batch(["a1", "a2"])).await.expect("a commits"), 2);
+    assert_eq!(store.commit(batch(["b1", "b2"])).await.expect("b commits"), 4);
+    let all = store.outbox_after(0, 10).await.expect("outbox");
+    let seqs: Vec<(u64, u64)> = all.iter().map(|r| (r.position, r.envelope.sequence)).collect();
+    assert_eq!(seqs, vec![(1, 1), (2, 2), (3, 3), (4, 4)], "b's events renumbered from the real head");
+    // An event with its own sequence (an aggregate's version) keeps it.
+    let own = Batch { outbox: vec![event("c1", "o-1", 7)], assumed_head: Some(0), ..Batch::default() };
+    store.commit(own).await.expect("commit");
+    let last = store.outbox_after(4, 10).await.expect("outbox");
+    assert_eq!((last[0].position, last[0].envelope.sequence), (5, 7));
+    store.close().await;
+}

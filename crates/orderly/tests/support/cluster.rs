@@ -88,6 +88,29 @@ impl World {
         Proc::start(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
     }
 
+    /// Starts `orderly serve` running `services`, trying again (up to 5
+    /// times, a second apart) when PostgreSQL has no connection to spare: the
+    /// server's `max_connections` is shared with whatever else runs on it.
+    pub fn serve_patiently(&self, config: &Path, services: &str) -> Proc {
+        for attempt in 1.. {
+            let log_path = self.dir.path().join(format!("{}.log", services.replace(',', "+")));
+            let before = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+            match self.spawn(config, services).try_listening(Duration::from_secs(60)) {
+                Ok(proc) => return proc,
+                Err(log) => {
+                    let this_attempt = log.get(before..).unwrap_or(&log);
+                    assert!(
+                        attempt < 5 && this_attempt.contains("too many clients"),
+                        "orderly serve --services {services} never listened; its log:\n{log}"
+                    );
+                    eprintln!("orderly serve --services {services}: PostgreSQL has no connection to spare; again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
     /// Starts `orderly serve` running `services`, without waiting for it.
     pub fn spawn(&self, config: &Path, services: &str) -> Starting {
         Proc::spawn(config, &self.store_url(), &self.nats_url, &self.prefix, services, self.dir.path())
@@ -134,7 +157,15 @@ pub struct Starting {
 
 impl Starting {
     /// Waits for its `listening on` line.
-    pub fn listening(mut self, within: Duration) -> Proc {
+    pub fn listening(self, within: Duration) -> Proc {
+        let services = self.services.clone();
+        self.try_listening(within)
+            .unwrap_or_else(|log| panic!("orderly serve --services {services} never listened; its log:\n{log}"))
+    }
+
+    /// Waits for its `listening on` line; the process's log if it exits or
+    /// does not listen in time.
+    pub fn try_listening(mut self, within: Duration) -> Result<Proc, String> {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -143,14 +174,11 @@ impl Starting {
                     if let Some(addr) = line.strip_prefix("listening on ") {
                         let addr: SocketAddr = addr.trim().parse().expect("the announced address");
                         let child = self.child.take().expect("the child is still ours");
-                        return Proc { child, api: Api::new(addr), services: self.services.clone() };
+                        return Ok(Proc { child, api: Api::new(addr), services: self.services.clone() });
                     }
                     self.seen.push(line);
                 }
-                Err(_) => {
-                    let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-                    panic!("orderly serve --services {} never listened; its log:\n{log}", self.services);
-                }
+                Err(_) => return Err(std::fs::read_to_string(&self.log_path).unwrap_or_default()),
             }
         }
     }
