@@ -501,6 +501,17 @@ async fn settle(targets: &Targets, within: Duration) -> Vec<Value> {
             for api in [&targets.orders, &targets.picking, &targets.notifications] {
                 let dead = api.get("/v1/ops/dead-letters", VIEWER_KEY).await;
                 report.push(format!("dead letters at {}: {}", api.base, dead.text));
+                let metrics = api.send(api.request(Method::GET, "/metrics", None)).await.map(|r| r.text);
+                let counters: Vec<String> = metrics
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && ["stale", "ignored", "parked", "dead_letter"].iter().any(|k| l.contains(k))
+                    })
+                    .map(str::to_owned)
+                    .collect();
+                report.push(format!("counters at {}: {counters:?}", api.base));
             }
             panic!("{} orders stuck in allocation after {within:?}:\n{}", pending.len(), report.join("\n"));
         }
