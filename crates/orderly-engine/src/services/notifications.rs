@@ -283,10 +283,13 @@ impl Notifications {
             .map_err(|e| OpenError::Config(format!("notifications.breaker_*: {e}")))?;
         let (jobs_tx, jobs_rx) = mpsc::channel(DELIVERIES_IN_FLIGHT_MAX);
         let mut svc = Notifications {
+            // Not even pending notifications stay cached: the queue holds
+            // their ids, and a delivery reads its notification from the store
+            // (in a flash sale they wait by the tens of thousands, bodies and all).
             notifications: Table::new("notifications", CACHE_ENTRIES_MAX, |n: &Notification| {
                 Some(n.status.as_str().to_owned())
             })
-            .settled_when(|n| n.status != NotificationStatus::Pending),
+            .settled_when(|_| true),
             contacts: Table::new("contacts", CACHE_ENTRIES_MAX, |_| None),
             queue: DueQueue::new(),
             endpoint: endpoint_label(settings.notifications.webhook_url.as_deref()),
