@@ -438,6 +438,20 @@ impl Checker {
             if l.next_expiry().is_some_and(|t| now.since(t) > HOLD_EXPIRY_SLACK_MS) {
                 return fail("liveness", format!("{} has a hold live past its expiry", l.sku()));
             }
+            // Units reserved for an order that is over (or unknown) are units
+            // nobody will pick: a leak the stock counts alone do not show.
+            for r in l.reservations().into_iter().filter(|r| r.qty > 0) {
+                self.checked("no_orphan_reservation");
+                let order = get::<Order>(&store, "orders", r.order.as_str()).await?;
+                if order.as_ref().is_none_or(|o| o.state().is_terminal()) {
+                    let state = order.map_or("unknown".to_owned(), |o| o.state().to_string());
+                    let (sku, line, qty) = (l.sku(), &r.line, r.qty);
+                    return fail(
+                        "no_orphan_reservation",
+                        format!("{sku}: {qty} units reserved for line {line} of a {state} order"),
+                    );
+                }
+            }
         }
         Ok(())
     }

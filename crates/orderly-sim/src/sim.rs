@@ -54,6 +54,9 @@ pub struct SimConfig {
     pub mutations: Mutations,
     /// Lines of trace kept for a violation.
     pub trace_len: usize,
+    /// Hold lifetime in ms instead of the world's (5 min): a short one makes
+    /// synchronous reservations lapse before their order reaches inventory.
+    pub hold_ttl_ms: Option<i64>,
 }
 
 impl Default for SimConfig {
@@ -64,6 +67,7 @@ impl Default for SimConfig {
             faults: FaultSet::all(),
             mutations: Mutations::default(),
             trace_len: TRACE_LEN_DEFAULT,
+            hold_ttl_ms: None,
         }
     }
 }
@@ -145,7 +149,7 @@ struct Sim {
 impl Sim {
     fn new(cfg: SimConfig, seed: u64, progress: Arc<Mutex<Progress>>) -> Sim {
         let mut rng = SimRng::new(seed, 1);
-        let world = World::new(seed, &mut rng);
+        let world = World::new(seed, &mut rng, cfg.hold_ttl_ms);
         let m = cfg.mutations;
         let engine_mutations = runtime::Mutations { skip_inbox_check: m.skip_inbox_check };
         Sim {

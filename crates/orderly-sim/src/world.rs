@@ -45,8 +45,12 @@ pub struct World {
 
 impl World {
     /// A world for `seed`. Must be called inside the simulation's runtime.
-    pub fn new(seed: u64, rng: &mut SimRng) -> World {
-        let settings = settings(rng);
+    /// `hold_ttl_ms` replaces the settings' hold lifetime.
+    pub fn new(seed: u64, rng: &mut SimRng, hold_ttl_ms: Option<i64>) -> World {
+        let mut settings = settings(rng);
+        if let Some(ms) = hold_ttl_ms {
+            settings.inventory.hold_ttl = Millis(ms);
+        }
         let clock = Arc::new(VirtualClock::new());
         let stores: BTreeMap<&'static str, Arc<SimStore>> =
             SERVICES.iter().map(|s| (*s, Arc::new(SimStore::new()))).collect();

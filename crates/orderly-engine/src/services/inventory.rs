@@ -679,8 +679,21 @@ impl Inventory {
         self.load_ledgers(tx.store(), skus).await?;
         let mut out = Outcome::default();
         let mut remaining: BTreeMap<LineId, Qty> = ev.lines.iter().map(|l| (l.line_id.clone(), l.qty)).collect();
+        let mut covered: BTreeMap<(LineId, LocationId), Qty> = BTreeMap::new();
         for hold_id in &ev.hold_ids {
-            self.consume_hold(&ev, hold_id, &mut remaining, &mut out);
+            if let Some((line, location, qty)) = self.consume_hold(&ev, hold_id, &mut remaining, &mut out) {
+                *covered.entry((line, location)).or_default() += qty;
+            }
+        }
+        for a in &ev.preallocated {
+            let held = covered.get_mut(&(a.line_id.clone(), a.location.clone())).map_or(0, |c| {
+                let t = (*c).min(a.qty);
+                *c -= t;
+                t
+            });
+            if a.qty > held {
+                self.restore_lapsed(tx, &ev.order_id, a, a.qty - held, &mut remaining);
+            }
         }
         let rest: Vec<RouteLine> = ev
             .lines
@@ -705,29 +718,60 @@ impl Inventory {
 
     /// Turns a hold into a reservation for the line it belongs to (a
     /// synchronous hold names its line; a cart hold matches a line of its SKU).
+    /// Returns the line, location and units a synchronous hold covered.
     fn consume_hold(
         &mut self,
         ev: &OrderCreated,
         hold_id: &str,
         remaining: &mut BTreeMap<LineId, Qty>,
         out: &mut Outcome,
-    ) {
-        let Some(href) = self.holds.get(hold_id).cloned() else { return };
-        let Ok(hid) = HoldId::parse(hold_id) else { return };
-        let Some(qty) = self.ledgers.get(href.sku.as_str()).and_then(|l| l.hold(&hid)).map(|h| h.qty as Qty) else {
-            return;
-        };
+    ) -> Option<(LineId, LocationId, Qty)> {
+        let href = self.holds.get(hold_id).cloned()?;
+        let hid = HoldId::parse(hold_id).ok()?;
+        let view = self.ledgers.get(href.sku.as_str()).and_then(|l| l.hold(&hid))?;
+        let qty = view.qty as Qty;
         let line = ev.lines.iter().find(|l| {
             l.sku == href.sku
                 && remaining.get(&l.line_id).is_some_and(|r| *r >= qty)
                 && href.line.as_ref().is_none_or(|hl| hl == &l.line_id)
-        });
-        let Some(line) = line else { return };
+        })?;
         let cmd = LedgerCommand::ConsumeHold { hold_id: hid, order: ev.order_id.clone(), line: line.line_id.clone() };
-        if self.exec(&href.sku, &cmd, out).is_ok()
-            && let Some(r) = remaining.get_mut(&line.line_id)
-        {
+        self.exec(&href.sku, &cmd, out).ok()?;
+        if let Some(r) = remaining.get_mut(&line.line_id) {
             *r -= qty;
+        }
+        href.line.is_some().then(|| (line.line_id.clone(), view.location, qty))
+    }
+
+    /// A synchronous reservation whose hold lapsed before its order reached
+    /// inventory (a consumer delayed longer than the hold's lifetime). The
+    /// order was acknowledged with the allocation, so inventory reserves the
+    /// same units at the same location again, with no event (the order holds
+    /// them already), and does not route them anew. When those units are
+    /// gone, the line is routed like any other (known gap: the order then
+    /// keeps an allocation inventory does not hold; see README, Crash safety).
+    fn restore_lapsed(
+        &mut self,
+        tx: &Tx,
+        order: &OrderId,
+        a: &AllocationData,
+        qty: Qty,
+        remaining: &mut BTreeMap<LineId, Qty>,
+    ) {
+        let hint = (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32;
+        let reserve = LedgerCommand::Reserve {
+            order: order.clone(),
+            line: a.line_id.clone(),
+            qty,
+            location: a.location.clone(),
+            partition_hint: hint,
+        };
+        // The order has this allocation: the reservation is not news to it.
+        let again = self.exec(&a.sku, &reserve, &mut Outcome::default()).is_ok();
+        let outcome = if again { "reserved_again" } else { "routed_anew" };
+        tx.ctx().metrics.inc("orderly_lapsed_reservations_total", &[("outcome", outcome)], 1);
+        if again && let Some(r) = remaining.get_mut(&a.line_id) {
+            *r = r.saturating_sub(qty);
         }
     }
 

@@ -424,7 +424,7 @@ fn commands_for(env: &Envelope) -> Result<Vec<OrderCommand>, EventError> {
 /// Publishes one order event with the order's version as its sequence.
 fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
     let mut data = match &ev.change {
-        OrderChange::Created(_) => events::data(&events::OrderCreated {
+        OrderChange::Created(created) => events::data(&events::OrderCreated {
             order_id: order.id().clone(),
             customer_id: order.customer_id().clone(),
             email: order.email().to_owned(),
@@ -441,7 +441,20 @@ fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
                 })
                 .collect(),
             total: order.total(),
-            preallocated: Vec::new(),
+            // Reserved before acknowledgement: inventory confirms these
+            // through their holds, or again if a hold lapsed first.
+            preallocated: created
+                .lines
+                .iter()
+                .flat_map(|l| {
+                    l.allocations.iter().map(|a| events::AllocationData {
+                        line_id: l.line_id.clone(),
+                        sku: l.sku.clone(),
+                        location: a.location.clone(),
+                        qty: a.qty,
+                    })
+                })
+                .collect(),
             hold_ids: order.hold_ids().iter().map(|h| h.as_str().to_owned()).collect(),
         }),
         OrderChange::Allocated { ready_to_pick, .. } => events::data(&events::OrderAllocated {
