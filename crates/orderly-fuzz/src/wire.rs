@@ -49,21 +49,20 @@ fn wire() -> &'static Wire {
 }
 
 /// A loopback server that answers every connection's first request with the
-/// bytes in `next`, then closes it.
+/// bytes in `next` when the request arrives, then closes it.
 async fn serve(next: Arc<Mutex<Vec<u8>>>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("bound");
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let answer = next.lock().map(|a| a.clone()).unwrap_or_default();
-            tokio::spawn(answer_once(stream, answer));
+            tokio::spawn(answer_once(stream, next.clone()));
         }
     });
     addr
 }
 
-async fn answer_once(mut stream: TcpStream, answer: Vec<u8>) {
+async fn answer_once(mut stream: TcpStream, next: Arc<Mutex<Vec<u8>>>) {
     // Read the whole request (headers, then Content-Length bytes) so closing
     // does not reset the connection under the client's feet.
     let mut request = Vec::new();
@@ -88,6 +87,10 @@ async fn answer_once(mut stream: TcpStream, answer: Vec<u8>) {
             }
         }
     }
+    // The answer is the one set for the request that came, read only now: the
+    // client may have opened this connection during an earlier case (a pool
+    // connecting in the background) and used it only for this one.
+    let answer = next.lock().map(|a| a.clone()).unwrap_or_default();
     let _ = stream.write_all(&answer).await;
     let _ = stream.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buffer)).await;
