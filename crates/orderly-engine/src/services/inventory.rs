@@ -433,6 +433,11 @@ impl Inventory {
     }
 
     /// Routes `lines` and reserves what routing found; returns what stayed unfilled.
+    /// The allocation partition an order's reservations start from.
+    fn partition_hint(&self, order: &OrderId) -> u32 {
+        (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32
+    }
+
     fn route_and_reserve(
         &mut self,
         order: &OrderId,
@@ -445,7 +450,7 @@ impl Inventory {
         let plan = route(lines, zone, &locations, |sku: &Sku, loc: &LocationId| {
             ledgers.get(sku.as_str()).map_or(0, |l| l.reservable_at(loc, cfg))
         });
-        let hint = (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32;
+        let hint = self.partition_hint(order);
         let mut unfilled: Vec<(LineId, Sku, Qty)> = Vec::new();
         for line in plan.lines() {
             let mut missing = 0;
@@ -758,7 +763,7 @@ impl Inventory {
         qty: Qty,
         remaining: &mut BTreeMap<LineId, Qty>,
     ) {
-        let hint = (fnv1a(order.as_str().as_bytes()) % u64::from(self.cfg.partitions().max(1))) as u32;
+        let hint = self.partition_hint(order);
         let reserve = LedgerCommand::Reserve {
             order: order.clone(),
             line: a.line_id.clone(),
