@@ -2,7 +2,9 @@
 //! (embedded SQLite stores in a fresh directory, the HTTP API on loopback)
 //! with the carrier simulator in-process and injecting faults, a webhook
 //! receiver counting notifications, random cancellations and cart holds
-//! left to expire, pickers and packers. It samples RSS and consumer lag
+//! left to expire, pickers and packers, and a courier reporting each
+//! shipment delivered a moment after its label (so orders settle, and the
+//! engine's caches can let them go). It samples RSS and consumer lag
 //! every second and at the end checks the invariants: no oversell,
 //! conservation of units, every acknowledged order exists exactly once, no
 //! notification delivered twice, no 5xx. Any violation is reported (and the
@@ -12,8 +14,6 @@ use crate::{Application, RunOptions};
 use anyhow::{Context, Result};
 use axum::extract::State;
 use axum::http::HeaderMap;
-use orderly_carrier::sim::{SimConfig, spawn_local};
-use orderly_carrier::wire::CarrierSettings;
 use orderly_engine::config::{ApiKey, Millis, Settings};
 use orderly_store_sqlite::Durability;
 use serde::Serialize;
@@ -54,6 +54,10 @@ pub struct SoakReport {
     pub picks: u64,
     /// Packages packed.
     pub packages: u64,
+    /// Shipments the courier reported delivered (200 from `POST /v1/shipments/{id}/delivered`).
+    pub deliveries: u64,
+    /// Orders that reached `delivered` (from the final states).
+    pub orders_delivered: u64,
     /// Orders per final state.
     pub states: BTreeMap<String, u64>,
     /// Notifications the webhook accepted.
@@ -62,8 +66,12 @@ pub struct SoakReport {
     pub carrier_faults: u64,
     /// Resident memory at the start of the load, MB.
     pub rss_start_mb: f64,
-    /// Resident memory at the end, MB.
+    /// Resident memory at half time of the load, MB.
+    pub rss_mid_mb: f64,
+    /// Resident memory at the end of the load, MB.
     pub rss_end_mb: f64,
+    /// Resident memory after the engine settled (just before shutdown), MB.
+    pub rss_settled_mb: f64,
     /// Highest resident memory sampled, MB.
     pub rss_max_mb: f64,
     /// Highest consumer lag sampled (age of the oldest unprocessed event), seconds.
@@ -98,19 +106,54 @@ struct Counters {
     holds: AtomicU64,
     picks: AtomicU64,
     packages: AtomicU64,
+    deliveries: AtomicU64,
+    /// Shipments labeled and not yet reported delivered (or given up on) by the courier.
+    courier_pending: AtomicU64,
     server_errors: AtomicU64,
 }
 
-/// Webhook deliveries by `Orderly-Event-Id`.
-type Deliveries = Arc<Mutex<HashMap<String, u32>>>;
+/// Webhook deliveries by a 64-bit hash of `Orderly-Event-Id` (the soak's own
+/// bookkeeping stays small next to the engine it measures).
+type Deliveries = Arc<Mutex<HashMap<u64, u32>>>;
 
-async fn webhook(State(seen): State<Deliveries>, headers: HeaderMap) -> axum::http::StatusCode {
-    let id = headers.get("orderly-event-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    if let Ok(mut seen) = seen.lock() {
-        *seen.entry(id).or_default() += 1;
+/// What the webhook receiver shares: the deliveries seen, and the courier's
+/// queue of labeled shipments (with when their label was announced).
+#[derive(Clone)]
+struct Hook {
+    seen: Deliveries,
+    labeled: tokio::sync::mpsc::UnboundedSender<(Instant, String)>,
+    counters: Arc<Counters>,
+}
+
+async fn webhook(State(hook): State<Hook>, headers: HeaderMap, body: axum::body::Bytes) -> axum::http::StatusCode {
+    let id = headers.get("orderly-event-id").map_or(0, |v| {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(v.as_bytes())
+    });
+    let first = match hook.seen.lock() {
+        Ok(mut seen) => {
+            let n = seen.entry(id).or_default();
+            *n += 1;
+            *n == 1
+        }
+        Err(_) => false,
+    };
+    // A label announced: the courier picks the parcel up and reports it delivered shortly after.
+    if first
+        && let Ok(note) = serde_json::from_slice::<Value>(&body)
+        && note["state"] == "label_created"
+        && let Some(shipment) = note["shipment_id"].as_str()
+    {
+        hook.counters.courier_pending.fetch_add(1, Ordering::Relaxed);
+        if hook.labeled.send((Instant::now(), shipment.to_owned())).is_err() {
+            hook.counters.courier_pending.fetch_sub(1, Ordering::Relaxed);
+        }
     }
     axum::http::StatusCode::NO_CONTENT
 }
+
+/// How long after its label the courier reports a shipment delivered.
+const TRANSIT: Duration = Duration::from_secs(2);
 
 struct Client {
     http: reqwest::Client,
@@ -155,6 +198,7 @@ fn settings(
     carrier_url: &str,
     webhook_url: &str,
     rates_dir: &std::path::Path,
+    rate: u32,
 ) -> Result<(Settings, HashMap<&'static str, String>)> {
     let mut settings = Settings::default();
     let mut keys = HashMap::new();
@@ -168,6 +212,9 @@ fn settings(
     settings.shipping.max_retries = 2;
     settings.inventory.hold_ttl = Millis(2_000);
     settings.inventory.hold_release_jitter = Millis(1_000);
+    // Labels keep up with the orders (the default 600 a minute is half of 20 orders a second),
+    // so orders ship, get delivered and settle instead of piling up `packed`.
+    settings.shipping.labels_per_minute = settings.shipping.labels_per_minute.max(rate.saturating_mul(60 * 2));
     settings.notifications.webhook_url = Some(webhook_url.to_owned());
     settings.notifications.webhook_secret = Some("soak-secret".to_owned());
     Ok((settings, keys))
@@ -187,21 +234,25 @@ impl Lcg {
 pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     orderly_carrier::install_crypto_provider();
     let dir = tempfile::tempdir().context("temp dir")?;
-    // The primary EU carrier fails 10% of label calls and is slow; the breaker and fallback absorb it.
-    let faulty = CarrierSettings { error_rate: 0.1, latency_ms: 5, ..CarrierSettings::default() };
-    let sim_config = SimConfig::demo(11).with_carrier("fastship", &faulty).context("sim config")?;
-    let sim = spawn_local(sim_config).await.context("carrier simulator")?;
+    // The carrier simulator runs as its own process (`orderly carrier-sim`), like a
+    // real carrier: its label book (kept for idempotency, bounded) is not counted
+    // in the engine's memory. The primary EU carrier fails 10% of label calls and
+    // is slow; the breaker and fallback absorb it.
+    let sim = CarrierProcess::spawn(&["fastship:latency_ms=5,error_rate=0.1", "slowpost:base_price=3.50"])?;
 
+    let counters = Arc::new(Counters::default());
     let deliveries: Deliveries = Arc::default();
+    let (labeled_tx, mut labeled_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook_state = Hook { seen: deliveries.clone(), labeled: labeled_tx, counters: counters.clone() };
     let hook_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let hook_url = format!("http://{}/hook", hook_listener.local_addr()?);
-    let hook_app = axum::Router::new().route("/hook", axum::routing::post(webhook)).with_state(deliveries.clone());
+    let hook_app = axum::Router::new().route("/hook", axum::routing::post(webhook)).with_state(hook_state);
     let hook = tokio::spawn(async move { axum::serve(hook_listener, hook_app).await });
 
     let rates_dir = dir.path().join("rates");
     std::fs::create_dir_all(&rates_dir)?;
     std::fs::write(rates_dir.join("soak.csv"), RATES)?;
-    let (settings, keys) = settings(sim.url(), &hook_url, &rates_dir)?;
+    let (settings, keys) = settings(sim.url(), &hook_url, &rates_dir, cfg.rate)?;
     let options = RunOptions {
         data_dir: dir.path().join("data"),
         store: None,
@@ -216,7 +267,6 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
         let _ = stop_rx.await;
     }));
 
-    let counters = Arc::new(Counters::default());
     let errors = Arc::new(Mutex::new(Vec::new()));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(64).build()?;
     let client = Arc::new(Client { http, base, keys, counters: counters.clone(), errors: errors.clone() });
@@ -303,6 +353,35 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
             }
         }));
     }
+
+    // The courier: each labeled shipment is reported delivered TRANSIT after its label
+    // (labels arrive in order, so waiting for the head of the queue is enough).
+    let courier = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut reports = tokio::task::JoinSet::new();
+            while let Some((labeled_at, shipment)) = labeled_rx.recv().await {
+                tokio::time::sleep_until((labeled_at + TRANSIT).into()).await;
+                let client = client.clone();
+                reports.spawn(async move {
+                    let path = format!("/v1/shipments/{shipment}/delivered");
+                    for _ in 0..5 {
+                        match client.send(reqwest::Method::POST, &path, "carrier", None, None).await {
+                            Some((200, _)) => {
+                                client.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            Some((status, _)) if (400..500).contains(&status) => break,
+                            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                        }
+                    }
+                    client.counters.courier_pending.fetch_sub(1, Ordering::Relaxed);
+                });
+                while reports.try_join_next().is_some() {}
+            }
+            while reports.join_next().await.is_some() {}
+        })
+    };
 
     // The sampler.
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
@@ -403,12 +482,15 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     while tasks.join_next().await.is_some() {}
     let load_seconds = started.elapsed().as_secs_f64();
 
-    // Let the engine settle: holds expire, labels go through the faults, everything is consumed.
+    let rss_end = rss_mb();
+    // Let the engine settle: holds expire, labels go through the faults, the
+    // courier reports what was labeled, everything is consumed.
     let settle_deadline = Instant::now() + Duration::from_secs(60);
     let mut quiet = 0;
     while quiet < 3 && Instant::now() < settle_deadline {
         let lags = engine.runtime.consumer_lag().await;
-        quiet = if lags.iter().all(|l| l.backlog == 0) { quiet + 1 } else { 0 };
+        let idle = lags.iter().all(|l| l.backlog == 0) && counters.courier_pending.load(Ordering::Relaxed) == 0;
+        quiet = if idle { quiet + 1 } else { 0 };
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Let the jittered hold expiry pass, then drain once more.
@@ -421,10 +503,13 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     let mut quiet = 0;
     while quiet < 3 && Instant::now() < settle_deadline + Duration::from_secs(30) {
         let lags = engine.runtime.consumer_lag().await;
-        quiet = if lags.iter().all(|l| l.backlog == 0) { quiet + 1 } else { 0 };
+        let idle = lags.iter().all(|l| l.backlog == 0) && counters.courier_pending.load(Ordering::Relaxed) == 0;
+        quiet = if idle { quiet + 1 } else { 0 };
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Before the checks below read every order into this process.
+    let rss_settled = rss_mb();
     let mut violations = Vec::new();
     if quiet < 3 {
         violations.push("the engine never caught up with its events after the load".to_owned());
@@ -516,13 +601,16 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     }
     let carrier_faults = sim_faults(sim.url()).await;
 
+
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     hook.abort();
-    let _ = sim.shutdown().await;
+    courier.abort();
+    drop(sim);
 
     let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    let rss_end = rss_mb();
+    let half = (load_seconds / 2.0) as u64;
+    let rss_mid = samples.iter().find(|s| s.0 >= half).map_or(rss_start, |s| s.1);
     Ok(SoakReport {
         seconds: load_seconds,
         rate: cfg.rate,
@@ -532,17 +620,69 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
         holds: counters.holds.load(Ordering::Relaxed),
         picks: counters.picks.load(Ordering::Relaxed),
         packages: counters.packages.load(Ordering::Relaxed),
+        deliveries: counters.deliveries.load(Ordering::Relaxed),
+        orders_delivered: states.get("delivered").copied().unwrap_or(0),
         states,
         notifications: seen.values().map(|n| u64::from(*n)).sum(),
         carrier_faults,
         rss_start_mb: rss_start,
+        rss_mid_mb: rss_mid,
         rss_end_mb: rss_end,
-        rss_max_mb: samples.iter().map(|s| s.1).fold(rss_end, f64::max),
+        rss_settled_mb: rss_settled,
+        rss_max_mb: samples.iter().map(|s| s.1).fold(rss_settled.max(rss_end), f64::max),
         max_lag_seconds: samples.iter().map(|s| s.2).fold(0.0, f64::max),
         max_backlog: samples.iter().map(|s| s.3).max().unwrap_or(0),
         samples,
         violations,
     })
+}
+
+/// `orderly carrier-sim` as a child process of this binary, killed on drop.
+struct CarrierProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl CarrierProcess {
+    fn spawn(carriers: &[&str]) -> Result<CarrierProcess> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().context("the soak runs the simulator from its own binary")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["carrier-sim", "--listen", "127.0.0.1:0", "--seed", "11"]);
+        for c in carriers {
+            cmd.args(["--carrier", c]);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start orderly carrier-sim")?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let mut out = std::io::BufReader::new(out);
+            out.read_line(&mut line).context("carrier-sim output")?;
+            // Keep draining its output so it never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        }
+        // "carrier-sim listening on 127.0.0.1:PORT (carriers: ...)"
+        let Some(addr) = line.split_whitespace().nth(3) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("carrier-sim did not say where it listens: {line:?}");
+        };
+        Ok(CarrierProcess { url: format!("http://{addr}"), child })
+    }
+
+    fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for CarrierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Label calls the simulator failed on purpose, from its admin stats.
