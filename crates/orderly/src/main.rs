@@ -173,7 +173,7 @@ enum BenchCommand {
         #[arg(long)]
         bus: Option<String>,
     },
-    /// Steady order load for minutes with carrier faults, cancellations and expiring holds; samples RSS and lag, checks the invariants at the end (exit 1 on a violation).
+    /// Steady order load for minutes with carrier faults, cancellations, expiring holds and deliveries; samples RSS and lag, checks the invariants at the end (exit 1 on a violation).
     Soak {
         /// Minutes of load (fractions allowed: 0.5 is 30 s).
         #[arg(long, default_value_t = 10.0)]

@@ -1,6 +1,6 @@
 //! `orderly bench soak`: steady load for minutes against a real engine
 //! (embedded SQLite stores in a fresh directory, the HTTP API on loopback)
-//! with the carrier simulator in-process and injecting faults, a webhook
+//! with the carrier simulator in a child process injecting faults, a webhook
 //! receiver counting notifications, random cancellations and cart holds
 //! left to expire, pickers and packers, and a courier reporting each
 //! shipment delivered a moment after its label (so orders settle, and the
