@@ -48,14 +48,11 @@ const KILL_AFTER_MS: (u64, u64) = (300, 3_000);
 /// Most notifications one kill may cause to be delivered again: deliveries
 /// out at the kill and answers not yet committed as sent.
 const REPEATS_PER_KILL_MAX: usize = 2 * DELIVERIES_IN_FLIGHT_MAX;
-/// Orphaned cart holds (a crash between a synchronous reservation and its
-/// order) lapse soon, so the stock check need not wait long.
+/// The hold of a synchronous reservation whose order was never created (a
+/// crash between the two) is released about one TTL later, once inventory
+/// asked orders (`hold.unclaimed`), so the stock check need not wait long.
+/// An acknowledged order's hold never lapses, whatever the TTL.
 const HOLDS_TOML: &str = "[inventory]\nhold_ttl = \"3s\"\nhold_release_jitter = \"1s\"\n";
-/// In the distributed mode an `order.created` handed to a process that was
-/// then killed comes back only after JetStream's ack wait (30 s): a
-/// synchronous reservation's hold must outlive that, or it lapses before the
-/// order consumes it (a known gap: README "Crash safety").
-const DISTRIBUTED_HOLDS_TOML: &str = "[inventory]\nhold_ttl = \"40s\"\nhold_release_jitter = \"5s\"\n";
 
 /// The seed of the kill schedule: `ORDERLY_CRASH_SEED`, else random (printed).
 fn seed() -> u64 {
@@ -248,7 +245,7 @@ async fn distributed_acknowledged_orders_survive_random_sigkills() {
     let mut rng = Rng(seed());
     let mut hooks = Hooks::start().await;
     let world = World::new(&format!("nats://{NATS}"));
-    let config = world.config_with(None, &format!("{DISTRIBUTED_HOLDS_TOML}{}", hooks.toml()));
+    let config = world.config_with(None, &format!("{HOLDS_TOML}{}", hooks.toml()));
     let mut procs: Vec<Proc> = GROUPS.iter().map(|g| world.serve_patiently(&config, g)).collect();
     let targets_of = |procs: &[Proc]| Targets {
         orders: procs[0].api.clone(),
