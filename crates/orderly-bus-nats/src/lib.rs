@@ -23,6 +23,11 @@
 //!   and re-offered, with in-progress acks); a message JetStream has
 //!   delivered `max_deliver` times (a consumer that crashed on it each time)
 //!   is dead-lettered into the consumer's store instead of being processed.
+//! - A replica starting on a consumer (a process restarting, a partition
+//!   taken over) whose messages are pending acknowledgement with a process
+//!   that died rewinds it to its ack floor
+//!   ([`NatsBus::rewound_pull_consumer`]): those messages come again first
+//!   and in order, not after `ack_wait` behind newer ones.
 
 mod relay;
 mod source;
@@ -36,12 +41,41 @@ use orderly_domain::event::Envelope;
 use orderly_engine::broker::{Broker, EventFilter};
 use orderly_engine::bus::EventSource;
 use orderly_engine::partitions::Ownership;
-use orderly_engine::ports::{Clock, OutboxRecord, Store, StoreError};
+use orderly_engine::ports::{Batch, Clock, OutboxRecord, Row, Store, StoreError};
+use serde::{Deserialize, Serialize};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// The table, in a consumer's store, of its durable consumers' rewinds
+/// (see [`NatsBus::rewound_pull_consumer`]), keyed by durable name.
+pub const REWINDS: &str = "bus_rewinds";
+
+/// The last rewind of one durable consumer.
+#[derive(Debug, Serialize, Deserialize)]
+struct RewindRow {
+    /// The ack floor it was rewound to.
+    floor: u64,
+    /// Rewinds in a row to this floor.
+    rewinds: i64,
+}
+
+/// A durable consumer created again from its ack floor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewound {
+    /// The durable consumer's name.
+    pub consumer: String,
+    /// Every message up to this stream sequence was acknowledged.
+    pub floor: u64,
+    /// The last stream sequence handed out before the rewind: the messages
+    /// after `floor` up to this one are delivered again.
+    pub upto: u64,
+    /// Rewinds in a row to this floor: the deliveries of those messages
+    /// the broker no longer counts.
+    pub rewinds: i64,
+}
 
 /// The header carrying the event's position in its producer's outbox.
 pub const POSITION_HEADER: &str = "Orderly-Position";
@@ -234,6 +268,34 @@ impl NatsBus {
         Ok(())
     }
 
+    /// The durable consumer's name and configuration.
+    fn consumer_config(
+        &self,
+        consumer: &str,
+        producer: &str,
+        lane: Lane,
+        partition: Option<u32>,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> (String, consumer::pull::Config) {
+        let name = NatsBus::durable_name(consumer, producer, lane, partition);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!(
+                "{}.{producer}.{}.{}",
+                self.inner.opts.prefix,
+                lane.as_str(),
+                partition.map_or_else(|| "*".to_owned(), |p| p.to_string())
+            ),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy,
+            ack_wait: self.inner.opts.ack_wait,
+            max_deliver: self.inner.opts.max_deliver,
+            max_ack_pending: MAX_ACK_PENDING,
+            ..Default::default()
+        };
+        (name, config)
+    }
+
     /// A durable pull consumer of every partition or of one (created if
     /// missing, idempotent).
     pub async fn pull_consumer(
@@ -244,24 +306,85 @@ impl NatsBus {
         partition: Option<u32>,
     ) -> Result<consumer::PullConsumer, BusError> {
         self.ensure_streams().await?;
-        let name = NatsBus::durable_name(consumer, producer, lane, partition);
+        let (name, config) = self.consumer_config(consumer, producer, lane, partition, consumer::DeliverPolicy::All);
         let stream = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
-        let config = consumer::pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: format!(
-                "{}.{producer}.{}.{}",
-                self.inner.opts.prefix,
-                lane.as_str(),
-                partition.map_or_else(|| "*".to_owned(), |p| p.to_string())
-            ),
-            ack_policy: consumer::AckPolicy::Explicit,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_wait: self.inner.opts.ack_wait,
-            max_deliver: self.inner.opts.max_deliver,
-            max_ack_pending: MAX_ACK_PENDING,
-            ..Default::default()
-        };
         timed(stream.get_or_create_consumer(&name, config)).await
+    }
+
+    /// The durable pull consumer for a replica that starts consuming it (a
+    /// process starting, a partition taken over): messages handed out
+    /// before and never acknowledged (held by a process that died, or by a
+    /// pull that was cut off) are delivered again first, in order, now.
+    ///
+    /// JetStream would redeliver them only after `ack_wait`, while newer
+    /// messages of the same subjects went to the new replica at once: a
+    /// consumer would see an order's events out of order (and the orders
+    /// service drops an event older than one it applied from the same
+    /// source as stale, losing a fact). So when any message is pending
+    /// acknowledgement, the consumer is created again from its ack floor
+    /// (every message up to it acknowledged): the messages after it come in
+    /// stream order; those the previous holder had already acknowledged
+    /// come again too and the consumer's inbox drops them.
+    ///
+    /// A rewind starts the broker's delivery counts afresh, so the rewinds
+    /// in a row at the same floor (a consumer that crashes on a message
+    /// every time) are counted in `store` (table [`REWINDS`]) and added to
+    /// the deliveries of the messages after the floor: `max_deliver` still
+    /// dead-letters such a message.
+    ///
+    /// Only for a consumer this replica does not pull from yet: it must own
+    /// the consumer alone (its service's single active replica, or the
+    /// partition's owner).
+    pub async fn rewound_pull_consumer(
+        &self,
+        consumer: &str,
+        producer: &str,
+        lane: Lane,
+        partition: Option<u32>,
+        store: &dyn Store,
+    ) -> Result<(consumer::PullConsumer, Option<Rewound>), BusError> {
+        let current = self.pull_consumer(consumer, producer, lane, partition).await?;
+        let info = current.cached_info();
+        if info.num_ack_pending == 0 {
+            return Ok((current, None));
+        }
+        let (floor, upto, pending) =
+            (info.ack_floor.stream_sequence, info.delivered.stream_sequence, info.num_ack_pending);
+        let (name, config) = self.consumer_config(
+            consumer,
+            producer,
+            lane,
+            partition,
+            consumer::DeliverPolicy::ByStartSequence { start_sequence: floor + 1 },
+        );
+        let previous = store.get(REWINDS, &name).await.map_err(unavailable)?;
+        let previous = previous.and_then(|row| serde_json::from_slice::<RewindRow>(&row.doc).ok());
+        let rewinds = match previous {
+            Some(p) if p.floor == floor => p.rewinds.saturating_add(1),
+            _ => 1,
+        };
+        let doc = serde_json::to_vec(&RewindRow { floor, rewinds }).expect("a rewind row always serializes");
+        let row = Row { table: REWINDS, key: name.clone(), idx: None, doc };
+        store.commit(Batch { puts: vec![row], ..Batch::default() }).await.map_err(unavailable)?;
+        let stream = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
+        timed(stream.delete_consumer(&name)).await?;
+        // Gone now: looked up again after a failure, it would be created
+        // anew from the stream's first message. Try a little harder.
+        let mut attempts = 1;
+        let rewound = loop {
+            match timed(stream.create_consumer(config.clone())).await {
+                Ok(c) => break c,
+                Err(e) if attempts < 5 => {
+                    tracing::warn!(consumer = %name, error = %e, "creating the rewound consumer failed; retrying");
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        tracing::info!(consumer = %name, floor, upto, pending, rewinds,
+            "consumer rewound to its ack floor: unacknowledged messages come again first");
+        Ok((rewound, Some(Rewound { consumer: name, floor, upto, rewinds })))
     }
 
     /// Publishes outbox records of `producer` in order and waits for every

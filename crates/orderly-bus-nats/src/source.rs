@@ -1,6 +1,6 @@
 //! A consumer's view of one producer through JetStream.
 
-use crate::{Lane, NatsBus, POSITION_HEADER, breaker, timed};
+use crate::{Lane, NatsBus, POSITION_HEADER, Rewound, breaker, timed};
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -58,12 +58,35 @@ pub struct JetStreamSource {
     manager: tokio::task::JoinHandle<()>,
     last_progress: Mutex<std::time::Instant>,
     ownership: Arc<Ownership>,
+    rewinds: Arc<Rewinds>,
 }
 
 impl Drop for JetStreamSource {
     fn drop(&mut self) {
         // The manager's drop guard aborts the prefetch tasks with it.
         self.manager.abort();
+    }
+}
+
+/// The last rewind of each durable consumer this source started, by name
+/// (see [`NatsBus::rewound_pull_consumer`]).
+#[derive(Default)]
+struct Rewinds(Mutex<HashMap<String, Rewound>>);
+
+impl Rewinds {
+    fn set(&self, name: String, rewound: Option<Rewound>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match rewound {
+            Some(r) => all.insert(name, r),
+            None => all.remove(&name),
+        };
+    }
+
+    /// Deliveries of a message the broker no longer counts: the rewinds in
+    /// a row of its consumer, for a message handed out before them.
+    fn uncounted(&self, consumer: &str, stream_sequence: u64) -> i64 {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(consumer).filter(|r| r.floor < stream_sequence && stream_sequence <= r.upto).map_or(0, |r| r.rewinds)
     }
 }
 
@@ -105,6 +128,8 @@ async fn manage(
     lanes: [mpsc::Sender<jetstream::Message>; 2],
     wake: watch::Sender<u64>,
     pending: Arc<Pending>,
+    store: Arc<dyn Store>,
+    rewinds: Arc<Rewinds>,
 ) {
     let mut owned_rx = ownership.watch();
     let mut running = Prefetchers::default();
@@ -134,6 +159,8 @@ async fn manage(
                         wake.clone(),
                         pending.clone(),
                         ownership.clone(),
+                        store.clone(),
+                        rewinds.clone(),
                     ))
                 })
             });
@@ -159,9 +186,13 @@ const PULL_WAIT: Duration = Duration::from_secs(1);
 /// Keeps one partition's durable consumer in one lane pulled (`None`: the
 /// one consumer of all partitions): messages go to `out` as they arrive
 /// (long polls of [`PULL_WAIT`]), `wake` changes for each, `ownership`
-/// counts each as work in flight in its partition. While
-/// the broker fails, a circuit breaker spaces the attempts; the consumer is
-/// created again (idempotently) after every failure.
+/// counts each as work in flight in its partition. The first time, the
+/// consumer is rewound to its ack floor if messages are pending
+/// acknowledgement (handed to a process that died: see
+/// [`NatsBus::rewound_pull_consumer`]). While the broker fails, a circuit
+/// breaker spaces the attempts; the consumer is looked up again
+/// (idempotently, not rewound: what it holds is this source's) after every
+/// failure.
 #[allow(clippy::too_many_arguments)]
 async fn prefetch(
     bus: NatsBus,
@@ -173,10 +204,13 @@ async fn prefetch(
     wake: watch::Sender<u64>,
     pending: Arc<Pending>,
     ownership: Arc<Ownership>,
+    store: Arc<dyn Store>,
+    rewinds: Arc<Rewinds>,
 ) {
     let clock = orderly_engine::ports::SystemClock;
     let mut breaker = breaker(bus.options());
     let mut pull: Option<PullConsumer> = None;
+    let mut started = false;
     loop {
         if out.is_closed() {
             return;
@@ -186,7 +220,13 @@ async fn prefetch(
             continue;
         }
         let round = async {
-            if pull.is_none() {
+            if pull.is_none() && !started {
+                let (c, rewound) =
+                    bus.rewound_pull_consumer(consumer, producer, lane, partition, store.as_ref()).await?;
+                rewinds.set(NatsBus::durable_name(consumer, producer, lane, partition), rewound);
+                started = true;
+                pull = Some(c);
+            } else if pull.is_none() {
                 pull = Some(bus.pull_consumer(consumer, producer, lane, partition).await?);
             }
             let c = pull.as_ref().expect("consumer was just created");
@@ -248,6 +288,7 @@ impl JetStreamSource {
     ) -> JetStreamSource {
         let (wake_tx, wake) = watch::channel(0u64);
         let pending = Arc::new(Pending::default());
+        let rewinds = Arc::new(Rewinds::default());
         let (events_tx, events_rx) = mpsc::channel(PREFETCH_MAX);
         let (priority_tx, priority_rx) = mpsc::channel(PREFETCH_MAX);
         let manager = tokio::spawn(manage(
@@ -258,6 +299,8 @@ impl JetStreamSource {
             [events_tx, priority_tx],
             wake_tx,
             pending.clone(),
+            store.clone(),
+            rewinds.clone(),
         ));
         JetStreamSource {
             bus,
@@ -273,6 +316,7 @@ impl JetStreamSource {
             manager,
             last_progress: Mutex::new(std::time::Instant::now()),
             ownership,
+            rewinds,
         }
     }
 
@@ -297,7 +341,10 @@ impl JetStreamSource {
         let mut items = Vec::with_capacity(msgs.len());
         for msg in msgs {
             let (delivered, published_ms) = match msg.info() {
-                Ok(i) => (i.delivered, (i.published.unix_timestamp_nanos() / 1_000_000) as i64),
+                Ok(i) => (
+                    i.delivered.saturating_add(self.rewinds.uncounted(i.consumer, i.stream_sequence)),
+                    (i.published.unix_timestamp_nanos() / 1_000_000) as i64,
+                ),
                 Err(_) => (1, self.clock.now().millis()),
             };
             let envelope = match serde_json::from_slice::<Envelope>(&msg.message.payload) {

@@ -176,3 +176,75 @@ async fn a_message_delivered_max_deliver_times_is_dead_lettered_not_applied() {
     drop(last);
     bus.delete_streams().await.expect("streams deleted");
 }
+
+/// A process holding a message unacknowledged dies; the replica that takes
+/// its place must get that message before the newer ones of the same
+/// subject, not after the ack wait (30 s): the orders service drops an
+/// event older than one applied from the same source as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_gets_what_a_dead_one_held_first_and_in_order() {
+    if !nats_up() {
+        return;
+    }
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::Batch;
+    let bus = NatsBus::connect(NatsOptions::new(&format!("nats://{NATS}"), &prefix())).await.expect("connect");
+    assert_eq!(bus.options().ack_wait, Duration::from_secs(30));
+    let producer = MemoryStore::new();
+    let event = |n: u64| {
+        Envelope::new(
+            format!("e{n}"),
+            "/orderly/orders",
+            EventType::OrderCreated,
+            "o-1",
+            Timestamp(1),
+            n,
+            serde_json::json!({}),
+        )
+    };
+    let consumer: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let all: EventFilter = |_| true;
+    let source =
+        || bus.source("inventory", PRODUCER, all, consumer.clone(), Arc::new(SystemClock), Arc::new(Ownership::all()));
+    // Offered until `want` events came (or the deadline): their ids, in order.
+    async fn offered(source: &Arc<dyn EventSource>, want: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = source.poll(16).await.expect("poll");
+            if p.records.len() >= want || std::time::Instant::now() >= deadline {
+                return p.records.iter().map(|r| r.envelope.id.clone()).collect();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // e1, then e2 committed and acknowledged: the ack floor.
+    producer.commit(Batch { outbox: vec![event(1), event(2)], ..Batch::default() }).await.expect("commit");
+    bus.republish(PRODUCER, &producer, 1).await.expect("publish");
+    let first = source().await.expect("source");
+    assert_eq!(offered(&first, 2).await, ["e1", "e2"]);
+    let p = first.poll(16).await.expect("poll");
+    consumer.commit(Batch::default()).await.expect("commit");
+    first.committed(p.upto);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the acks are sent in the background
+
+    // e3 is taken by a process that dies before committing it.
+    producer.commit(Batch { outbox: vec![event(3)], ..Batch::default() }).await.expect("commit");
+    bus.republish(PRODUCER, &producer, 3).await.expect("publish");
+    assert_eq!(offered(&first, 1).await, ["e3"]);
+    drop(first);
+    // Its last pull request at the broker has expired too.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // e4 follows; the restarted consumer gets e3 first, at once.
+    producer.commit(Batch { outbox: vec![event(4)], ..Batch::default() }).await.expect("commit");
+    bus.republish(PRODUCER, &producer, 4).await.expect("publish");
+    let started = std::time::Instant::now();
+    let second = source().await.expect("source");
+    let got = offered(&second, 2).await;
+    let took = started.elapsed();
+    bus.delete_streams().await.expect("streams deleted");
+    assert_eq!(got, ["e3", "e4"], "what the dead consumer held comes first, in order");
+    assert!(took < Duration::from_secs(10), "without waiting for the ack wait: {took:?}");
+}

@@ -204,6 +204,21 @@ pub enum LedgerCommand {
         /// Drawn by the caller from `[0, inventory.hold_release_jitter]`.
         jitter_offset_ms: i64,
     },
+    /// Reserve stock for an order being acknowledged (a synchronous
+    /// reservation) with no lifetime of its own: the order consumes it, or
+    /// its owner releases it once the order is known never to exist. Time
+    /// cannot take it from an acknowledged order whose creation is still in
+    /// flight to this ledger. Its `expires_at` is [`Timestamp::MAX`].
+    CreateOrderHold {
+        /// The hold's id.
+        hold_id: HoldId,
+        /// Units to hold.
+        qty: Qty,
+        /// Where.
+        location: LocationId,
+        /// The caller's clock.
+        now: Timestamp,
+    },
     /// Turn a live hold into a line's reservation (no second reservation).
     ConsumeHold {
         /// The hold.
@@ -762,7 +777,13 @@ impl SkuLedger {
                 self.decide_cycle_count(location, *counted, Audit { reason: CYCLE_COUNT_REASON, user, at: *at }, cfg)
             }
             C::CreateHold { hold_id, qty, location, now, ttl_ms, jitter_offset_ms } => {
-                self.decide_create_hold(hold_id, *qty, location.as_ref(), *now, (*ttl_ms, *jitter_offset_ms))
+                if !(1..=HOLD_TTL_MS_MAX).contains(ttl_ms) || !(0..=HOLD_JITTER_MS_MAX).contains(jitter_offset_ms) {
+                    return Err(LedgerError::InvalidHoldTiming);
+                }
+                self.decide_create_hold(hold_id, *qty, location.as_ref(), *now, now.plus_ms(ttl_ms + jitter_offset_ms))
+            }
+            C::CreateOrderHold { hold_id, qty, location, now } => {
+                self.decide_create_hold(hold_id, *qty, Some(location), *now, Timestamp::MAX)
             }
             C::ConsumeHold { hold_id, order, line } => self.decide_consume_hold(hold_id, order, line),
             C::ReleaseHold { hold_id } => Ok(self.decide_release_hold(hold_id)),
@@ -1058,9 +1079,10 @@ impl SkuLedger {
             .collect()
     }
 
-    /// When the engine's timer should next send `ExpireHolds`.
+    /// When the engine's timer should next send `ExpireHolds` (never for
+    /// order holds, which do not expire: they sort last).
     pub fn next_expiry(&self) -> Option<Timestamp> {
-        self.hold_expiries.first().map(|(t, _)| *t)
+        self.hold_expiries.first().map(|(t, _)| *t).filter(|t| *t != Timestamp::MAX)
     }
 
     /// Checks every invariant of the whole ledger (O(size); for the simulator,
@@ -1515,15 +1537,12 @@ impl SkuLedger {
         qty: Qty,
         location: Option<&LocationId>,
         now: Timestamp,
-        (ttl_ms, jitter_offset_ms): (i64, i64),
+        expires_at: Timestamp,
     ) -> Result<Vec<LedgerEvent>, LedgerError> {
         if self.holds.contains_key(hold_id) {
             return Err(LedgerError::HoldExists(hold_id.clone()));
         }
         let qty = positive(qty)?;
-        if !(1..=HOLD_TTL_MS_MAX).contains(&ttl_ms) || !(0..=HOLD_JITTER_MS_MAX).contains(&jitter_offset_ms) {
-            return Err(LedgerError::InvalidHoldTiming);
-        }
         let location = match location {
             Some(l) => l.clone(),
             None => self.roomiest_location(qty)?,
@@ -1539,7 +1558,7 @@ impl SkuLedger {
             location,
             qty,
             created_at: now,
-            expires_at: now.plus_ms(ttl_ms + jitter_offset_ms),
+            expires_at,
         }])
     }
 
@@ -2782,6 +2801,29 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!((ledger.available(), ledger.next_expiry(), ledger.hold_count()), (10, None, 0));
         assert_eq!(when(&mut ledger, &cfg, &C::ReleaseHold { hold_id: hold("h1") }), Ok(vec![]));
+    }
+
+    #[test]
+    fn an_order_hold_never_expires_and_ends_only_when_consumed_or_released() {
+        let cfg = cfg(1, 0);
+        let order_hold =
+            |id: &str, qty| C::CreateOrderHold { hold_id: hold(id), qty, location: loc("WH-1"), now: Timestamp(0) };
+        let mut ledger = given(&cfg, &[receive("WH-1", 10), create_hold("cart", 1, 0, 100, 0)]);
+        let events = when(&mut ledger, &cfg, &order_hold("o1.s1", 4)).expect("accepted");
+        assert!(matches!(&events[..], [E::HoldCreated { expires_at: Timestamp::MAX, qty: 4, .. }]));
+        when(&mut ledger, &cfg, &order_hold("o2.s1", 2)).expect("accepted");
+        assert_eq!(ledger.next_expiry(), Some(Timestamp(100)), "only the cart hold is due at all");
+        let late = Timestamp(Timestamp::MAX.0 - 1);
+        let events = when(&mut ledger, &cfg, &C::ExpireHolds { now: late }).expect("accepted");
+        assert!(matches!(&events[..], [E::HoldExpired { hold_id, .. }] if hold_id == &hold("cart")));
+        assert_eq!((ledger.available(), ledger.next_expiry(), ledger.hold_count()), (4, None, 2));
+        let consume = C::ConsumeHold { hold_id: hold("o1.s1"), order: order("o1"), line: line("o1:1") };
+        assert!(matches!(&when(&mut ledger, &cfg, &consume).expect("accepted")[..], [E::HoldConsumed { qty: 4, .. }]));
+        let release = C::ReleaseHold { hold_id: hold("o2.s1") };
+        assert!(matches!(&when(&mut ledger, &cfg, &release).expect("accepted")[..], [E::HoldReleased { qty: 2, .. }]));
+        assert_eq!((ledger.available(), ledger.hold_count()), (6, 0));
+        assert_eq!(when(&mut ledger, &cfg, &order_hold("o3.s1", 7)), Err(LedgerError::Insufficient { available: 6 }));
+        ledger.check_invariants().expect("invariants hold");
     }
 
     #[test]

@@ -27,6 +27,7 @@ enum Op {
     Adjust { loc: usize, delta: i64 },
     CycleCount { loc: usize, counted: u64 },
     CreateHold { hold: usize, qty: u32, loc: Option<usize>, ttl_ms: i64, jitter_ms: i64 },
+    CreateOrderHold { hold: usize, qty: u32, loc: usize },
     ConsumeHold { hold: usize, line: usize },
     ReleaseHold { hold: usize },
     Expire { advance_ms: i64 },
@@ -48,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(line, loc, found, key)| Op::Short { line, loc, found, key }),
         2 => (loc.clone(), -30i64..30).prop_map(|(loc, delta)| Op::Adjust { loc, delta }),
         1 => (loc.clone(), 0u64..60).prop_map(|(loc, counted)| Op::CycleCount { loc, counted }),
+        1 => (hold.clone(), 1u32..10, loc.clone()).prop_map(|(hold, qty, loc)| Op::CreateOrderHold { hold, qty, loc }),
         2 => (hold.clone(), 1u32..10, proptest::option::of(loc), 1i64..100, 0i64..20)
             .prop_map(|(hold, qty, loc, ttl_ms, jitter_ms)| Op::CreateHold { hold, qty, loc, ttl_ms, jitter_ms }),
         2 => (hold.clone(), line.clone()).prop_map(|(hold, line)| Op::ConsumeHold { hold, line }),
@@ -117,6 +119,9 @@ fn command(op: &Op, now: &mut i64) -> LedgerCommand {
             ttl_ms,
             jitter_offset_ms: jitter_ms,
         },
+        Op::CreateOrderHold { hold, qty, loc } => {
+            LedgerCommand::CreateOrderHold { hold_id: hold_id(hold), qty, location: location(loc), now: at }
+        }
         Op::ConsumeHold { hold, line } => {
             LedgerCommand::ConsumeHold { hold_id: hold_id(hold), order: order(line), line: line_id(line) }
         }

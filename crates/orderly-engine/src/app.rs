@@ -748,14 +748,25 @@ pub fn subscriptions(consumer: &str) -> &'static [Subscription] {
 
 const ORDERS_SUBSCRIPTIONS: &[Subscription] = &[
     ("inventory", |t| {
-        matches!(t, "orderly.inventory.reserved" | "orderly.inventory.backordered" | "orderly.inventory.deallocated")
+        matches!(
+            t,
+            "orderly.inventory.reserved"
+                | "orderly.inventory.backordered"
+                | "orderly.inventory.deallocated"
+                | "orderly.hold.unclaimed"
+        )
     }),
     ("picking", |t| matches!(t, "orderly.pick.requested" | "orderly.pick.completed" | "orderly.pick.short")),
     ("packing", |t| t == "orderly.pack.completed"),
     ("shipping", |t| matches!(t, "orderly.shipment.label_created" | "orderly.shipment.delivered")),
 ];
 const INVENTORY_SUBSCRIPTIONS: &[Subscription] = &[
-    ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled" | "orderly.order.returned")),
+    ("orders", |t| {
+        matches!(
+            t,
+            "orderly.order.created" | "orderly.order.canceled" | "orderly.order.returned" | "orderly.order.voided"
+        )
+    }),
     ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
 ];
 const PICKING_SUBSCRIPTIONS: &[Subscription] =

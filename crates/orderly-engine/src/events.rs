@@ -152,6 +152,36 @@ pub struct Deallocated {
     pub reason: String,
 }
 
+/// `orderly.hold.unclaimed`: a synchronous reservation outlived the hold
+/// lifetime (`inventory.hold_ttl`) without its order reaching inventory.
+/// Inventory keeps the units and asks the orders service, which owns the
+/// truth, whether the order exists; it repeats the question every lifetime
+/// until the order arrives or is voided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldUnclaimed {
+    /// The order the reservation was made for.
+    pub order_id: OrderId,
+    /// The hold.
+    pub hold_id: String,
+    /// What it holds.
+    pub sku: Sku,
+    /// Where.
+    pub location: LocationId,
+    /// How many.
+    pub qty: u64,
+}
+
+/// `orderly.order.voided`: the order a synchronous reservation was made for
+/// does not exist, and now never will (its creation is refused from here
+/// on): inventory releases the hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderVoided {
+    /// The order id that will never be used.
+    pub order_id: OrderId,
+    /// The hold to release.
+    pub hold_id: String,
+}
+
 /// A line (part) that could not be allocated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnfilledData {

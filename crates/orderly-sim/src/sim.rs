@@ -751,6 +751,9 @@ impl Sim {
             ("event_retries", "orderly_event_retries_total"),
             ("carrier_fallbacks", "orderly_carrier_fallbacks_total"),
             ("holds_expired", "orderly_holds_expired_total"),
+            ("holds_unclaimed", "orderly_holds_unclaimed_total"),
+            ("orders_voided", "orderly_voided_orders_total"),
+            ("lapsed_reservations", "orderly_lapsed_reservations_total"),
         ] {
             s.insert(name.to_owned(), m.counter_total(metric));
         }

@@ -48,14 +48,11 @@ const KILL_AFTER_MS: (u64, u64) = (300, 3_000);
 /// Most notifications one kill may cause to be delivered again: deliveries
 /// out at the kill and answers not yet committed as sent.
 const REPEATS_PER_KILL_MAX: usize = 2 * DELIVERIES_IN_FLIGHT_MAX;
-/// Orphaned cart holds (a crash between a synchronous reservation and its
-/// order) lapse soon, so the stock check need not wait long.
+/// The hold of a synchronous reservation whose order was never created (a
+/// crash between the two) is released about one TTL later, once inventory
+/// asked orders (`hold.unclaimed`), so the stock check need not wait long.
+/// An acknowledged order's hold never lapses, whatever the TTL.
 const HOLDS_TOML: &str = "[inventory]\nhold_ttl = \"3s\"\nhold_release_jitter = \"1s\"\n";
-/// In the distributed mode an `order.created` handed to a process that was
-/// then killed comes back only after JetStream's ack wait (30 s): a
-/// synchronous reservation's hold must outlive that, or it lapses before the
-/// order consumes it (a known gap: README "Crash safety").
-const DISTRIBUTED_HOLDS_TOML: &str = "[inventory]\nhold_ttl = \"40s\"\nhold_release_jitter = \"5s\"\n";
 
 /// The seed of the kill schedule: `ORDERLY_CRASH_SEED`, else random (printed).
 fn seed() -> u64 {
@@ -148,12 +145,35 @@ struct Targets {
     inventory: Api,
     picking: Api,
     notifications: Api,
+    /// `/v1/ops/reconcile`, served by a process running orders, inventory
+    /// and picking: none in the distributed layout (see
+    /// [`diagnose_with_one_process`]).
+    reconcile: Option<Api>,
 }
 
 impl Targets {
     fn all(api: &Api) -> Targets {
-        Targets { orders: api.clone(), inventory: api.clone(), picking: api.clone(), notifications: api.clone() }
+        Targets {
+            orders: api.clone(),
+            inventory: api.clone(),
+            picking: api.clone(),
+            notifications: api.clone(),
+            reconcile: Some(api.clone()),
+        }
     }
+}
+
+/// The sum of a process's `orderly_stale_events_total` counters (events the
+/// orders service dropped as older than one already applied from their
+/// source): 0 if it cannot be read.
+async fn stale_events(api: &Api) -> u64 {
+    let metrics = api.send(api.request(Method::GET, "/metrics", None)).await.map(|r| r.text).unwrap_or_default();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("orderly_stale_events_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// The webhook receiver and the moments the notifications process was killed.
@@ -225,23 +245,29 @@ async fn distributed_acknowledged_orders_survive_random_sigkills() {
     let mut rng = Rng(seed());
     let mut hooks = Hooks::start().await;
     let world = World::new(&format!("nats://{NATS}"));
-    let config = world.config_with(None, &format!("{DISTRIBUTED_HOLDS_TOML}{}", hooks.toml()));
+    let config = world.config_with(None, &format!("{HOLDS_TOML}{}", hooks.toml()));
     let mut procs: Vec<Proc> = GROUPS.iter().map(|g| world.serve_patiently(&config, g)).collect();
     let targets_of = |procs: &[Proc]| Targets {
         orders: procs[0].api.clone(),
         inventory: procs[0].api.clone(),
         picking: procs[1].api.clone(),
         notifications: procs[2].api.clone(),
+        reconcile: None,
     };
     stock(&procs[0].api).await;
     let log = Arc::new(Log::default());
     let started = Instant::now();
     let mut killed = Vec::new();
+    // Counted over every lifetime of the orders process (its counters restart with it).
+    let mut stale = 0;
     for round in 0..ROUNDS {
         let load = Load::start(&targets_of(&procs), &log, round);
         let after = rng.between_ms(KILL_AFTER_MS);
         tokio::time::sleep(after).await;
         let victim = usize::try_from(rng.below(GROUPS.len() as u64)).expect("small");
+        if victim == 0 {
+            stale += stale_events(&procs[0].api).await;
+        }
         procs.remove(victim).kill();
         if GROUPS[victim].contains("notifications") {
             hooks.killed();
@@ -258,8 +284,37 @@ async fn distributed_acknowledged_orders_survive_random_sigkills() {
         procs.insert(victim, world.serve_patiently(&config, GROUPS[victim]));
         retry_unknown(&targets_of(&procs), &log).await;
     }
-    let report = check_everything(&targets_of(&procs), &log, &hooks, Duration::from_secs(120)).await;
-    eprintln!("distributed crash test: {ROUNDS} kills ({killed:?}), {report}, {:.1}s", started.elapsed().as_secs_f64());
+    let targets = targets_of(&procs);
+    let checked = std::panic::AssertUnwindSafe(check_everything(&targets, &log, &hooks, WITHIN));
+    let settled = match futures_util::FutureExt::catch_unwind(checked).await {
+        Ok(settled) => settled,
+        Err(failure) => {
+            diagnose_with_one_process(&world, &config, procs).await;
+            std::panic::resume_unwind(failure)
+        }
+    };
+    stale += stale_events(&procs[0].api).await;
+    eprintln!(
+        "distributed crash test: {ROUNDS} kills ({killed:?}), {settled}, {stale} events dropped as stale, {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// How long the distributed test waits for the engine to settle.
+const WITHIN: Duration = Duration::from_secs(120);
+
+/// After a failed check in the distributed layout: stops the three
+/// processes and runs every service in one process on the same database
+/// and streams, to print what reconciliation (which needs orders, inventory
+/// and picking in one process) finds.
+async fn diagnose_with_one_process(world: &World, config: &std::path::Path, procs: Vec<Proc>) {
+    for p in procs {
+        p.kill();
+    }
+    let all = world.serve_patiently(config, &GROUPS.join(","));
+    let found = all.api.post_empty("/v1/ops/reconcile", OPS_KEY).await;
+    eprintln!("reconciliation, by one process running every service after the failure: {}", found.text);
+    all.kill();
 }
 
 /// Creates the warehouse and receives the initial stock.
@@ -587,8 +642,11 @@ async fn check_stock(targets: &Targets, log: &Log, within: Duration) {
         }
         if Instant::now() >= deadline {
             // What reconciliation finds (reservations against orders and picks) names the culprit.
-            let found = targets.inventory.post_empty("/v1/ops/reconcile", OPS_KEY).await;
-            panic!("stock does not balance:\n{}\nreconciliation: {}", report.join("\n"), found.text);
+            let found = match &targets.reconcile {
+                Some(api) => api.post_empty("/v1/ops/reconcile", OPS_KEY).await.text,
+                None => "printed after this failure".to_owned(),
+            };
+            panic!("stock does not balance:\n{}\nreconciliation: {found}", report.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

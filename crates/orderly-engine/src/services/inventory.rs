@@ -77,11 +77,15 @@ impl OrderRecord {
 pub struct HoldRef {
     /// SKU.
     pub sku: Sku,
-    /// When it expires.
+    /// When a cart hold expires; for a synchronous reservation, when
+    /// inventory first asks whether its order exists (it never expires).
     pub expires_at: Timestamp,
     /// For a synchronous reservation: the line it is for.
     #[serde(default)]
     pub line: Option<LineId>,
+    /// For a synchronous reservation: the order it is for.
+    #[serde(default)]
+    pub order: Option<OrderId>,
 }
 
 /// A hold as shown to the storefront.
@@ -231,6 +235,9 @@ pub struct Inventory {
     holds: Table<HoldRef>,
     request_keys: Table<KeyedRequest>,
     expiries: BTreeSet<(Timestamp, Sku)>,
+    /// When to ask again whether the order of an unconsumed synchronous
+    /// reservation exists (`hold.unclaimed`), per hold id.
+    asks: BTreeSet<(Timestamp, String)>,
     indexes: IndexGuard,
 }
 
@@ -252,6 +259,7 @@ impl Inventory {
             holds: Table::whole("holds", |_| None),
             request_keys: Table::new(REQUEST_KEYS, REQUEST_KEY_CACHE_MAX, |_| None),
             expiries: BTreeSet::new(),
+            asks: BTreeSet::new(),
             indexes: IndexGuard::unbuilt(),
         };
         svc.locations.load_all(store).await?;
@@ -269,7 +277,14 @@ impl Inventory {
         }
         self.locations.load_all(store).await?;
         self.holds.load_all(store).await?;
-        self.expiries = self.holds.iter().map(|(_, h)| (h.expires_at, h.sku.clone())).collect();
+        self.expiries.clear();
+        self.asks.clear();
+        for (id, h) in self.holds.iter() {
+            match h.order {
+                None => self.expiries.insert((h.expires_at, h.sku.clone())),
+                Some(_) => self.asks.insert((h.expires_at, id.clone())),
+            };
+        }
         self.indexes.rebuilt();
         Ok(())
     }
@@ -603,8 +618,10 @@ impl Inventory {
             .get(sku.as_str())
             .and_then(|l| l.hold(&id))
             .ok_or_else(|| ApiError::Unavailable("hold vanished".into()))?;
-        self.holds
-            .insert(id.as_str().to_owned(), HoldRef { sku: sku.clone(), expires_at: view.expires_at, line: None });
+        self.holds.insert(
+            id.as_str().to_owned(),
+            HoldRef { sku: sku.clone(), expires_at: view.expires_at, line: None, order: None },
+        );
         tx.ctx().metrics.inc("orderly_holds_created_total", &[], 1);
         Ok(HoldInfo { id, sku, qty: view.qty, location: view.location, expires_at: view.expires_at })
     }
@@ -639,23 +656,27 @@ impl Inventory {
                 let n = result.hold_ids.len() + 1;
                 let id = HoldId::parse(super::common::derived_id(order_id.as_str(), &format!(".s{n}")))
                     .map_err(|e| ApiError::invalid("invalid-order-id", e.to_string()))?;
-                let cmd = LedgerCommand::CreateHold {
+                // No lifetime: the order, acknowledged with these units, is
+                // on its way here; only the orders service can void it.
+                let cmd = LedgerCommand::CreateOrderHold {
                     hold_id: id.clone(),
                     qty: *qty,
-                    location: Some(location.clone()),
+                    location: location.clone(),
                     now: tx.now,
-                    ttl_ms: self.hold_ttl_ms,
-                    jitter_offset_ms: 0,
                 };
                 if let Err(e) = self.exec(&line.sku, &cmd, &mut out) {
                     self.undo_holds(&result, &mut out);
                     return Err(ledger_error(e));
                 }
-                let expires_at = tx.now.plus_ms(self.hold_ttl_ms);
-                self.holds.insert(
-                    id.as_str().to_owned(),
-                    HoldRef { sku: line.sku.clone(), expires_at, line: Some(line.line_id.clone()) },
-                );
+                let ask_at = tx.now.plus_ms(self.hold_ttl_ms);
+                self.asks.insert((ask_at, id.as_str().to_owned()));
+                let href = HoldRef {
+                    sku: line.sku.clone(),
+                    expires_at: ask_at,
+                    line: Some(line.line_id.clone()),
+                    order: Some(order_id.clone()),
+                };
+                self.holds.insert(id.as_str().to_owned(), href);
                 result.hold_ids.push(id);
                 result.allocations.push(AllocationData {
                     line_id: line.line_id.clone(),
@@ -748,13 +769,15 @@ impl Inventory {
         href.line.is_some().then(|| (line.line_id.clone(), view.location, qty))
     }
 
-    /// A synchronous reservation whose hold lapsed before its order reached
-    /// inventory (a consumer delayed longer than the hold's lifetime). The
-    /// order was acknowledged with the allocation, so inventory reserves the
-    /// same units at the same location again, with no event (the order holds
-    /// them already), and does not route them anew. When those units are
-    /// gone, the line is routed like any other (known gap: the order then
-    /// keeps an allocation inventory does not hold; see README, Crash safety).
+    /// A synchronous reservation whose hold is gone (or smaller) when its
+    /// order arrives. Holds of synchronous reservations no longer expire
+    /// (see [`Self::ask_unclaimed`]), so this is left for holds made before
+    /// that, and for held units a cycle count found missing. The order was
+    /// acknowledged with the allocation, so inventory reserves the same units
+    /// at the same location again, with no event (the order holds them
+    /// already). When those units are gone, the line is routed like any
+    /// other (the order then keeps an allocation inventory does not hold;
+    /// counted as `orderly_lapsed_reservations_total{outcome="routed_anew"}`).
     fn restore_lapsed(
         &mut self,
         tx: &Tx,
@@ -778,6 +801,60 @@ impl Inventory {
         if again && let Some(r) = remaining.get_mut(&a.line_id) {
             *r = r.saturating_sub(qty);
         }
+    }
+
+    /// Asks the orders service about each synchronous reservation whose
+    /// order has not reached inventory within the hold lifetime, and again
+    /// every lifetime after that (`hold.unclaimed`). The units stay held: the
+    /// order may have been acknowledged and its `order.created` be delayed
+    /// (a broker outage, a consumer down); only `order.voided` frees them.
+    async fn ask_unclaimed(&mut self, tx: &mut Tx) -> Result<(), crate::ports::StoreError> {
+        let due: Vec<(Timestamp, String)> = self.asks.iter().take_while(|(t, _)| *t <= tx.now).cloned().collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let skus = due.iter().filter_map(|(_, id)| self.holds.get(id).map(|h| h.sku.clone())).collect();
+        self.load_ledgers(tx.store(), skus).await?;
+        let mut asked = 0u64;
+        for entry in due {
+            self.asks.remove(&entry);
+            let Some(HoldRef { sku, order: Some(order), .. }) = self.holds.get(&entry.1).cloned() else { continue };
+            let view = HoldId::parse(entry.1.as_str())
+                .ok()
+                .and_then(|id| self.ledgers.get(sku.as_str()).and_then(|l| l.hold(&id)));
+            // Consumed or released meanwhile: nothing to ask.
+            let Some(view) = view else { continue };
+            let (location, qty) = (view.location, view.qty);
+            let data = events::HoldUnclaimed { order_id: order.clone(), hold_id: entry.1.clone(), sku, location, qty };
+            tx.emit(EventType::HoldUnclaimed, order.as_str(), events::data(&data));
+            self.asks.insert((tx.now.plus_ms(self.hold_ttl_ms.max(1)), entry.1));
+            asked += 1;
+        }
+        if asked > 0 {
+            tx.ctx().metrics.inc("orderly_holds_unclaimed_total", &[], asked);
+        }
+        Ok(())
+    }
+
+    /// The orders service voided the order a synchronous reservation was
+    /// made for (it was never created, and now never will be): the hold goes.
+    async fn on_order_voided(&mut self, tx: &mut Tx, ev: events::OrderVoided) -> Result<(), EventError> {
+        let Some(href) = self.holds.get(&ev.hold_id).cloned() else { return Ok(()) };
+        if href.order.as_ref() != Some(&ev.order_id) {
+            return Err(EventError::Poison(format!(
+                "hold {} is not a reservation of order {}",
+                ev.hold_id, ev.order_id
+            )));
+        }
+        let hold_id = HoldId::parse(ev.hold_id.as_str()).map_err(|e| EventError::Poison(e.to_string()))?;
+        self.load_ledgers(tx.store(), vec![href.sku.clone()]).await?;
+        let mut out = Outcome::default();
+        if let Err(e) = self.exec(&href.sku, &LedgerCommand::ReleaseHold { hold_id }, &mut out) {
+            tracing::warn!(order_id = %ev.order_id, error = %e, "voided reservation not released");
+        }
+        tx.ctx().metrics.inc("orderly_voided_reservations_total", &[], 1);
+        self.flush(tx, out);
+        Ok(())
     }
 
     fn backorder(&mut self, order: &OrderId, unfilled: Vec<(LineId, Sku, Qty)>, now: Timestamp, out: &mut Outcome) {
@@ -1053,6 +1130,7 @@ impl Service for Inventory {
                 EventType::OrderCreated => self.on_order_created(tx, events::parse(event)?).await,
                 EventType::OrderCanceled => self.on_order_canceled(tx, events::parse(event)?).await,
                 EventType::OrderReturned => self.on_returned(tx, events::parse(event)?).await,
+                EventType::OrderVoided => self.on_order_voided(tx, events::parse(event)?).await,
                 EventType::PickCompleted => self.on_pick(tx, events::parse(event)?, false).await,
                 EventType::PickShort => self.on_pick(tx, events::parse(event)?, true).await,
                 _ => Ok(()),
@@ -1064,6 +1142,9 @@ impl Service for Inventory {
 
     async fn on_tick(&mut self, tx: &mut Tx) {
         if self.refresh(tx.store()).await.is_err() {
+            return;
+        }
+        if self.ask_unclaimed(tx).await.is_err() {
             return;
         }
         let due: Vec<Sku> = self.expiries.iter().take_while(|(t, _)| *t <= tx.now).map(|(_, s)| s.clone()).collect();
@@ -1091,7 +1172,8 @@ impl Service for Inventory {
             // Rebuild at the next turn: the schedule may be missing due holds.
             return Some(Timestamp(i64::MIN));
         }
-        self.expiries.first().map(|(t, _)| *t)
+        let asks = self.asks.first().map(|(t, _)| *t);
+        self.expiries.first().map(|(t, _)| *t).into_iter().chain(asks).min()
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {

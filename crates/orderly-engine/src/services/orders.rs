@@ -48,6 +48,18 @@ pub struct KeyedOrder {
     pub fingerprint: u64,
 }
 
+/// The table of order ids voided before their order was created (a
+/// synchronous reservation whose order never committed).
+pub const VOIDED_ORDERS: &str = "voided_orders";
+
+/// An order id that will never be used: its synchronous reservation was
+/// released because the order did not exist when inventory asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoidedOrder {
+    /// When it was voided.
+    pub voided_at: Timestamp,
+}
+
 /// Commands from the API.
 pub enum Command {
     /// Creates an order (synchronous allocations, if any, are in its lines).
@@ -103,6 +115,7 @@ pub struct Orders {
     orders: Table<Order>,
     parked: Table<Vec<Envelope>>,
     keys: Table<KeyedOrder>,
+    voided: Table<VoidedOrder>,
     policy: OrderPolicy,
 }
 
@@ -117,6 +130,8 @@ impl Orders {
             // A key is looked up once per create (a retry reloads it): nothing to keep.
             keys: Table::new(ORDER_KEYS, CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
             parked: Table::new("parked", CACHE_ENTRIES_MAX, |_| None),
+            // Read once per synchronous create: nothing to keep.
+            voided: Table::new(VOIDED_ORDERS, CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
             policy,
         }
     }
@@ -131,6 +146,17 @@ impl Orders {
         // only a repeat within the cache is possible (a client-chosen id).
         if self.orders.get(new.order_id.as_str()).is_some() {
             return Err(ApiError::conflict("order-exists", format!("order {} already exists", new.order_id)));
+        }
+        // Stock reserved before acknowledgement is held for this id until
+        // the order reaches inventory, unless this service voided the id
+        // first (inventory asked after the hold lifetime and the order did
+        // not exist): then the units are gone and the order must not be.
+        let synchronous = new.lines.iter().any(|l| !l.allocations.is_empty());
+        if synchronous && self.voided.load(tx.store(), new.order_id.as_str()).await? {
+            return Err(ApiError::Unavailable(format!(
+                "the stock reserved for order {} was released before the order was created; retry the request",
+                new.order_id
+            )));
         }
         let evs = Order::decide_create(new, &self.policy, tx.now).map_err(order_error)?;
         let order = Order::from_events(&evs)
@@ -175,7 +201,30 @@ impl Orders {
         Ok(order)
     }
 
+    /// Inventory asks whether the order of a synchronous reservation exists
+    /// (`hold.unclaimed`). If it does, its `order.created` is on its way and
+    /// will consume the hold: nothing to say. If not, the id is voided in
+    /// this commit (a create still in flight for it is refused from now on)
+    /// and inventory is told to release the hold (`order.voided`).
+    async fn on_hold_unclaimed(&mut self, tx: &mut Tx, env: &Envelope) -> Result<(), EventError> {
+        let ask: events::HoldUnclaimed = events::parse(env)?;
+        if self.orders.load(tx.store(), ask.order_id.as_str()).await? {
+            return Ok(());
+        }
+        if !self.voided.load(tx.store(), ask.order_id.as_str()).await? {
+            self.voided.insert(ask.order_id.as_str().to_owned(), VoidedOrder { voided_at: tx.now });
+        }
+        tx.ctx().metrics.inc("orderly_voided_orders_total", &[], 1);
+        tracing::info!(order_id = %ask.order_id, hold_id = %ask.hold_id, "synchronous reservation of an order never created: voided");
+        let data = events::OrderVoided { order_id: ask.order_id.clone(), hold_id: ask.hold_id };
+        tx.emit(EventType::OrderVoided, ask.order_id.as_str(), events::data(&data));
+        Ok(())
+    }
+
     async fn on_bus_event(&mut self, tx: &mut Tx, env: &Envelope) -> Result<(), EventError> {
+        if env.event_type == EventType::HoldUnclaimed {
+            return self.on_hold_unclaimed(tx, env).await;
+        }
         let cmds = commands_for(env)?;
         if cmds.is_empty() {
             return Ok(());
@@ -623,6 +672,6 @@ impl Service for Orders {
     }
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
-        vec![&mut self.orders, &mut self.keys, &mut self.parked]
+        vec![&mut self.orders, &mut self.keys, &mut self.parked, &mut self.voided]
     }
 }
