@@ -604,7 +604,6 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     }
     let carrier_faults = sim_faults(&client.http, sim.url()).await;
 
-
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     hook.abort();
