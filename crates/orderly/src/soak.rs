@@ -2,7 +2,7 @@
 //! (embedded SQLite stores in a fresh directory, the HTTP API on loopback)
 //! with the carrier simulator in a child process injecting faults, a webhook
 //! receiver counting notifications, random cancellations and cart holds
-//! left to expire, pickers and packers, and a courier reporting each
+//! left to expire, pickers and packers, a restocker, and a courier reporting each
 //! shipment delivered a moment after its label (so orders settle, and the
 //! engine's caches can let them go). It samples RSS and consumer lag
 //! every second and at the end checks the invariants: no oversell,
@@ -50,6 +50,8 @@ pub struct SoakReport {
     pub cancellations: u64,
     /// Cart holds created and left to expire.
     pub holds: u64,
+    /// Receipts the restocker made (a location's SKU topped up when half sold).
+    pub restocks: u64,
     /// Pick tasks confirmed.
     pub picks: u64,
     /// Packages packed.
@@ -107,6 +109,7 @@ struct Counters {
     picks: AtomicU64,
     packages: AtomicU64,
     deliveries: AtomicU64,
+    restocks: AtomicU64,
     /// Shipments labeled and not yet reported delivered (or given up on) by the courier.
     courier_pending: AtomicU64,
     server_errors: AtomicU64,
@@ -272,7 +275,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     let client = Arc::new(Client { http, base, keys, counters: counters.clone(), errors: errors.clone() });
 
     // Catalog: two warehouses, SKUS SKUs stocked at both.
-    let mut received: HashMap<String, u64> = HashMap::new();
+    let received: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     for (loc, zone) in LOCATIONS {
         client
             .send(
@@ -295,7 +298,9 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
                 )
                 .await;
             anyhow::ensure!(r.as_ref().is_some_and(|(s, _)| *s == 201), "stocking failed: {r:?}");
-            *received.entry(sku).or_default() += u64::from(INITIAL_UNITS);
+            if let Ok(mut r) = received.lock() {
+                *r.entry(sku).or_default() += u64::from(INITIAL_UNITS);
+            }
         }
     }
 
@@ -380,6 +385,68 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
                 while reports.try_join_next().is_some() {}
             }
             while reports.join_next().await.is_some() {}
+        })
+    };
+
+    let lost_receipts: Arc<Mutex<Vec<String>>> = Arc::default();
+    // The restocker: every 2 s, a location's SKU with less than half its initial units
+    // available is topped up by a keyed receipt (answered or not, it counts once).
+    let restocker = {
+        let client = client.clone();
+        let running = running.clone();
+        let received = received.clone();
+        let lost = lost_receipts.clone();
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            while running.load(Ordering::Relaxed) {
+                round += 1;
+                for s in 0..SKUS {
+                    let sku = format!("SOAK-{s}");
+                    let path = format!("/v1/inventory/{sku}");
+                    let Some((200, inv)) = client.send(reqwest::Method::GET, &path, "viewer", None, None).await
+                    else {
+                        continue;
+                    };
+                    for l in inv["locations"].as_array().into_iter().flatten() {
+                        let available = l["available"].as_u64().unwrap_or(0);
+                        if available >= u64::from(INITIAL_UNITS / 2) {
+                            continue;
+                        }
+                        let qty = u64::from(INITIAL_UNITS) - available;
+                        let loc = l["location"].as_str().unwrap_or_default().to_owned();
+                        let key = format!("soak-receipt-{round}-{loc}-{sku}");
+                        let body = json!({"location": loc, "sku": sku, "qty": qty});
+                        let mut answered = false;
+                        for _ in 0..10 {
+                            match client
+                                .send(
+                                    reqwest::Method::POST,
+                                    "/v1/inventory/receipts",
+                                    "warehouse",
+                                    Some(body.clone()),
+                                    Some(&key),
+                                )
+                                .await
+                            {
+                                Some((200 | 201, _)) => {
+                                    answered = true;
+                                    if let Ok(mut r) = received.lock() {
+                                        *r.entry(sku.clone()).or_default() += qty;
+                                    }
+                                    client.counters.restocks.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                Some((status, _)) if (400..500).contains(&status) => break,
+                                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                            }
+                        }
+                        if !answered && let Ok(mut e) = lost.lock() {
+                            e.push(format!("receipt {key} was never accepted: units received unknown"));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
         })
     };
 
@@ -502,6 +569,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     for w in workers {
         let _ = w.await;
     }
+    let _ = restocker.await;
     let _ = sampler.await;
     let mut quiet = 0;
     while quiet < 3 && Instant::now() < settle_deadline + Duration::from_secs(30) {
@@ -570,6 +638,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
         violations.push(format!("{} orders exist but {} were acknowledged", by_id.len(), unique.len()));
     }
     // Stock: no oversell at any location; units conserved (received = on hand + picked for live orders).
+    let received = received.lock().map(|r| r.clone()).unwrap_or_default();
     for (sku, got) in &received {
         let Some((200, inv)) =
             client.send(reqwest::Method::GET, &format!("/v1/inventory/{sku}"), "viewer", None, None).await
@@ -595,6 +664,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
     if !duplicates.is_empty() {
         violations.push(format!("notifications delivered more than once: {duplicates:?}"));
     }
+    violations.extend(lost_receipts.lock().map(|l| l.clone()).unwrap_or_default());
     let server_errors = counters.server_errors.load(Ordering::Relaxed);
     if server_errors > 0 {
         violations.push(format!(
@@ -620,6 +690,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
         orders_refused: counters.refused.load(Ordering::Relaxed),
         cancellations: counters.cancels.load(Ordering::Relaxed),
         holds: counters.holds.load(Ordering::Relaxed),
+        restocks: counters.restocks.load(Ordering::Relaxed),
         picks: counters.picks.load(Ordering::Relaxed),
         packages: counters.packages.load(Ordering::Relaxed),
         deliveries: counters.deliveries.load(Ordering::Relaxed),
