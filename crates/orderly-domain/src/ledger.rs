@@ -1050,6 +1050,11 @@ impl SkuLedger {
         self.backorder_entries.get(line).map(|(_, entry)| entry)
     }
 
+    /// Every live hold, in id order.
+    pub fn holds(&self) -> impl Iterator<Item = HoldView> + '_ {
+        self.holds.keys().filter_map(|id| self.hold(id))
+    }
+
     /// A live hold.
     pub fn hold(&self, hold_id: &HoldId) -> Option<HoldView> {
         self.holds.get(hold_id).map(|h| HoldView {

@@ -438,6 +438,25 @@ impl Checker {
             if l.next_expiry().is_some_and(|t| now.since(t) > HOLD_EXPIRY_SLACK_MS) {
                 return fail("liveness", format!("{} has a hold live past its expiry", l.sku()));
             }
+            // A synchronous reservation's hold never expires: its order consumes
+            // it, or (never created) the orders service voids it once inventory
+            // asks, one hold lifetime after it was made.
+            let ttl = world.settings.inventory.hold_ttl.0;
+            for h in l.holds().filter(|h| h.expires_at == Timestamp::MAX) {
+                self.checked("no_orphan_reservation");
+                if now.since(h.created_at) > ttl + HOLD_EXPIRY_SLACK_MS {
+                    return fail(
+                        "no_orphan_reservation",
+                        format!(
+                            "{}: synchronous reservation {} of {} units unclaimed for {} ms",
+                            l.sku(),
+                            h.hold_id,
+                            h.qty,
+                            now.since(h.created_at)
+                        ),
+                    );
+                }
+            }
             // Units reserved for an order that is over (or unknown) are units
             // nobody will pick: a leak the stock counts alone do not show.
             for r in l.reservations().into_iter().filter(|r| r.qty > 0) {
