@@ -403,8 +403,7 @@ pub async fn run(cfg: &Soak) -> Result<SoakReport> {
                 for s in 0..SKUS {
                     let sku = format!("SOAK-{s}");
                     let path = format!("/v1/inventory/{sku}");
-                    let Some((200, inv)) = client.send(reqwest::Method::GET, &path, "viewer", None, None).await
-                    else {
+                    let Some((200, inv)) = client.send(reqwest::Method::GET, &path, "viewer", None, None).await else {
                         continue;
                     };
                     for l in inv["locations"].as_array().into_iter().flatten() {
