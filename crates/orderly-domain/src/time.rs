@@ -156,7 +156,6 @@ impl fmt::Display for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     #[test]
     fn integer_times_outside_rfc_3339_years_are_refused() {
@@ -194,13 +193,5 @@ mod tests {
         assert_eq!(serde_json::from_str::<Timestamp>(&json).expect("parses"), t);
         assert_eq!(serde_json::from_str::<Timestamp>("1764150000123").expect("millis"), t);
         assert!(serde_json::from_str::<Timestamp>("\"yesterday\"").is_err());
-    }
-
-    proptest! {
-        #[test]
-        fn display_round_trips(ms in 0i64..8_000_000_000_000) {
-            let t = Timestamp(ms);
-            prop_assert_eq!(Timestamp::parse_rfc3339(&t.to_string()), Some(t));
-        }
     }
 }

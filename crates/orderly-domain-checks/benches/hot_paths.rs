@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the domain's hot paths in a flash sale: reserving
 //! stock on a hot SKU, backordering behind a long queue, routing a line,
 //! popping the pick queue, encoding and decoding an event, and storing a
-//! ledger's changed pieces. Run with `cargo bench -p orderly-domain`; under
+//! ledger's changed pieces. Run with `cargo bench -p orderly-domain-checks`; under
 //! `cargo test`/nextest each runs once as a smoke test.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
