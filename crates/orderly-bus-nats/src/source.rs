@@ -450,7 +450,9 @@ impl EventSource for JetStreamSource {
         let upto = offered.last().map_or(held.acked, |i| i.position);
         let records = offered
             .iter()
-            .filter_map(|i| i.envelope.clone().map(|envelope| OutboxRecord { position: i.position, envelope }))
+            .filter_map(|i| {
+                i.envelope.clone().map(|envelope| Arc::new(OutboxRecord { position: i.position, envelope }))
+            })
             .collect();
         Ok(Polled { records, from: held.acked, upto })
     }

@@ -1,8 +1,9 @@
 //! Identifier newtypes, parsed at the edge so the rest of the domain never
 //! sees an empty, oversized or ill-formed id.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest id the domain accepts, in bytes.
 pub const ID_LEN_MAX: usize = 64;
@@ -48,16 +49,19 @@ fn check(kind: &'static str, s: &str) -> Result<(), IdError> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        ///
+        /// Immutable and shared: a clone is a reference count, not a copy
+        /// (ids are cloned into events, caches and queues by the million).
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Parses and validates an identifier.
             pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
                 let s = s.into();
                 check($kind, &s)?;
-                Ok(Self(s))
+                Ok(Self(Arc::from(s)))
             }
 
             /// The identifier as a string slice.
@@ -75,7 +79,13 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                String::from(&*id.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
             }
         }
 
@@ -120,9 +130,9 @@ impl LineId {
         // shorter than ID_LEN_MAX - 11; longer ones are hashed down.
         let s = format!("{}:{}", order.as_str(), n);
         if s.len() <= ID_LEN_MAX {
-            LineId(s)
+            LineId(Arc::from(s))
         } else {
-            LineId(format!("{:016x}:{}", fnv1a(order.as_str().as_bytes()), n))
+            LineId(Arc::from(format!("{:016x}:{}", fnv1a(order.as_str().as_bytes()), n)))
         }
     }
 }

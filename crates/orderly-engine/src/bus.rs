@@ -5,16 +5,24 @@
 
 use crate::ports::{Batch, OutboxRecord, Store, StoreError};
 use async_trait::async_trait;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
+
+/// Committed events an embedded producer keeps in memory for its consumers
+/// (the newest, contiguous by position), so a consumer that keeps up reads
+/// them without a store read or a decode. Bounded; older events are read
+/// from the store.
+pub const TAIL_MAX: usize = 16_384;
 
 /// Events fetched for a consumer, and how far the fetch reached in the
 /// producer's log (events filtered out still advance the cursor).
 #[derive(Debug, Default)]
 pub struct Polled {
-    /// Events to process, oldest first.
-    pub records: Vec<OutboxRecord>,
+    /// Events to process, oldest first (shared: the embedded bus hands the
+    /// producer's committed copies to every consumer).
+    pub records: Vec<Arc<OutboxRecord>>,
     /// The consumer's committed position when polled.
     pub from: u64,
     /// The producer position this poll covered.
@@ -49,16 +57,51 @@ pub trait EventSource: Send + Sync {
     }
 }
 
-/// Announces a producer's outbox head to its embedded consumers.
+/// Announces a producer's outbox head to its embedded consumers, and keeps
+/// its newest committed events in memory for them (see [`TAIL_MAX`]).
 #[derive(Debug, Clone)]
 pub struct Publisher {
     tx: watch::Sender<u64>,
+    tail: Arc<Mutex<VecDeque<Arc<OutboxRecord>>>>,
 }
 
 impl Publisher {
     /// A publisher whose head starts at `head`.
     pub fn new(head: u64) -> Publisher {
-        Publisher { tx: watch::Sender::new(head) }
+        Publisher { tx: watch::Sender::new(head), tail: Arc::default() }
+    }
+
+    /// Keeps events the producer just committed, before their head is
+    /// published. `records` must be exactly the committed positions, in
+    /// order; a gap from what the tail holds empties it first, so the tail
+    /// is always contiguous.
+    pub fn retain(&self, records: impl IntoIterator<Item = Arc<OutboxRecord>>) {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            if tail.back().is_some_and(|last| last.position + 1 != r.position) {
+                tail.clear();
+            }
+            tail.push_back(r);
+        }
+        while tail.len() > TAIL_MAX {
+            tail.pop_front();
+        }
+    }
+
+    /// Up to `max` retained events after position `after`, and the last
+    /// position they cover; None when the tail does not start at or before
+    /// `after + 1` or holds nothing after `after` (read the store then).
+    fn retained_after(&self, after: u64, max: u32) -> Option<(Vec<Arc<OutboxRecord>>, u64)> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let first = tail.front()?.position;
+        let last = tail.back()?.position;
+        if first > after + 1 || last <= after {
+            return None;
+        }
+        let skip = (after + 1 - first) as usize;
+        let taken: Vec<Arc<OutboxRecord>> = tail.range(skip..).take(max as usize).cloned().collect();
+        let upto = taken.last().map_or(after, |r| r.position);
+        Some((taken, upto))
     }
 
     /// Tells consumers the outbox now reaches `head`.
@@ -118,9 +161,14 @@ impl EventSource for OutboxSource {
         if self.publisher.head() <= after {
             return Ok(Polled { records: Vec::new(), from: after, upto: after });
         }
+        if let Some((retained, upto)) = self.publisher.retained_after(after, max) {
+            let records = retained.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).collect();
+            return Ok(Polled { records, from: after, upto });
+        }
         let records = self.store.outbox_after(after, max).await?;
         let upto = records.last().map_or(after, |r| r.position);
-        let records = records.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).collect();
+        let records =
+            records.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).map(Arc::new).collect();
         Ok(Polled { records, from: after, upto })
     }
 
@@ -140,5 +188,73 @@ impl EventSource for OutboxSource {
 
     fn backlog(&self) -> u64 {
         self.publisher.head().saturating_sub(self.cursor.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory_store::MemoryStore;
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+
+    fn record(position: u64) -> OutboxRecord {
+        let envelope = Envelope::new(
+            format!("ev-{position}"),
+            "/orderly/orders",
+            EventType::OrderCreated,
+            "o-1",
+            Timestamp(0),
+            position,
+            serde_json::json!({}),
+        );
+        OutboxRecord { position, envelope }
+    }
+
+    fn ids(p: &Polled) -> Vec<String> {
+        p.records.iter().map(|r| r.envelope.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_keeps_up_reads_the_retained_events_without_the_store() {
+        // The store is empty: whatever the consumer gets came from the tail.
+        let publisher = Publisher::new(0);
+        publisher.retain((1..=3).map(|p| Arc::new(record(p))));
+        publisher.publish(3);
+        let source = OutboxSource::new("orders", Arc::new(MemoryStore::new()), publisher.clone(), 1, |_| true);
+        let polled = source.poll(10).await.expect("poll");
+        assert_eq!(ids(&polled), ["ev-2", "ev-3"]);
+        assert_eq!((polled.from, polled.upto), (1, 3));
+        let limited = source.poll(1).await.expect("poll");
+        assert_eq!((ids(&limited), limited.upto), (vec!["ev-2".to_owned()], 2), "at most max events");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_behind_the_tail_or_past_a_gap_reads_the_store() {
+        let store = Arc::new(MemoryStore::new());
+        let events: Vec<Envelope> = (1..=5).map(|p| record(p).envelope).collect();
+        let head = store.commit(Batch { outbox: events, ..Batch::default() }).await.expect("commit");
+        let publisher = Publisher::new(0);
+        publisher.retain((3..=4).map(|p| Arc::new(record(p))));
+        publisher.publish(head);
+        let behind = OutboxSource::new("orders", store.clone(), publisher.clone(), 0, |_| true);
+        assert_eq!(ids(&behind.poll(10).await.expect("poll")), ["ev-1", "ev-2", "ev-3", "ev-4", "ev-5"]);
+        // The tail reaches 4; the event after it is read from the store.
+        let at_end = OutboxSource::new("orders", store.clone(), publisher.clone(), 4, |_| true);
+        assert_eq!(ids(&at_end.poll(10).await.expect("poll")), ["ev-5"]);
+        // A gap empties the tail: it never skips a position.
+        publisher.retain([Arc::new(record(6))]);
+        let past_gap = OutboxSource::new("orders", store.clone(), publisher.clone(), 4, |_| true);
+        assert_eq!(ids(&past_gap.poll(10).await.expect("poll")), ["ev-5"], "5 is not retained: from the store");
+    }
+
+    #[test]
+    fn the_tail_is_bounded() {
+        let publisher = Publisher::new(0);
+        publisher.retain((1..=TAIL_MAX as u64 + 10).map(|p| Arc::new(record(p))));
+        let (first, _) = publisher.retained_after(0, 1).map_or((0, 0), |(r, u)| (r.len(), u));
+        assert_eq!(first, 0, "the oldest were dropped");
+        let (kept, upto) = publisher.retained_after(10, u32::MAX).expect("retained");
+        assert_eq!((kept.len(), upto), (TAIL_MAX, TAIL_MAX as u64 + 10));
     }
 }

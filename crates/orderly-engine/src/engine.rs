@@ -295,7 +295,11 @@ impl EngineBuilder {
             self.tasks.push(relay);
         }
         let shutdown = self.shutdown.subscribe();
+        let tail = publisher.clone();
         let mut driver = runtime::Driver::new(service, ctx, sources, move |h| publisher.publish(h)).await?;
+        if self.topology.broker.is_none() && sharing.is_none() {
+            driver.retain_committed(tail);
+        }
         if let Some(sharing) = sharing {
             driver.set_sharing(sharing);
         }

@@ -7,9 +7,9 @@
 //! wakes subscribers. A failed commit rolls the caches back and answers
 //! nobody, so nothing is acknowledged that is not durable.
 
-use crate::bus::EventSource;
+use crate::bus::{EventSource, Publisher};
 use crate::metrics::Metrics;
-use crate::ports::{Batch, Clock, Rng, Row, Store, StoreError, uuid_v7};
+use crate::ports::{Batch, Clock, OutboxRecord, Rng, Row, Store, StoreError, uuid_v7};
 use crate::table::Staged;
 use orderly_domain::Timestamp;
 use orderly_domain::event::{Envelope, EventType};
@@ -271,6 +271,7 @@ pub struct Driver<S: Service> {
     retry: RetryState,
     head: u64,
     publish: Box<dyn Fn(u64) + Send + Sync>,
+    retain: Option<Publisher>,
     mutations: Mutations,
     sharing: Option<Sharing>,
     dropped_at: Timestamp,
@@ -292,6 +293,7 @@ impl<S: Service> Driver<S> {
             retry: RetryState::default(),
             head,
             publish: Box::new(publish),
+            retain: None,
             mutations: Mutations::default(),
             sharing: None,
             dropped_at: Timestamp(0),
@@ -301,6 +303,13 @@ impl<S: Service> Driver<S> {
     /// Shares the service's work with other replicas (see [`Sharing`]).
     pub fn set_sharing(&mut self, sharing: Sharing) {
         self.sharing = Some(sharing);
+    }
+
+    /// Hands every committed event to `publisher`'s in-memory tail (the
+    /// embedded bus), so in-process consumers need not read them back from
+    /// the store. Only for a store this driver alone writes.
+    pub fn retain_committed(&mut self, publisher: Publisher) {
+        self.retain = Some(publisher);
     }
 
     /// Switches deliberate bugs on (the simulator's bug-finding tests only).
@@ -371,7 +380,8 @@ impl<S: Service> Driver<S> {
             self.service.on_tick(&mut tx).await;
             worked = true;
         }
-        if let Some(h) = commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, self.publish.as_ref()).await {
+        let publish = Publish { head: self.publish.as_ref(), retain: self.retain.as_ref() };
+        if let Some(h) = commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, publish).await {
             self.head = h;
         }
         worked
@@ -586,13 +596,20 @@ fn backoff_ms(attempt: u32, random: u64) -> i64 {
     cap / 2 + (random % (cap as u64 / 2 + 1)) as i64
 }
 
+/// Where a commit's events are announced: the new head, and (embedded bus)
+/// the committed events themselves.
+struct Publish<'a> {
+    head: &'a (dyn Fn(u64) + Send + Sync),
+    retain: Option<&'a Publisher>,
+}
+
 async fn commit<S: Service>(
     service: &mut S,
     ctx: &Arc<Ctx>,
     mut tx: Tx,
     sources: &[Arc<dyn EventSource>],
     marks: &[(usize, u64)],
-    publish: &(dyn Fn(u64) + Send + Sync),
+    publish: Publish<'_>,
 ) -> Option<u64> {
     let mut staged = Ok(());
     for table in service.tables() {
@@ -615,6 +632,16 @@ async fn commit<S: Service>(
     }
     let emitted = tx.batch.outbox.len() as u64;
     let consumed = tx.consumed;
+    // The events as they will be stored, numbered from the head this batch
+    // was built on (the store is this driver's alone, so a commit appends
+    // right after it; checked against the head the commit reports).
+    let assumed = tx.head;
+    let retained: Vec<Arc<OutboxRecord>> = match publish.retain {
+        Some(_) if emitted > 0 => (tx.batch.outbox.iter().enumerate())
+            .map(|(i, e)| Arc::new(OutboxRecord { position: assumed + i as u64 + 1, envelope: e.clone() }))
+            .collect(),
+        _ => Vec::new(),
+    };
     let result = match staged {
         Ok(()) => ctx.store.commit(tx.batch).await,
         Err(e) => Err(e),
@@ -627,7 +654,12 @@ async fn commit<S: Service>(
             }
             if emitted > 0 {
                 ctx.metrics.inc("orderly_events_emitted_total", &[("service", ctx.service)], emitted);
-                publish(head);
+                if let Some(tail) = publish.retain
+                    && head == assumed + emitted
+                {
+                    tail.retain(retained);
+                }
+                (publish.head)(head);
             }
             if consumed > 0 {
                 ctx.metrics.inc("orderly_events_consumed_total", &[("consumer", ctx.service)], consumed);

@@ -187,7 +187,7 @@ impl EventSource for SimSource {
             let at = i + 1 + rng.index(records.len() - i);
             records.insert(at, records[i].clone());
         }
-        Ok(Polled { records, from: acked, upto })
+        Ok(Polled { records: records.into_iter().map(Arc::new).collect(), from: acked, upto })
     }
 
     fn mark(&self, _upto: u64, _batch: &mut Batch) {

@@ -111,6 +111,26 @@ impl SqliteStore {
         .map_err(unavailable)?
         .map_err(unavailable)
     }
+
+    /// A point read: answered on the calling thread when a reader is free
+    /// (an indexed lookup in pages SQLite or the OS has cached costs less
+    /// than handing it to a blocking thread), else like [`SqliteStore::read`].
+    /// Only on a multi-threaded runtime, where a worker may block that long.
+    async fn point_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inline = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if inline {
+            for conn in &self.readers {
+                if let Ok(c) = conn.try_lock() {
+                    return f(&c).map_err(unavailable);
+                }
+            }
+        }
+        self.read(f).await
+    }
 }
 
 /// Runs pending migrations; returns the schema version reached.
@@ -206,7 +226,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
 impl Store for SqliteStore {
     async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
         let key = key.to_owned();
-        self.read(move |c| {
+        self.point_read(move |c| {
             c.prepare_cached("SELECT key, idx, doc, version FROM docs WHERE tbl = ?1 AND key = ?2")?
                 .query_row(params![table, key], |r| row_from(table, r))
                 .optional()
@@ -313,7 +333,7 @@ impl Store for SqliteStore {
 
     async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
         let id = event_id.to_owned();
-        self.read(move |c| c.query_row("SELECT 1 FROM inbox WHERE id = ?1", params![id], |_| Ok(())).optional())
+        self.point_read(move |c| c.query_row("SELECT 1 FROM inbox WHERE id = ?1", params![id], |_| Ok(())).optional())
             .await
             .map(|r| r.is_some())
     }

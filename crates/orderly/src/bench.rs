@@ -264,7 +264,7 @@ async fn drive(
     addr: std::net::SocketAddr,
     key: &str,
     planned: Arc<Vec<Planned>>,
-) -> Result<Vec<(bool, f64, bool)>> {
+) -> Result<Vec<(bool, f32, bool)>> {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let bar = progress(planned.len() as u64);
@@ -296,7 +296,7 @@ async fn drive(
                         matches!(r, Ok(r) if r.status().is_success())
                     }
                 };
-                out.push((p.flash, start.elapsed().as_secs_f64() * 1000.0, ok));
+                out.push((p.flash, (start.elapsed().as_secs_f64() * 1000.0) as f32, ok));
                 done.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(out)
@@ -411,6 +411,7 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
     let planned = Arc::new(plan(cfg, uniform)?);
     let start = Instant::now();
     let results = drive(cfg, engine.clone(), addr, &key, planned.clone()).await?;
+    drop(planned);
     let accepted_total = results.iter().filter(|r| r.2).count() as u64;
     settle(&engine, accepted_total).await?;
     let elapsed = start.elapsed().as_secs_f64();
@@ -419,7 +420,7 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
     let _ = stop.send(());
     let _ = server.await;
     let check = check_stores(&engine, cfg, uniform).await?;
-    let flash_latency_ms: Vec<f64> = results.iter().filter(|r| r.0 && r.2).map(|r| r.1).collect();
+    let flash_latency_ms: Vec<f64> = results.iter().filter(|r| r.0 && r.2).map(|r| f64::from(r.1)).collect();
     Ok(SaleResult {
         accepted: results.iter().filter(|r| r.0 && r.2).count() as u64,
         allocated: check.allocated,
@@ -429,7 +430,7 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
         regular_sent: results.iter().filter(|r| !r.0).count() as u64,
         orders_per_sec: accepted_total as f64 / elapsed,
         flash_latency_ms,
-        regular_latency_ms: results.iter().filter(|r| !r.0 && r.2).map(|r| r.1).collect(),
+        regular_latency_ms: results.iter().filter(|r| !r.0 && r.2).map(|r| f64::from(r.1)).collect(),
         invariants_ok: check.invariants_ok,
     })
 }
