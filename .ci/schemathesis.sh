@@ -100,13 +100,16 @@ api POST /v1/orders '{"customer":{"id":"c-1","email":"ada@example.com"},"ship_to
 
 step "st run (max ${MAX_EXAMPLES} examples per operation, seed ${SEED})"
 # From the scratch dir, so Schemathesis's caches stay out of the repository.
+# One worker: with two, Hypothesis calls ast.parse from two threads and
+# CPython 3.11 can fail with "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905), a tool error, not a finding.
 cd "$WORK"
 timeout "$ST_TIMEOUT" "$VENV/bin/st" run "${BASE}/openapi.json" \
   --header "Authorization: Bearer ${KEYS[ops]}" \
   --checks "$CHECKS" \
   --max-examples "$MAX_EXAMPLES" \
   --seed "$SEED" \
-  --workers 2 \
+  --workers 1 \
   --request-timeout 10 \
   --generation-database none \
   --suppress-health-check all \
