@@ -26,8 +26,22 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 struct Wire {
     runtime: tokio::runtime::Runtime,
     next: Arc<Mutex<Vec<u8>>>,
-    carrier: CarrierClient,
-    webhook: WebhookSender,
+    base: String,
+}
+
+impl Wire {
+    // A fresh client (and connection pool) per case: a case's verdict must
+    // depend on its own answer only, never on a connection an earlier case's
+    // arbitrary bytes left behind (CI once saw a 599 answer classified as
+    // delivered; replayed alone, the same input passes).
+    fn carrier(&self) -> CarrierClient {
+        CarrierClient::new(&self.base, CALL_TIMEOUT).expect("a loopback carrier client")
+    }
+
+    fn webhook(&self) -> WebhookSender {
+        WebhookSender::new(&format!("{}/hook", self.base), Some("fuzz-secret"), CALL_TIMEOUT)
+            .expect("a loopback webhook sender")
+    }
 }
 
 fn wire() -> &'static Wire {
@@ -40,11 +54,7 @@ fn wire() -> &'static Wire {
             .expect("a tokio runtime");
         let next = Arc::new(Mutex::new(Vec::new()));
         let addr = runtime.block_on(serve(next.clone()));
-        let base = format!("http://{addr}");
-        let carrier = CarrierClient::new(&base, CALL_TIMEOUT).expect("a loopback carrier client");
-        let webhook = WebhookSender::new(&format!("{base}/hook"), Some("fuzz-secret"), CALL_TIMEOUT)
-            .expect("a loopback webhook sender");
-        Wire { runtime, next, carrier, webhook }
+        Wire { runtime, next, base: format!("http://{addr}") }
     })
 }
 
@@ -125,7 +135,8 @@ pub fn carrier_response(data: &[u8]) {
         weight_g: 500,
         idempotency_key: "fuzz-key".into(),
     };
-    let outcome = wire.runtime.block_on(wire.carrier.create_label(&request));
+    let carrier = wire.carrier();
+    let outcome = wire.runtime.block_on(carrier.create_label(&request));
     if let Err(CarrierError::Rejected { detail, .. }) = &outcome {
         assert!(detail.len() <= DETAIL_LEN_MAX, "detail is bounded: {} bytes", detail.len());
     }
@@ -148,7 +159,8 @@ pub fn webhook_response(data: &[u8]) {
     let Some((bytes, status)) = answer(data) else { return };
     let wire = wire();
     *wire.next.lock().expect("not poisoned") = bytes;
-    let outcome = wire.runtime.block_on(wire.webhook.send("evt-1", br#"{"order_id":"o-1"}"#, 1_700_000_000));
+    let webhook = wire.webhook();
+    let outcome = wire.runtime.block_on(webhook.send("evt-1", br#"{"order_id":"o-1"}"#, 1_700_000_000));
     let Some(status) = status else { return };
     if (200..300).contains(&status) {
         assert!(outcome.is_ok(), "{status}: {outcome:?}");
