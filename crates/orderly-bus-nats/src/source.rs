@@ -182,6 +182,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 const PULL_BATCH_MAX: usize = 128;
 /// How long one pull request waits at the broker for messages.
 const PULL_WAIT: Duration = Duration::from_secs(1);
+/// How long a pull may stay silent (no message, no end) before this side
+/// ends it: past [`PULL_WAIT`] the broker has expired the request, but it
+/// does not always say so (seen while the consumer is at its
+/// `max_ack_pending`: the end came seconds late or not at all, and the
+/// partition was not pulled meanwhile).
+const PULL_SILENT: Duration = Duration::from_secs(2);
+/// Silent pulls in a row after which the broker counts as failing (a broker
+/// that is down answers nothing at all).
+const SILENT_PULLS_MAX: u32 = 3;
 
 /// Keeps one partition's durable consumer in one lane pulled (`None`: the
 /// one consumer of all partitions): messages go to `out` as they arrive
@@ -211,6 +220,7 @@ async fn prefetch(
     let mut breaker = breaker(bus.options());
     let mut pull: Option<PullConsumer> = None;
     let mut started = false;
+    let mut silent = 0u32;
     loop {
         if out.is_closed() {
             return;
@@ -235,7 +245,7 @@ async fn prefetch(
             let mut batch = timed(c.batch().max_messages(room).expires(PULL_WAIT).messages()).await?;
             let mut got = 0u64;
             loop {
-                match tokio::time::timeout(PULL_WAIT + crate::OP_TIMEOUT, batch.next()).await {
+                match tokio::time::timeout(PULL_SILENT, batch.next()).await {
                     Ok(Some(Ok(m))) => {
                         if let Ok(info) = m.info() {
                             pending.set(lane, partition.unwrap_or(u32::MAX), info.pending);
@@ -250,8 +260,19 @@ async fn prefetch(
                         wake.send_modify(|n| *n = n.wrapping_add(1));
                     }
                     Ok(Some(Err(e))) => return Err(crate::BusError::Unavailable(e.to_string())),
-                    Ok(None) => return Ok(got),
-                    Err(_) => return Err(crate::BusError::Unavailable("pull timed out".into())),
+                    Ok(None) => {
+                        silent = 0;
+                        return Ok(got);
+                    }
+                    // Expired at the broker by now: pull again at once.
+                    Err(_) if got > 0 || silent + 1 < SILENT_PULLS_MAX => {
+                        silent = if got > 0 { 0 } else { silent + 1 };
+                        return Ok(got);
+                    }
+                    Err(_) => {
+                        silent = 0;
+                        return Err(crate::BusError::Unavailable("pulls timed out".into()));
+                    }
                 }
             }
         };

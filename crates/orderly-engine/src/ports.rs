@@ -167,6 +167,17 @@ pub trait Store: Send + Sync + 'static {
     async fn cursor(&self, producer: &str) -> Result<u64, StoreError>;
     /// True when an event id is in this service's inbox.
     async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError>;
+    /// Which of `event_ids` are in this service's inbox, read at once, for a
+    /// store where one read of many costs about what one read of one does (a
+    /// server a round trip away). `None` (the default): no such read; the
+    /// caller asks [`Store::inbox_contains`] one id at a time.
+    async fn inbox_contains_many(
+        &self,
+        event_ids: &[&str],
+    ) -> Result<Option<std::collections::HashSet<String>>, StoreError> {
+        let _ = event_ids;
+        Ok(None)
+    }
 }
 
 /// The source of time. The simulator passes a virtual clock.

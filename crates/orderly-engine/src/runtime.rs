@@ -518,13 +518,28 @@ async fn consume<S: Service>(
     // handled, so nothing is skipped (what was handled past it comes again
     // and is deduplicated or rejected as stale).
     let mut first_unhandled: Option<u64> = None;
+    // One inbox read for the whole poll where the store offers it (a server
+    // a round trip away), instead of one per event.
+    let known = match dedupe && !polled.records.is_empty() {
+        true => {
+            let ids: Vec<&str> = polled.records.iter().map(|r| r.envelope.id.as_str()).collect();
+            tx.store().inbox_contains_many(&ids).await?
+        }
+        false => None,
+    };
     for record in &polled.records {
         if first_unhandled.is_some() {
             first_unhandled = first_unhandled.min(Some(record.position));
             continue;
         }
         let id = &record.envelope.id;
-        if dedupe && (tx.batch.inbox.contains(id) || tx.store().inbox_contains(id).await?) {
+        let duplicate = dedupe
+            && (tx.batch.inbox.contains(id)
+                || match &known {
+                    Some(known) => known.contains(id),
+                    None => tx.store().inbox_contains(id).await?,
+                });
+        if duplicate {
             tx.ctx.metrics.inc("orderly_duplicate_events_total", &[("consumer", tx.ctx.service)], 1);
             continue;
         }

@@ -178,6 +178,13 @@ impl Store for VersionedStore {
     async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
         self.inner.inbox_contains(event_id).await
     }
+
+    async fn inbox_contains_many(
+        &self,
+        event_ids: &[&str],
+    ) -> Result<Option<std::collections::HashSet<String>>, StoreError> {
+        self.inner.inbox_contains_many(event_ids).await
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! Schemas are created and migrated on [`PgStore::connect`], with embedded,
 //! versioned migrations (`migrations/`) run under a per-schema advisory lock.
 
+mod conn;
 mod error;
 mod lease;
 mod partitions;
@@ -33,6 +34,7 @@ use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError};
 use schema::SchemaName;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// The most connections one store's pool may open.
@@ -47,6 +49,7 @@ pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    kept: conn::Kept,
     options: PgConnectOptions,
     schema: SchemaName,
 }
@@ -63,15 +66,24 @@ impl PgStore {
         let schema = SchemaName::parse(schema).map_err(unavailable)?;
         let options = schema::connect_options(url, &schema)?;
         schema::migrate(&options, &schema).await?;
+        let pool_size = pool_size.clamp(1, POOL_SIZE_MAX);
         let pool = PgPoolOptions::new()
-            .max_connections(pool_size.clamp(1, POOL_SIZE_MAX))
+            .max_connections(pool_size)
             .min_connections(0)
             .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            // No ping before handing a pooled connection out: it is a round
+            // trip of its own before every read and every commit (it doubled
+            // the round trips of a point read). A connection the server has
+            // dropped fails its next statement instead, which is
+            // `StoreError::Unavailable` like any failed statement (reads are
+            // retried, a batch is rolled back and tried again), and sqlx
+            // closes it.
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(store_error)?;
         tracing::info!(schema = schema.as_str(), "postgres store ready");
-        Ok(PgStore { pool, options, schema })
+        Ok(PgStore { pool, kept: conn::Kept::new(pool_size), options, schema })
     }
 
     /// Applies any pending migrations (idempotent; what `orderly migrate`
@@ -85,8 +97,14 @@ impl PgStore {
         self.schema.as_str()
     }
 
+    /// A connection for one operation (see [`conn`]).
+    async fn conn(&self) -> Result<conn::Conn<'_>, StoreError> {
+        self.kept.conn(&self.pool).await
+    }
+
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
+        self.kept.release().await;
         self.pool.close().await;
     }
 
@@ -107,15 +125,17 @@ impl PgStore {
     /// ids is no longer possible (beyond the bus's retention).
     pub async fn prune_inbox(&self, age: Duration, limit: u32) -> Result<u64, StoreError> {
         let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let mut c = self.conn().await?;
         let done = sqlx::query(
             "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox \
              WHERE created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2)",
         )
         .bind(age_ms)
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *c)
         .await
         .map_err(store_error)?;
+        c.done();
         Ok(done.rows_affected())
     }
 
@@ -125,8 +145,10 @@ impl PgStore {
         first: impl for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
         limit: u32,
     ) -> Result<Vec<OutboxRecord>, StoreError> {
+        let mut c = self.conn().await?;
         let raw: Vec<(i64, Vec<u8>)> =
-            sqlx::query_as(sql).bind(first).bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(store_error)?;
+            sqlx::query_as(sql).bind(first).bind(i64::from(limit)).fetch_all(&mut *c).await.map_err(store_error)?;
+        c.done();
         raw.iter().map(|(position, event)| decode_outbox(*position, event)).collect()
     }
 }
@@ -145,13 +167,15 @@ type DocRow = (String, Option<String>, Vec<u8>, i64);
 #[async_trait]
 impl Store for PgStore {
     async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+        let mut c = self.conn().await?;
         let found: Option<DocRow> =
             sqlx::query_as("SELECT key, idx, doc, version FROM docs WHERE tbl = $1 AND key = $2")
                 .bind(table)
                 .bind(key)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *c)
                 .await
                 .map_err(store_error)?;
+        c.done();
         Ok(found.map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)))
     }
 
@@ -172,33 +196,40 @@ impl Store for PgStore {
                      ORDER BY key LIMIT $4"
             }
         };
+        let mut c = self.conn().await?;
         let rows: Vec<DocRow> = sqlx::query_as(sql)
             .bind(table)
             .bind(idx)
             .bind(after.unwrap_or(""))
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *c)
             .await
             .map_err(store_error)?;
+        c.done();
         Ok(rows.into_iter().map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)).collect())
     }
 
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut c = self.conn().await?;
         let counts: Vec<(String, i64)> = sqlx::query_as(
             "SELECT idx, count(*) FROM docs WHERE tbl = $1 AND idx IS NOT NULL GROUP BY idx ORDER BY idx",
         )
         .bind(table)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *c)
         .await
         .map_err(store_error)?;
+        c.done();
         Ok(counts.into_iter().map(|(idx, n)| (idx, n as u64)).collect())
     }
 
     async fn commit(&self, mut batch: Batch) -> Result<u64, StoreError> {
         let expect = std::mem::take(&mut batch.expect);
         let columns = write::Columns::from_batch(batch)?;
-        let tx = self.pool.begin().await.map_err(store_error)?;
-        write::commit(tx, columns, &expect).await
+        let mut c = self.conn().await?;
+        let tx = sqlx::Connection::begin(&mut *c).await.map_err(store_error)?;
+        let head = write::commit(tx, columns, &expect).await?;
+        c.done();
+        Ok(head)
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
@@ -222,26 +253,46 @@ impl Store for PgStore {
     }
 
     async fn outbox_head(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
         let head: i64 =
-            sqlx::query_scalar("SELECT position FROM outbox_head").fetch_one(&self.pool).await.map_err(store_error)?;
+            sqlx::query_scalar("SELECT position FROM outbox_head").fetch_one(&mut *c).await.map_err(store_error)?;
+        c.done();
         Ok(head as u64)
     }
 
     async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
         let position: Option<i64> = sqlx::query_scalar("SELECT position FROM cursors WHERE producer = $1")
             .bind(producer)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *c)
             .await
             .map_err(store_error)?;
+        c.done();
         Ok(position.map_or(0, |p| p as u64))
     }
 
     async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
         let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM inbox WHERE id = $1")
             .bind(event_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *c)
             .await
             .map_err(store_error)?;
+        c.done();
         Ok(found.is_some())
+    }
+
+    async fn inbox_contains_many(&self, event_ids: &[&str]) -> Result<Option<HashSet<String>>, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(Some(HashSet::new()));
+        }
+        let mut c = self.conn().await?;
+        let found: Vec<String> = sqlx::query_scalar("SELECT id FROM inbox WHERE id = ANY($1::text[])")
+            .bind(event_ids)
+            .fetch_all(&mut *c)
+            .await
+            .map_err(store_error)?;
+        c.done();
+        Ok(Some(found.into_iter().collect()))
     }
 }

@@ -73,7 +73,7 @@ impl Columns {
 
 /// Runs one batch as one transaction; returns the outbox head after it.
 pub(crate) async fn commit(
-    mut tx: Transaction<'static, Postgres>,
+    mut tx: Transaction<'_, Postgres>,
     columns: Columns,
     expect: &[Expect],
 ) -> Result<u64, StoreError> {

@@ -201,3 +201,20 @@ async fn replicas_numbering_events_from_a_stale_head_get_their_real_positions() 
     assert_eq!((last[0].position, last[0].envelope.sequence), (5, 7));
     store.close().await;
 }
+
+#[tokio::test]
+async fn many_inbox_ids_are_looked_up_in_one_read() {
+    let Some(schema) = TestSchema::new("inbox_many").await else { return };
+    let store = PgStore::connect(&schema.url, &schema.name, POOL).await.expect("connect");
+    let none = store.inbox_contains_many(&[]).await.expect("empty");
+    assert_eq!(none, Some(Default::default()), "nothing asked, nothing found");
+    store.commit(Batch { inbox: vec!["in-1".into(), "in-3".into()], ..Batch::default() }).await.expect("commit");
+    let found = store.inbox_contains_many(&["in-1", "in-2", "in-3", "in-1"]).await.expect("lookup").expect("supported");
+    let mut found: Vec<String> = found.into_iter().collect();
+    found.sort();
+    assert_eq!(found, vec!["in-1".to_owned(), "in-3".to_owned()]);
+    for (id, there) in [("in-1", true), ("in-2", false), ("in-3", true)] {
+        assert_eq!(store.inbox_contains(id).await.expect("inbox"), there, "{id}: the one-id read agrees");
+    }
+    store.close().await;
+}
