@@ -3,19 +3,20 @@
 //! (timeouts, `5xx`, `429`, transport) and final (`4xx`, bad answers), which is
 //! what the shipping service's retries, breaker and fallback act on.
 
+use crate::lease::{Clients, Lease, error_chain};
 use crate::wire::{CarrierSettings, Label, LabelRequest, Problem, SimStats, TrackingInfo};
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The largest response body read from a carrier.
 pub const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 /// The longest error detail kept from a carrier's answer.
 pub const DETAIL_LEN_MAX: usize = 512;
-/// Idle connections kept per carrier host.
+/// Idle connections kept per carrier host (one per idle client, see `lease`).
 pub const IDLE_CONNECTIONS_MAX: usize = 16;
 /// The header that carries the idempotency key, besides the JSON body.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -57,9 +58,14 @@ impl CarrierError {
 }
 
 /// A client of one carrier API base URL.
+///
+/// A connection is used again only after a `2xx` answer whose body was read
+/// to its end and parsed: after any other answer its client is dropped (see
+/// `lease`), so bytes a carrier left on it can never be read as the answer
+/// to a later call (a stray label for another shipment).
 #[derive(Debug, Clone)]
 pub struct CarrierClient {
-    http: reqwest::Client,
+    clients: Arc<Clients>,
     base: Url,
 }
 
@@ -72,15 +78,15 @@ impl CarrierClient {
             return Err(CarrierError::Config(format!("base URL {base_url:?} must be http or https")));
         }
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(IDLE_CONNECTIONS_MAX)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("orderly-carrier/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| CarrierError::Config(error_chain(&e)))?;
-        Ok(CarrierClient { http, base })
+        let builder = move || {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("orderly-carrier/", env!("CARGO_PKG_VERSION")))
+        };
+        let clients = Clients::new(IDLE_CONNECTIONS_MAX, builder).map_err(CarrierError::Config)?;
+        Ok(CarrierClient { clients, base })
     }
 
     /// Asks for a label (`POST /v1/labels`). The same idempotency key always
@@ -88,35 +94,45 @@ impl CarrierClient {
     pub async fn create_label(&self, request: &LabelRequest) -> Result<Label, CarrierError> {
         let key = HeaderValue::from_str(&request.idempotency_key)
             .map_err(|_| rejected_locally("idempotency_key is not a valid header value"))?;
-        let call = self.request(Method::POST, &["v1", "labels"])?.header(IDEMPOTENCY_KEY_HEADER, key);
-        send(with_json(call, request)?).await
+        let (lease, call) = self.request(Method::POST, &["v1", "labels"])?;
+        send(lease, with_json(call.header(IDEMPOTENCY_KEY_HEADER, key), request)?).await
     }
 
     /// The label behind a tracking number (`GET /v1/tracking/{tracking_number}`).
     pub async fn track(&self, tracking_number: &str) -> Result<TrackingInfo, CarrierError> {
-        send(self.request(Method::GET, &["v1", "tracking", tracking_number])?).await
+        let (lease, call) = self.request(Method::GET, &["v1", "tracking", tracking_number])?;
+        send(lease, call).await
     }
 
     /// Simulator only: replaces a carrier's scripted settings
     /// (`PUT /admin/carriers/{carrier}`) and returns those now in force.
     pub async fn admin_set(&self, carrier: &str, settings: &CarrierSettings) -> Result<CarrierSettings, CarrierError> {
-        let call = self.request(Method::PUT, &["admin", "carriers", carrier])?;
-        send(with_json(call, settings)?).await
+        let (lease, call) = self.request(Method::PUT, &["admin", "carriers", carrier])?;
+        send(lease, with_json(call, settings)?).await
     }
 
     /// Simulator only: every carrier's counters (`GET /admin/stats`).
     pub async fn stats(&self) -> Result<SimStats, CarrierError> {
-        send(self.request(Method::GET, &["admin", "stats"])?).await
+        let (lease, call) = self.request(Method::GET, &["admin", "stats"])?;
+        send(lease, call).await
     }
 
-    /// A request to the base URL plus `segments`, each percent-encoded.
-    fn request(&self, method: Method, segments: &[&str]) -> Result<reqwest::RequestBuilder, CarrierError> {
+    /// A request to the base URL plus `segments`, on a client lent for it.
+    fn request(&self, method: Method, segments: &[&str]) -> Result<(Lease, reqwest::RequestBuilder), CarrierError> {
+        let url = self.url(segments)?;
+        let lease = self.clients.lease().map_err(CarrierError::Config)?;
+        let call = lease.client().request(method, url);
+        Ok((lease, call))
+    }
+
+    /// The base URL plus `segments`, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> Result<Url, CarrierError> {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| CarrierError::Config("the base URL cannot take a path".to_owned()))?
             .pop_if_empty()
             .extend(segments);
-        Ok(self.http.request(method, url))
+        Ok(url)
     }
 }
 
@@ -130,8 +146,9 @@ fn with_json<T: Serialize>(call: reqwest::RequestBuilder, body: &T) -> Result<re
     Ok(call.header(CONTENT_TYPE, "application/json").body(bytes))
 }
 
-/// Sends a call and classifies its outcome.
-async fn send<T: DeserializeOwned>(call: reqwest::RequestBuilder) -> Result<T, CarrierError> {
+/// Sends a call and classifies its outcome; the lent client is kept only
+/// after an answer that parsed.
+async fn send<T: DeserializeOwned>(mut lease: Lease, call: reqwest::RequestBuilder) -> Result<T, CarrierError> {
     let response = call.send().await.map_err(classify)?;
     let status = response.status();
     if status.is_server_error() || matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT) {
@@ -145,7 +162,10 @@ async fn send<T: DeserializeOwned>(call: reqwest::RequestBuilder) -> Result<T, C
         return Err(CarrierError::BadResponse(format!("unexpected HTTP {status}")));
     }
     let body = body.ok_or_else(|| CarrierError::BadResponse(format!("body exceeds {RESPONSE_BYTES_MAX} bytes")))?;
-    serde_json::from_slice(&body).map_err(|e| CarrierError::BadResponse(format!("unexpected body: {e}")))
+    let value =
+        serde_json::from_slice(&body).map_err(|e| CarrierError::BadResponse(format!("unexpected body: {e}")))?;
+    lease.clean();
+    Ok(value)
 }
 
 /// Reads at most [`RESPONSE_BYTES_MAX`] bytes; `None` if the body is longer.
@@ -191,18 +211,6 @@ fn classify(error: reqwest::Error) -> CarrierError {
     }
 }
 
-/// An error and its sources, joined: reqwest's own message rarely says why.
-fn error_chain(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,10 +245,7 @@ mod tests {
     #[test]
     fn paths_are_joined_and_encoded() {
         let client = CarrierClient::new("http://127.0.0.1:9/api/", Duration::from_secs(1)).expect("valid URL");
-        let request = client
-            .request(Method::GET, &["v1", "tracking", "a/b c"])
-            .and_then(|r| r.build().map_err(|e| CarrierError::Config(e.to_string())));
-        let url = request.map(|r| r.url().to_string());
+        let url = client.url(&["v1", "tracking", "a/b c"]).map(|u| u.to_string());
         assert_eq!(url, Ok("http://127.0.0.1:9/api/v1/tracking/a%2Fb%20c".to_owned()));
     }
 }

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+mod lease;
 mod rng;
 pub mod signing;
 pub mod sim;

@@ -6,8 +6,10 @@
 //! tolerance (e.g. 5 minutes) to stop replays. `Orderly-Event-Id` carries
 //! the notification id so a receiver can drop a repeated delivery.
 
+use crate::lease::Clients;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::sync::Arc;
 use std::time::Duration;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -58,10 +60,17 @@ pub enum DeliveryError {
     Transport(String),
 }
 
+/// Most clients (each with at most one idle connection) kept between deliveries.
+pub const IDLE_CLIENTS_MAX: usize = 32;
+
 /// Sends signed JSON deliveries to one webhook URL.
+///
+/// A connection is used again only after a `2xx` answer read to its end:
+/// after any other answer its client is dropped (see `lease`), so bytes a
+/// receiver left on it can never be read as the answer to a later delivery.
 #[derive(Clone)]
 pub struct WebhookSender {
-    client: reqwest::Client,
+    clients: Arc<Clients>,
     url: String,
     secret: Option<Vec<u8>>,
 }
@@ -70,18 +79,18 @@ impl WebhookSender {
     /// A sender to `url`, signing with `secret` when given.
     pub fn new(url: &str, secret: Option<&str>, timeout: Duration) -> Result<WebhookSender, DeliveryError> {
         crate::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| DeliveryError::Transport(e.to_string()))?;
-        Ok(WebhookSender { client, url: url.to_owned(), secret: secret.map(|s| s.as_bytes().to_vec()) })
+        let builder = move || reqwest::Client::builder().timeout(timeout).connect_timeout(timeout);
+        let clients = Clients::new(IDLE_CLIENTS_MAX, builder).map_err(DeliveryError::Transport)?;
+        Ok(WebhookSender { clients, url: url.to_owned(), secret: secret.map(|s| s.as_bytes().to_vec()) })
     }
 
     /// POSTs `body` (JSON) with the event id and, if configured, a signature.
+    /// The verdict is the status of this delivery's own answer: `2xx` is
+    /// delivered, whatever its body; anything else is an error.
     pub async fn send(&self, event_id: &str, body: &[u8], now_unix: i64) -> Result<(), DeliveryError> {
-        let mut req = self
-            .client
+        let mut lease = self.clients.lease().map_err(DeliveryError::Transport)?;
+        let mut req = lease
+            .client()
             .post(&self.url)
             .header("content-type", "application/json")
             .header("orderly-event-id", event_id)
@@ -91,15 +100,32 @@ impl WebhookSender {
         }
         let resp = req.send().await.map_err(|e| DeliveryError::Transport(e.to_string()))?;
         let status = resp.status().as_u16();
-        let mut resp = resp;
-        let mut drained = 0;
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            drained += chunk.len();
-            if drained > RESPONSE_BYTES_MAX {
-                break;
-            }
+        let drained = drain(resp).await;
+        if !(200..300).contains(&status) {
+            return Err(DeliveryError::Status(status));
         }
-        if (200..300).contains(&status) { Ok(()) } else { Err(DeliveryError::Status(status)) }
+        if drained {
+            lease.clean();
+        }
+        Ok(())
+    }
+}
+
+/// Reads and drops an answer's body; whether it ended within
+/// [`RESPONSE_BYTES_MAX`] bytes and without an error.
+async fn drain(mut resp: reqwest::Response) -> bool {
+    let mut drained = 0;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                drained += chunk.len();
+                if drained > RESPONSE_BYTES_MAX {
+                    return false;
+                }
+            }
+            Ok(None) => return true,
+            Err(_) => return false,
+        }
     }
 }
 

@@ -273,12 +273,14 @@ fn run_one(target_name: &str, target: fn(&[u8]), input: &[u8]) {
         .join(target_name);
     let hash = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
     let path = dir.join(format!("crash-{hash:016x}"));
-    let saved = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, input));
-    panic!(
-        "fuzz target {target_name} failed on {:?} (saved: {} {saved:?})",
-        String::from_utf8_lossy(input),
-        path.display()
-    );
+    // The failed assertion's own message is printed above this panic; `saved`
+    // says only where the input went (a bare `Ok(())` here once read as the
+    // target's outcome).
+    let saved = match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, input)) {
+        Ok(()) => format!("input saved to {}", path.display()),
+        Err(error) => format!("input not saved to {}: {error}", path.display()),
+    };
+    panic!("fuzz target {target_name} failed on {:?} ({saved})", String::from_utf8_lossy(input));
 }
 
 fn fuzz(target_name: &str) {
