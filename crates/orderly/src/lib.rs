@@ -5,6 +5,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod demo;
+pub mod memory;
 pub mod settings;
 pub mod simulate;
 pub mod soak;

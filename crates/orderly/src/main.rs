@@ -232,6 +232,7 @@ enum KeysCommand {
 }
 
 fn main() -> Result<()> {
+    let _ = orderly::memory::tune();
     let cli = Cli::parse();
     // Spans go to an OpenTelemetry collector when the served configuration says so.
     let otel = match &cli.command {
