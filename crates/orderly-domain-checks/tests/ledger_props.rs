@@ -254,8 +254,8 @@ proptest! {
         run(&cfg, &ops, |seen| {
             match seen {
                 Seen::Before(ledger, LedgerEvent::Reserved { line, from_backorder: true, .. }) => {
-                    let head = ledger.backorders().next().map(|b| &b.line);
-                    prop_assert_eq!(head, Some(line), "a fill skipped the head of the queue");
+                    let head = ledger.backorders().next().map(|b| b.line);
+                    prop_assert_eq!(head.as_ref(), Some(line), "a fill skipped the head of the queue");
                 }
                 Seen::Accepted(ledger, LedgerCommand::Receive { location, .. }, _) => {
                     prop_assert!(ledger.backorders().next().is_none() || ledger.available_at(location) == 0);

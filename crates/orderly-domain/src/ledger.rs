@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+mod backorders;
+use backorders::BackorderQueue;
+
 /// Most allocation partitions one location of a SKU may be split into.
 pub const PARTITIONS_MAX: u32 = 256;
 /// `inventory.safety_stock_pct` when the config says nothing.
@@ -629,43 +632,140 @@ impl LedgerError {
 /// ([`SkuLedger::take_changes`]), so a store writes O(changes) per batch
 /// however long the backorder queue is; [`SkuLedger::assemble`] rebuilds the
 /// ledger from its pieces.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// The whole-document serde form is the one older versions wrote (a FIFO of
+/// tickets and a map of entries by line, see `LedgerDoc`); in memory the
+/// waiting lines are one compact ticket-ordered queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "LedgerDoc")]
 pub struct SkuLedger {
     sku: Sku,
     stock: Stock,
     lines: BTreeMap<LineId, LineClaim>,
     holds: BTreeMap<HoldId, HoldClaim>,
     hold_expiries: BTreeSet<(Timestamp, HoldId)>,
-    /// The FIFO of backorder tickets; a ticket whose line has left the queue
-    /// (or re-entered it with a newer ticket) is stale and skipped, so
-    /// removal anywhere is O(log n) and the queue is compacted lazily.
-    backorders: VecDeque<(u64, LineId)>,
-    /// Waiting lines by id, with their current ticket.
-    backorder_entries: BTreeMap<LineId, (u64, BackorderEntry)>,
+    /// The waiting lines, oldest ticket first, with an index by line.
+    backorders: BackorderQueue,
     next_ticket: u64,
     done: VecDeque<DoneKey>,
     done_index: BTreeSet<DoneKey>,
     /// How many done keys have left the window: `done[i]` is done key number
     /// `done_base + i` (its piece's sequence).
-    #[serde(default)]
     done_base: u64,
     next_claim_seq: u64,
     version: u64,
     /// Pieces touched since [`SkuLedger::take_changes`] last ran.
-    #[serde(skip)]
     changes: BTreeSet<PieceKey>,
 }
 
+/// [`SkuLedger`]'s whole-document form, as every version wrote it: the FIFO
+/// of tickets (which may hold stale ones: a ticket whose line left the queue
+/// or re-entered it with a newer ticket) and the waiting lines by id with
+/// their current ticket.
+#[derive(Deserialize)]
+struct LedgerDoc {
+    sku: Sku,
+    stock: Stock,
+    lines: BTreeMap<LineId, LineClaim>,
+    holds: BTreeMap<HoldId, HoldClaim>,
+    hold_expiries: BTreeSet<(Timestamp, HoldId)>,
+    backorders: VecDeque<(u64, LineId)>,
+    backorder_entries: BTreeMap<LineId, (u64, BackorderEntry)>,
+    next_ticket: u64,
+    done: VecDeque<DoneKey>,
+    done_index: BTreeSet<DoneKey>,
+    #[serde(default)]
+    done_base: u64,
+    next_claim_seq: u64,
+    version: u64,
+}
+
+/// [`LedgerDoc`] borrowed from a ledger, to serialize it.
+#[derive(Serialize)]
+struct LedgerDocRef<'a> {
+    sku: &'a Sku,
+    stock: &'a Stock,
+    lines: &'a BTreeMap<LineId, LineClaim>,
+    holds: &'a BTreeMap<HoldId, HoldClaim>,
+    hold_expiries: &'a BTreeSet<(Timestamp, HoldId)>,
+    backorders: Vec<(u64, &'a LineId)>,
+    backorder_entries: BTreeMap<LineId, (u64, BackorderEntry)>,
+    next_ticket: u64,
+    done: &'a VecDeque<DoneKey>,
+    done_index: &'a BTreeSet<DoneKey>,
+    done_base: u64,
+    next_claim_seq: u64,
+    version: u64,
+}
+
+impl Serialize for SkuLedger {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        LedgerDocRef {
+            sku: &self.sku,
+            stock: &self.stock,
+            lines: &self.lines,
+            holds: &self.holds,
+            hold_expiries: &self.hold_expiries,
+            backorders: self.backorders.tickets().collect(),
+            backorder_entries: self
+                .backorders
+                .iter()
+                .map(|(ticket, entry)| (entry.line.clone(), (ticket, entry)))
+                .collect(),
+            next_ticket: self.next_ticket,
+            done: &self.done,
+            done_index: &self.done_index,
+            done_base: self.done_base,
+            next_claim_seq: self.next_claim_seq,
+            version: self.version,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl TryFrom<LedgerDoc> for SkuLedger {
+    type Error = String;
+
+    /// Every waiting line must still hold its ticket in the document's FIFO
+    /// (what `check_invariants` verified of a ledger kept in this form).
+    fn try_from(doc: LedgerDoc) -> Result<SkuLedger, String> {
+        let fifo: BTreeSet<(u64, &LineId)> = doc.backorders.iter().map(|(t, l)| (*t, l)).collect();
+        if doc.backorder_entries.iter().any(|(line, (ticket, _))| !fifo.contains(&(*ticket, line))) {
+            return Err("the backorder queue and its index disagree".to_owned());
+        }
+        if doc.backorder_entries.iter().any(|(line, (_, entry))| *line != entry.line) {
+            return Err("a backorder entry is filed under another line".to_owned());
+        }
+        drop(fifo);
+        let backorders = BackorderQueue::from_unordered(doc.backorder_entries.into_values())?;
+        Ok(SkuLedger {
+            sku: doc.sku,
+            stock: doc.stock,
+            lines: doc.lines,
+            holds: doc.holds,
+            hold_expiries: doc.hold_expiries,
+            backorders,
+            next_ticket: doc.next_ticket,
+            done: doc.done,
+            done_index: doc.done_index,
+            done_base: doc.done_base,
+            next_claim_seq: doc.next_claim_seq,
+            version: doc.version,
+            changes: BTreeSet::new(),
+        })
+    }
+}
+
 impl PartialEq for SkuLedger {
-    /// Equal state: the derived ticket queue (which may still hold stale
-    /// tickets) and the pending change set are not part of it.
+    /// Equal state: the backorder queue's empty slots (lines that left it,
+    /// not yet dropped) and the pending change set are not part of it.
     fn eq(&self, other: &SkuLedger) -> bool {
         self.sku == other.sku
             && self.stock == other.stock
             && self.lines == other.lines
             && self.holds == other.holds
             && self.hold_expiries == other.hold_expiries
-            && self.backorder_entries == other.backorder_entries
+            && self.backorders == other.backorders
             && self.next_ticket == other.next_ticket
             && self.done == other.done
             && self.done_index == other.done_index
@@ -754,6 +854,69 @@ impl LedgerCore {
     }
 }
 
+/// A ledger being rebuilt from its core and pieces as they are read, page
+/// by page, so the pieces never sit in memory next to the ledger
+/// ([`SkuLedger::assemble`] does it in one go).
+pub struct LedgerAssembly {
+    ledger: SkuLedger,
+    done: BTreeMap<u64, DoneKey>,
+}
+
+impl LedgerAssembly {
+    /// Starts from a ledger's core.
+    pub fn new(core: LedgerCore) -> Result<LedgerAssembly, String> {
+        if core.v != LEDGER_CORE_VERSION {
+            return Err(format!("ledger core version {} (expected {LEDGER_CORE_VERSION})", core.v));
+        }
+        let mut ledger = SkuLedger::new(core.sku);
+        ledger.stock = core.stock;
+        ledger.next_ticket = core.next_ticket;
+        ledger.done_base = core.done_base;
+        ledger.next_claim_seq = core.next_claim_seq;
+        ledger.version = core.version;
+        Ok(LedgerAssembly { ledger, done: BTreeMap::new() })
+    }
+
+    /// Adds one stored piece (any order).
+    pub fn add(&mut self, LedgerPiece(piece): LedgerPiece) -> Result<(), String> {
+        let ledger = &mut self.ledger;
+        match piece {
+            Piece::Line(line, claim) => {
+                ledger.lines.insert(line, claim);
+            }
+            Piece::Hold(hold, claim) => {
+                ledger.hold_expiries.insert((claim.expires_at, hold.clone()));
+                ledger.holds.insert(hold, claim);
+            }
+            Piece::Backorder(ticket, entry) => {
+                if ticket >= ledger.next_ticket {
+                    return Err(format!("backorder ticket {ticket} not yet issued"));
+                }
+                ledger.backorders.insert_unordered(ticket, entry)?;
+            }
+            Piece::Done(seq, key) => {
+                self.done.insert(seq, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The ledger, once every piece is in, checked against every invariant.
+    pub fn finish(self) -> Result<SkuLedger, String> {
+        let LedgerAssembly { mut ledger, done } = self;
+        ledger.backorders.sort()?;
+        for (i, (seq, key)) in (0u64..).zip(done) {
+            if seq != ledger.done_base + i {
+                return Err(format!("done key {seq} out of sequence (expected {})", ledger.done_base + i));
+            }
+            ledger.done_index.insert(key.clone());
+            ledger.done.push_back(key);
+        }
+        ledger.check_invariants_with(false)?;
+        Ok(ledger)
+    }
+}
+
 impl SkuLedger {
     /// Decides what a command does, without changing anything.
     pub fn decide(&self, cmd: &LedgerCommand, cfg: &LedgerConfig) -> Result<Vec<LedgerEvent>, LedgerError> {
@@ -838,9 +1001,8 @@ impl SkuLedger {
             }
             E::Backordered { order, line, qty, since, .. } => self.enqueue_backorder(order, line, *qty, *since),
             E::BackorderCanceled { line, .. } => {
-                self.backorder_entries.remove(line);
+                self.backorders.remove(line);
                 self.changes.insert(PieceKey::Backorder(line.clone()));
-                self.compact_backorders();
             }
         }
         self.version += 1;
@@ -854,8 +1016,7 @@ impl SkuLedger {
             lines: BTreeMap::new(),
             holds: BTreeMap::new(),
             hold_expiries: BTreeSet::new(),
-            backorders: VecDeque::new(),
-            backorder_entries: BTreeMap::new(),
+            backorders: BackorderQueue::default(),
             next_ticket: 0,
             done: VecDeque::new(),
             done_index: BTreeSet::new(),
@@ -890,7 +1051,7 @@ impl SkuLedger {
             .keys()
             .map(|l| PieceKey::Line(l.clone()))
             .chain(self.holds.keys().map(|h| PieceKey::Hold(h.clone())))
-            .chain(self.backorder_entries.keys().map(|l| PieceKey::Backorder(l.clone())))
+            .chain(self.backorders.lines().map(|l| PieceKey::Backorder(l.clone())))
             .chain((0..self.done.len() as u64).map(|i| PieceKey::Done(self.done_base + i)))
             .collect();
         self.changes.extend(keys);
@@ -902,8 +1063,8 @@ impl SkuLedger {
             PieceKey::Line(line) => Piece::Line(line.clone(), self.lines.get(line)?.clone()),
             PieceKey::Hold(hold) => Piece::Hold(hold.clone(), self.holds.get(hold)?.clone()),
             PieceKey::Backorder(line) => {
-                let (ticket, entry) = self.backorder_entries.get(line)?;
-                Piece::Backorder(*ticket, entry.clone())
+                let (ticket, entry) = self.backorders.get(line)?;
+                Piece::Backorder(ticket, entry)
             }
             PieceKey::Done(seq) => {
                 let i = usize::try_from(seq.checked_sub(self.done_base)?).ok()?;
@@ -929,49 +1090,11 @@ impl SkuLedger {
     /// Rebuilds a ledger from its core and every stored piece (any order),
     /// checking that they fit together and that every invariant holds.
     pub fn assemble(core: LedgerCore, pieces: impl IntoIterator<Item = LedgerPiece>) -> Result<SkuLedger, String> {
-        if core.v != LEDGER_CORE_VERSION {
-            return Err(format!("ledger core version {} (expected {LEDGER_CORE_VERSION})", core.v));
+        let mut assembly = LedgerAssembly::new(core)?;
+        for piece in pieces {
+            assembly.add(piece)?;
         }
-        let mut ledger = SkuLedger::new(core.sku);
-        ledger.stock = core.stock;
-        ledger.next_ticket = core.next_ticket;
-        ledger.done_base = core.done_base;
-        ledger.next_claim_seq = core.next_claim_seq;
-        ledger.version = core.version;
-        let mut tickets: Vec<(u64, LineId)> = Vec::new();
-        let mut done: BTreeMap<u64, DoneKey> = BTreeMap::new();
-        for LedgerPiece(piece) in pieces {
-            match piece {
-                Piece::Line(line, claim) => {
-                    ledger.lines.insert(line, claim);
-                }
-                Piece::Hold(hold, claim) => {
-                    ledger.hold_expiries.insert((claim.expires_at, hold.clone()));
-                    ledger.holds.insert(hold, claim);
-                }
-                Piece::Backorder(ticket, entry) => {
-                    if ticket >= ledger.next_ticket {
-                        return Err(format!("backorder ticket {ticket} not yet issued"));
-                    }
-                    tickets.push((ticket, entry.line.clone()));
-                    ledger.backorder_entries.insert(entry.line.clone(), (ticket, entry));
-                }
-                Piece::Done(seq, key) => {
-                    done.insert(seq, key);
-                }
-            }
-        }
-        tickets.sort_unstable();
-        ledger.backorders = tickets.into();
-        for (i, (seq, key)) in (0u64..).zip(done) {
-            if seq != ledger.done_base + i {
-                return Err(format!("done key {seq} out of sequence (expected {})", ledger.done_base + i));
-            }
-            ledger.done_index.insert(key.clone());
-            ledger.done.push_back(key);
-        }
-        ledger.check_invariants_with(false)?;
-        Ok(ledger)
+        assembly.finish()
     }
 
     /// The SKU this ledger is for.
@@ -1038,16 +1161,13 @@ impl SkuLedger {
     }
 
     /// The backorder queue, oldest first.
-    pub fn backorders(&self) -> impl Iterator<Item = &BackorderEntry> {
-        self.backorders.iter().filter_map(|(ticket, line)| match self.backorder_entries.get(line) {
-            Some((t, entry)) if t == ticket => Some(entry),
-            _ => None,
-        })
+    pub fn backorders(&self) -> impl Iterator<Item = BackorderEntry> + '_ {
+        self.backorders.iter().map(|(_, entry)| entry)
     }
 
     /// A line's place in the backorder queue, if it waits.
-    pub fn backorder(&self, line: &LineId) -> Option<&BackorderEntry> {
-        self.backorder_entries.get(line).map(|(_, entry)| entry)
+    pub fn backorder(&self, line: &LineId) -> Option<BackorderEntry> {
+        self.backorders.get(line).map(|(_, entry)| entry)
     }
 
     /// Every live hold, in id order.
@@ -1135,11 +1255,12 @@ impl SkuLedger {
 
     fn check_queues(&self) -> Result<(), String> {
         let mut seen = BTreeSet::new();
-        if self.backorders().count() != self.backorder_entries.len() {
-            return Err("the backorder queue and its index disagree".to_owned());
-        }
-        for b in self.backorders() {
-            if b.qty == 0 || !seen.insert(&b.line) {
+        self.backorders.check()?;
+        for (ticket, b) in self.backorders.iter() {
+            if ticket >= self.next_ticket {
+                return Err(format!("backorder ticket {ticket} not yet issued"));
+            }
+            if b.qty == 0 || !seen.insert(b.line.clone()) {
                 return Err(format!("backorder entry for {} is empty or repeated", b.line));
             }
         }
@@ -1648,7 +1769,7 @@ impl SkuLedger {
     /// available at `locations`. Partially filling the head is fine; a later
     /// entry gets units only once every earlier one is filled.
     fn push_backorder_fills(&self, events: &mut Vec<LedgerEvent>, locations: &[LocationId]) {
-        if self.backorder_entries.is_empty() || locations.is_empty() {
+        if self.backorders.is_empty() || locations.is_empty() {
             return;
         }
         let mut scratch = self.stock.clone();
@@ -1659,7 +1780,7 @@ impl SkuLedger {
                 canceled.insert(line.clone());
             }
         }
-        let mut filled: BTreeMap<&LineId, u64> = BTreeMap::new();
+        let mut filled: BTreeMap<LineId, u64> = BTreeMap::new();
         let mut fills = Vec::new();
         let locations: BTreeSet<&LocationId> = locations.iter().collect();
         for location in locations {
@@ -1678,7 +1799,7 @@ impl SkuLedger {
                 for p in &take {
                     parts[p.partition as usize].reserved += p.qty;
                 }
-                filled.insert(&entry.line, done + qty);
+                filled.insert(entry.line.clone(), done + qty);
                 fills.push(LedgerEvent::Reserved {
                     order: entry.order.clone(),
                     line: entry.line.clone(),
@@ -1827,11 +1948,9 @@ impl SkuLedger {
     }
 
     fn check_line_order(&self, order: &OrderId, line: &LineId) -> Result<(), LedgerError> {
-        let known = self.lines.get(line).map(|c| &c.order).or_else(|| self.backorder(line).map(|b| &b.order));
+        let known = self.lines.get(line).map(|c| c.order.clone()).or_else(|| self.backorder(line).map(|b| b.order));
         match known {
-            Some(other) if other != order => {
-                Err(LedgerError::LineOfOtherOrder { line: line.clone(), order: other.clone() })
-            }
+            Some(other) if other != *order => Err(LedgerError::LineOfOtherOrder { line: line.clone(), order: other }),
             _ => Ok(()),
         }
     }
@@ -1924,41 +2043,21 @@ impl SkuLedger {
 
     fn enqueue_backorder(&mut self, order: &OrderId, line: &LineId, qty: u64, since: Timestamp) {
         self.changes.insert(PieceKey::Backorder(line.clone()));
-        if let Some((_, entry)) = self.backorder_entries.get_mut(line) {
-            entry.qty += qty;
+        if let Some(waiting) = self.backorders.qty_mut(line) {
+            *waiting += qty;
             return;
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.backorders.push_back((ticket, line.clone()));
-        let entry = BackorderEntry { order: order.clone(), line: line.clone(), qty, since };
-        self.backorder_entries.insert(line.clone(), (ticket, entry));
+        self.backorders.push(ticket, BackorderEntry { order: order.clone(), line: line.clone(), qty, since });
     }
 
     fn shorten_backorder(&mut self, line: &LineId, qty: u64) {
         self.changes.insert(PieceKey::Backorder(line.clone()));
-        let (_, entry) = self.backorder_entries.get_mut(line).expect("apply: a filled backorder is queued");
-        entry.qty = entry.qty.checked_sub(qty).expect("apply: a backorder is never overfilled");
-        if entry.qty == 0 {
-            self.backorder_entries.remove(line);
-            self.compact_backorders();
-        }
-    }
-
-    /// Drops stale tickets from the front at once, and from anywhere when
-    /// they outnumber live ones, so the queue stays O(live entries).
-    fn compact_backorders(&mut self) {
-        while let Some((ticket, line)) = self.backorders.front() {
-            match self.backorder_entries.get(line) {
-                Some((t, _)) if t == ticket => break,
-                _ => {
-                    self.backorders.pop_front();
-                }
-            }
-        }
-        if self.backorders.len() > 2 * self.backorder_entries.len() + 64 {
-            let entries = &self.backorder_entries;
-            self.backorders.retain(|(ticket, line)| entries.get(line).is_some_and(|(t, _)| t == ticket));
+        let waiting = self.backorders.qty_mut(line).expect("apply: a filled backorder is queued");
+        *waiting = waiting.checked_sub(qty).expect("apply: a backorder is never overfilled");
+        if *waiting == 0 {
+            self.backorders.remove(line);
         }
     }
 }
@@ -2679,7 +2778,10 @@ mod tests {
         assert_eq!(numbers(&ledger), (5, 5, 0, 0));
         assert_eq!(ledger.reservation(&line("o1:1")).map(|r| r.qty), Some(4));
         assert_eq!(ledger.reservation(&line("o2:1")).map(|r| r.qty), Some(1));
-        assert_eq!(ledger.backorders().map(|b| (b.line.as_str(), b.qty)).collect::<Vec<_>>(), vec![("o2:1", 3)]);
+        assert_eq!(
+            ledger.backorders().map(|b| (b.line.to_string(), b.qty)).collect::<Vec<_>>(),
+            vec![("o2:1".to_owned(), 3)]
+        );
     }
 
     #[test]
@@ -2844,8 +2946,8 @@ mod tests {
             })
             .collect();
         assert_eq!(fills, vec![("o1:1".into(), 3, true), ("o2:1".into(), 1, true)]);
-        let queue: Vec<(&str, u64)> = ledger.backorders().map(|b| (b.line.as_str(), b.qty)).collect();
-        assert_eq!(queue, vec![("o2:1", 1), ("o3:1", 4)]);
+        let queue: Vec<(String, u64)> = ledger.backorders().map(|b| (b.line.to_string(), b.qty)).collect();
+        assert_eq!(queue, vec![("o2:1".to_owned(), 1), ("o3:1".to_owned(), 4)]);
         when(&mut ledger, &cfg, &receive("WH-1", 10)).expect("accepted");
         assert_eq!(ledger.backorders().count(), 0);
         assert_eq!(ledger.available(), 5);
@@ -2893,6 +2995,36 @@ mod tests {
         let state: SkuLedger = serde_json::from_str(&serde_json::to_string(&ledger).expect("ok")).expect("parses");
         assert_eq!(state, ledger);
         assert_eq!(ledger.version(), log.len() as u64);
+    }
+
+    #[test]
+    fn a_whole_document_with_stale_tickets_reads_as_the_same_queue() {
+        let cfg = cfg(1, 0);
+        let mut ledger = given(&cfg, &[]);
+        for (i, o) in ["o1", "o2", "o3", "o4"].into_iter().enumerate() {
+            when(&mut ledger, &cfg, &backorder(o, 2, i as i64)).expect("accepted");
+        }
+        let doc = serde_json::to_value(&ledger).expect("serializes");
+        assert_eq!(doc["backorders"], serde_json::json!([[0, "o1:1"], [1, "o2:1"], [2, "o3:1"], [3, "o4:1"]]));
+        assert_eq!(doc["backorder_entries"]["o3:1"][0], serde_json::json!(2));
+        // Older versions left stale tickets in the FIFO (lines that left or
+        // re-entered with a newer ticket): they are skipped.
+        let mut old = doc.clone();
+        old["backorders"] = serde_json::json!([[0, "o1:1"], [1, "o2:1"], [1, "o9:1"], [2, "o3:1"], [3, "o4:1"]]);
+        let read: SkuLedger = serde_json::from_value(old).expect("deserializes");
+        assert_eq!(read, ledger);
+        assert_eq!(read.backorders().map(|b| b.line.to_string()).collect::<Vec<_>>(), ["o1:1", "o2:1", "o3:1", "o4:1"]);
+        assert_eq!(read.check_invariants(), Ok(()));
+        assert_eq!(serde_json::to_value(&read).expect("serializes"), doc);
+        // A waiting line without its ticket in the FIFO is refused.
+        let mut lost = doc.clone();
+        lost["backorders"] = serde_json::json!([[0, "o1:1"], [2, "o3:1"], [3, "o4:1"]]);
+        let err = serde_json::from_value::<SkuLedger>(lost).expect_err("inconsistent");
+        assert!(err.to_string().contains("disagree"), "{err}");
+        // So is one filed under another line.
+        let mut moved = doc;
+        moved["backorder_entries"]["o3:1"][1]["line"] = serde_json::json!("o5:1");
+        assert!(serde_json::from_value::<SkuLedger>(moved).is_err());
     }
 
     #[test]

@@ -7,13 +7,14 @@ use crate::ports::{Batch, OutboxRecord, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::watch;
 
 /// Committed events an embedded producer keeps in memory for its consumers
 /// (the newest, contiguous by position), so a consumer that keeps up reads
 /// them without a store read or a decode. Bounded; older events are read
-/// from the store.
+/// from the store. Events every registered consumer has committed past are
+/// dropped sooner (see [`Publisher::retain`]).
 pub const TAIL_MAX: usize = 16_384;
 
 /// Events fetched for a consumer, and how far the fetch reached in the
@@ -63,19 +64,27 @@ pub trait EventSource: Send + Sync {
 pub struct Publisher {
     tx: watch::Sender<u64>,
     tail: Arc<Mutex<VecDeque<Arc<OutboxRecord>>>>,
+    /// The committed cursors of the embedded consumers reading this
+    /// producer (dropped consumers fall out).
+    consumers: Arc<Mutex<Vec<Weak<AtomicU64>>>>,
 }
 
 impl Publisher {
     /// A publisher whose head starts at `head`.
     pub fn new(head: u64) -> Publisher {
-        Publisher { tx: watch::Sender::new(head), tail: Arc::default() }
+        Publisher { tx: watch::Sender::new(head), tail: Arc::default(), consumers: Arc::default() }
     }
 
     /// Keeps events the producer just committed, before their head is
     /// published. `records` must be exactly the committed positions, in
     /// order; a gap from what the tail holds empties it first, so the tail
-    /// is always contiguous.
+    /// is always contiguous. Events at or below every registered consumer's
+    /// committed cursor are dropped (none will read them again: cursors only
+    /// move forward), and never more than [`TAIL_MAX`] are kept, so the
+    /// tail holds what the slowest consumer still has to read, not the
+    /// newest `TAIL_MAX` whatever the consumers' lag.
     pub fn retain(&self, records: impl IntoIterator<Item = Arc<OutboxRecord>>) {
+        let floor = self.consumed();
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         for r in records {
             if tail.back().is_some_and(|last| last.position + 1 != r.position) {
@@ -83,9 +92,23 @@ impl Publisher {
             }
             tail.push_back(r);
         }
-        while tail.len() > TAIL_MAX {
+        while tail.len() > TAIL_MAX || tail.front().is_some_and(|r| floor.is_some_and(|f| r.position <= f)) {
             tail.pop_front();
         }
+    }
+
+    /// Registers an embedded consumer's committed cursor.
+    fn register(&self, cursor: &Arc<AtomicU64>) {
+        let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers.retain(|c| c.strong_count() > 0);
+        consumers.push(Arc::downgrade(cursor));
+    }
+
+    /// The position every live registered consumer has committed past;
+    /// `None` without any (then only [`TAIL_MAX`] bounds the tail).
+    fn consumed(&self) -> Option<u64> {
+        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers.iter().filter_map(Weak::upgrade).map(|c| c.load(Ordering::Acquire)).min()
     }
 
     /// Up to `max` retained events after position `after`, and the last
@@ -132,7 +155,8 @@ pub struct OutboxSource {
     producer: &'static str,
     store: Arc<dyn Store>,
     publisher: Publisher,
-    cursor: AtomicU64,
+    /// Registered with the publisher, which drops what every consumer passed.
+    cursor: Arc<AtomicU64>,
     filter: fn(&str) -> bool,
 }
 
@@ -146,7 +170,9 @@ impl OutboxSource {
         cursor: u64,
         filter: fn(&str) -> bool,
     ) -> OutboxSource {
-        OutboxSource { producer, store, publisher, cursor: AtomicU64::new(cursor), filter }
+        let cursor = Arc::new(AtomicU64::new(cursor));
+        publisher.register(&cursor);
+        OutboxSource { producer, store, publisher, cursor, filter }
     }
 }
 
@@ -246,6 +272,38 @@ mod tests {
         publisher.retain([Arc::new(record(6))]);
         let past_gap = OutboxSource::new("orders", store.clone(), publisher.clone(), 4, |_| true);
         assert_eq!(ids(&past_gap.poll(10).await.expect("poll")), ["ev-5"], "5 is not retained: from the store");
+    }
+
+    #[tokio::test]
+    async fn the_tail_drops_what_every_consumer_has_committed() {
+        let store = Arc::new(MemoryStore::new());
+        let events: Vec<Envelope> = (1..=8).map(|p| record(p).envelope).collect();
+        store.commit(Batch { outbox: events, ..Batch::default() }).await.expect("commit");
+        let publisher = Publisher::new(0);
+        let fast = OutboxSource::new("orders", store.clone(), publisher.clone(), 0, |_| true);
+        let slow = OutboxSource::new("orders", store.clone(), publisher.clone(), 0, |_| true);
+        publisher.retain((1..=4).map(|p| Arc::new(record(p))));
+        publisher.publish(4);
+        fast.committed(4);
+        slow.committed(2);
+        publisher.retain((5..=6).map(|p| Arc::new(record(p))));
+        publisher.publish(6);
+        assert_eq!(publisher.retained_after(2, 10).map(|(r, u)| (r.len(), u)), Some((4, 6)), "3.. kept for slow");
+        assert!(publisher.retained_after(1, 10).is_none(), "2 was dropped: both passed it");
+        assert_eq!(ids(&slow.poll(10).await.expect("poll")), ["ev-3", "ev-4", "ev-5", "ev-6"]);
+        slow.committed(6);
+        // A dropped consumer no longer holds events back.
+        let gone = OutboxSource::new("orders", store.clone(), publisher.clone(), 0, |_| true);
+        drop(gone);
+        publisher.retain((7..=8).map(|p| Arc::new(record(p))));
+        publisher.publish(8);
+        assert_eq!(publisher.retained_after(4, 10).map(|(r, u)| (r.len(), u)), Some((4, 8)), "5.. kept for fast");
+        assert!(publisher.retained_after(3, 10).is_none(), "4 was dropped: every live consumer passed it");
+        assert_eq!(ids(&fast.poll(10).await.expect("poll")), ["ev-5", "ev-6", "ev-7", "ev-8"]);
+        // Without consumers only TAIL_MAX bounds the tail.
+        drop((fast, slow));
+        publisher.retain([Arc::new(record(9))]);
+        assert_eq!(publisher.retained_after(6, 10).map(|(r, u)| (r.len(), u)), Some((3, 9)));
     }
 
     #[test]

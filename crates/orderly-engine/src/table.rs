@@ -15,7 +15,7 @@
 //! (built with [`Table::whole`]) are never evicted.
 
 use crate::ports::{Batch, Row, Store, StoreError};
-use orderly_domain::ledger::{LedgerCore, LedgerPiece, SkuLedger};
+use orderly_domain::ledger::{LedgerAssembly, LedgerCore, LedgerPiece, SkuLedger};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
@@ -489,20 +489,22 @@ pub async fn read_ledger(store: &dyn Store, sku: &str) -> Result<Option<StoredLe
             return Ok(Some(StoredLedger { ledger, whole: true }));
         }
     };
-    let mut pieces = Vec::new();
+    // Pieces go into the ledger a page at a time: a hot SKU has one per
+    // waiting line, and a list of them all would double the ledger's size.
+    let mut assembly = LedgerAssembly::new(core).map_err(corrupt)?;
     let mut after: Option<String> = None;
     loop {
         let rows = store.scan(LEDGER_PIECES, Some(sku), after.as_deref(), PIECES_PAGE).await?;
         let done = rows.len() < PIECES_PAGE as usize;
         for row in &rows {
-            pieces.push(decode::<LedgerPiece>(LEDGER_PIECES, row)?);
+            assembly.add(decode::<LedgerPiece>(LEDGER_PIECES, row)?).map_err(corrupt)?;
         }
         after = rows.last().map(|r| r.key.clone());
         if done {
             break;
         }
     }
-    let ledger = SkuLedger::assemble(core, pieces).map_err(corrupt)?;
+    let ledger = assembly.finish().map_err(corrupt)?;
     Ok(Some(StoredLedger { ledger, whole: false }))
 }
 

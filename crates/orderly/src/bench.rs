@@ -256,25 +256,42 @@ fn request(p: &Planned, n: usize) -> Result<OrderRequest> {
     })
 }
 
+/// What became of one sent order: its latency in milliseconds as `f32`
+/// bits, or [`REFUSED`]. One slot per order, written by whichever worker
+/// sent it (4 bytes an order, nothing that grows while the sale runs).
+type Outcome = std::sync::atomic::AtomicU32;
+
+/// The [`Outcome`] of an order the engine did not accept (a NaN pattern, so
+/// never a latency).
+const REFUSED: u32 = u32::MAX;
+
+/// The latency in ms of an accepted order.
+fn accepted_ms(outcome: &Outcome) -> Option<f32> {
+    let bits = outcome.load(Ordering::Relaxed);
+    (bits != REFUSED).then(|| f32::from_bits(bits))
+}
+
 /// Sends every planned order with `concurrency` workers; returns per-order
-/// latency (ms) and whether it was accepted.
+/// latency (ms) and whether it was accepted, in plan order.
 async fn drive(
     cfg: &FlashSale,
     engine: Arc<Engine>,
     addr: std::net::SocketAddr,
     key: &str,
     planned: Arc<Vec<Planned>>,
-) -> Result<Vec<(bool, f32, bool)>> {
+) -> Result<Arc<Vec<Outcome>>> {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let bar = progress(planned.len() as u64);
     let client = reqwest::Client::builder().pool_max_idle_per_host(cfg.concurrency).build().context("HTTP client")?;
     let url = format!("http://{addr}/v1/orders");
+    let outcomes: Arc<Vec<Outcome>> = Arc::new((0..planned.len()).map(|_| Outcome::new(REFUSED)).collect());
     let mut workers = Vec::new();
     for _ in 0..cfg.concurrency.max(1) {
-        let (engine, planned, next, done, client, url, key, via) = (
+        let (engine, planned, outcomes, next, done, client, url, key, via) = (
             engine.clone(),
             planned.clone(),
+            outcomes.clone(),
             next.clone(),
             done.clone(),
             client.clone(),
@@ -283,7 +300,6 @@ async fn drive(
             cfg.via,
         );
         workers.push(tokio::spawn(async move {
-            let mut out = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(p) = planned.get(i) else { break };
@@ -296,10 +312,13 @@ async fn drive(
                         matches!(r, Ok(r) if r.status().is_success())
                     }
                 };
-                out.push((p.flash, (start.elapsed().as_secs_f64() * 1000.0) as f32, ok));
+                if ok {
+                    let ms = (start.elapsed().as_secs_f64() * 1000.0) as f32;
+                    outcomes[i].store(ms.to_bits(), Ordering::Relaxed);
+                }
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            anyhow::Ok(out)
+            anyhow::Ok(())
         }));
     }
     let ticker = {
@@ -311,13 +330,12 @@ async fn drive(
             }
         })
     };
-    let mut all = Vec::with_capacity(planned.len());
     for w in workers {
-        all.extend(w.await.context("worker panicked")??);
+        w.await.context("worker panicked")??;
     }
     ticker.abort();
     bar.finish_and_clear();
-    Ok(all)
+    Ok(outcomes)
 }
 
 fn progress(len: u64) -> indicatif::ProgressBar {
@@ -410,9 +428,10 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
     let sellable = hot_sellable(&engine, uniform).await?;
     let planned = Arc::new(plan(cfg, uniform)?);
     let start = Instant::now();
-    let results = drive(cfg, engine.clone(), addr, &key, planned.clone()).await?;
-    drop(planned);
-    let accepted_total = results.iter().filter(|r| r.2).count() as u64;
+    let outcomes = drive(cfg, engine.clone(), addr, &key, planned.clone()).await?;
+    // Per order: flash or regular, and its latency if accepted.
+    let results = || planned.iter().zip(outcomes.iter()).map(|(p, o)| (p.flash, accepted_ms(o)));
+    let accepted_total = results().filter(|r| r.1.is_some()).count() as u64;
     settle(&engine, accepted_total).await?;
     let elapsed = start.elapsed().as_secs_f64();
     // The stores are checked once the engine has stopped (its caches freed),
@@ -420,17 +439,17 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
     let _ = stop.send(());
     let _ = server.await;
     let check = check_stores(&engine, cfg, uniform).await?;
-    let flash_latency_ms: Vec<f64> = results.iter().filter(|r| r.0 && r.2).map(|r| f64::from(r.1)).collect();
+    let flash_latency_ms: Vec<f64> = results().filter_map(|(flash, ms)| ms.filter(|_| flash).map(f64::from)).collect();
     Ok(SaleResult {
-        accepted: results.iter().filter(|r| r.0 && r.2).count() as u64,
+        accepted: flash_latency_ms.len() as u64,
         allocated: check.allocated,
         backordered: check.backordered,
         oversold: check.oversold,
         sellable,
-        regular_sent: results.iter().filter(|r| !r.0).count() as u64,
+        regular_sent: results().filter(|r| !r.0).count() as u64,
         orders_per_sec: accepted_total as f64 / elapsed,
         flash_latency_ms,
-        regular_latency_ms: results.iter().filter(|r| !r.0 && r.2).map(|r| f64::from(r.1)).collect(),
+        regular_latency_ms: results().filter_map(|(flash, ms)| ms.filter(|_| !flash).map(f64::from)).collect(),
         invariants_ok: check.invariants_ok,
     })
 }

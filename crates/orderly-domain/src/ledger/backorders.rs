@@ -1,0 +1,336 @@
+//! The FIFO of lines waiting for stock in one SKU's ledger.
+//!
+//! A flash sale leaves most of its orders waiting here (990,500 lines for
+//! 1,000,000 orders of 10,000 units), so the per-line cost is what counts:
+//! one 56-byte slot per line in ticket order (ticket, line, quantity, since)
+//! plus one index entry (line id to ticket, sharing the line id's bytes).
+//! The order id is not kept when the line id is `<order id>:<n>` (every line
+//! the engine makes, unless the order id is too long): it is derived again
+//! when an entry is read. Before, a waiting line had a ticket in a FIFO, a
+//! map entry by line, the entry and its own copy of the order id.
+
+use super::BackorderEntry;
+use crate::ids::{LineId, OrderId};
+use crate::time::Timestamp;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Waiting lines in ticket order, with an index by line.
+///
+/// A line that leaves the queue leaves an empty slot behind; empty slots are
+/// dropped from the front at once, and from anywhere when they outnumber the
+/// live ones, so the queue stays O(live lines) and removal anywhere is
+/// O(log n). A line is found by its ticket (the index) and a binary search
+/// over the slots, whose tickets increase.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BackorderQueue {
+    slots: VecDeque<Slot>,
+    index: BTreeMap<LineId, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    ticket: u64,
+    /// `None` once the line has left the queue.
+    entry: Option<Waiting>,
+}
+
+/// A [`BackorderEntry`] without its order id when the line id names it.
+#[derive(Debug, Clone)]
+struct Waiting {
+    line: LineId,
+    /// `None` when the order id is the line id up to its last `:`.
+    order: Option<OrderId>,
+    qty: u64,
+    since: Timestamp,
+}
+
+/// The order id a line id names: the line id up to its last `:`.
+fn order_part(line: &LineId) -> Option<&str> {
+    line.as_str().rsplit_once(':').map(|(order, _)| order)
+}
+
+impl Waiting {
+    fn new(entry: BackorderEntry) -> Waiting {
+        let BackorderEntry { order, line, qty, since } = entry;
+        let order = (order_part(&line) != Some(order.as_str())).then_some(order);
+        Waiting { line, order, qty, since }
+    }
+
+    fn entry(&self) -> BackorderEntry {
+        let order = match &self.order {
+            Some(order) => order.clone(),
+            None => {
+                let part = order_part(&self.line).expect("a line without its order id names it");
+                OrderId::parse(part).expect("a derived order id was an order id when queued")
+            }
+        };
+        BackorderEntry { order, line: self.line.clone(), qty: self.qty, since: self.since }
+    }
+}
+
+impl BackorderQueue {
+    /// Lines waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// True when no line waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn position(&self, line: &LineId) -> Option<usize> {
+        let ticket = *self.index.get(line)?;
+        self.slots.binary_search_by_key(&ticket, |s| s.ticket).ok()
+    }
+
+    /// A waiting line's ticket and entry.
+    pub(crate) fn get(&self, line: &LineId) -> Option<(u64, BackorderEntry)> {
+        let slot = &self.slots[self.position(line)?];
+        slot.entry.as_ref().map(|w| (slot.ticket, w.entry()))
+    }
+
+    /// The units a waiting line still wants, to change them.
+    pub(crate) fn qty_mut(&mut self, line: &LineId) -> Option<&mut u64> {
+        let i = self.position(line)?;
+        self.slots[i].entry.as_mut().map(|w| &mut w.qty)
+    }
+
+    /// Queues a line at the back with a ticket newer than every queued one.
+    /// Panics (a bug) if the ticket is not newer or the line already waits.
+    pub(crate) fn push(&mut self, ticket: u64, entry: BackorderEntry) {
+        assert!(self.slots.back().is_none_or(|s| s.ticket < ticket), "backorder tickets increase");
+        let known = self.index.insert(entry.line.clone(), ticket);
+        assert!(known.is_none(), "a line waits once");
+        self.slots.push_back(Slot { ticket, entry: Some(Waiting::new(entry)) });
+    }
+
+    /// Builds a queue from entries in any order (a ledger read from its
+    /// pieces or an older whole document).
+    pub(crate) fn from_unordered(entries: impl IntoIterator<Item = (u64, BackorderEntry)>) -> Result<Self, String> {
+        let mut queue = BackorderQueue::default();
+        for (ticket, entry) in entries {
+            queue.insert_unordered(ticket, entry)?;
+        }
+        queue.sort()?;
+        Ok(queue)
+    }
+
+    /// Adds a line in any order; [`BackorderQueue::sort`] must run before
+    /// the queue is used.
+    pub(crate) fn insert_unordered(&mut self, ticket: u64, entry: BackorderEntry) -> Result<(), String> {
+        if let Some(other) = self.index.insert(entry.line.clone(), ticket) {
+            return Err(format!("backorder for {} queued twice (tickets {other} and {ticket})", entry.line));
+        }
+        self.slots.push_back(Slot { ticket, entry: Some(Waiting::new(entry)) });
+        Ok(())
+    }
+
+    /// Puts lines added by [`BackorderQueue::insert_unordered`] in ticket
+    /// order, in place.
+    pub(crate) fn sort(&mut self) -> Result<(), String> {
+        self.slots.make_contiguous().sort_unstable_by_key(|s| s.ticket);
+        if let Some(w) = self.slots.iter().zip(self.slots.iter().skip(1)).find(|(a, b)| a.ticket == b.ticket) {
+            return Err(format!("backorder ticket {} used twice", w.0.ticket));
+        }
+        Ok(())
+    }
+
+    /// Takes a line out of the queue; returns whether it waited.
+    pub(crate) fn remove(&mut self, line: &LineId) -> bool {
+        let Some(i) = self.position(line) else { return false };
+        self.index.remove(line);
+        self.slots[i].entry = None;
+        self.compact();
+        true
+    }
+
+    /// Drops empty slots from the front at once, and from anywhere when they
+    /// outnumber live ones.
+    fn compact(&mut self) {
+        while self.slots.front().is_some_and(|s| s.entry.is_none()) {
+            self.slots.pop_front();
+        }
+        if self.slots.len() > 2 * self.index.len() + 64 {
+            self.slots.retain(|s| s.entry.is_some());
+        }
+    }
+
+    /// Waiting lines with their tickets, oldest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, BackorderEntry)> + '_ {
+        self.slots.iter().filter_map(|s| s.entry.as_ref().map(|w| (s.ticket, w.entry())))
+    }
+
+    /// The waiting lines' tickets and ids, oldest first.
+    pub(crate) fn tickets(&self) -> impl Iterator<Item = (u64, &LineId)> {
+        self.slots.iter().filter_map(|s| s.entry.as_ref().map(|w| (s.ticket, &w.line)))
+    }
+
+    /// The ids of the waiting lines, oldest first.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = &LineId> {
+        self.tickets().map(|(_, line)| line)
+    }
+
+    /// Checks that the slots and the index agree: tickets increase, every
+    /// live slot is indexed under its line with its ticket, nothing else is.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut last: Option<u64> = None;
+        let mut live = 0usize;
+        for slot in &self.slots {
+            if last.is_some_and(|t| t >= slot.ticket) {
+                return Err(format!("backorder ticket {} out of order", slot.ticket));
+            }
+            last = Some(slot.ticket);
+            if let Some(w) = &slot.entry {
+                live += 1;
+                if self.index.get(&w.line) != Some(&slot.ticket) {
+                    return Err("the backorder queue and its index disagree".to_owned());
+                }
+                if w.order.as_ref().is_some_and(|o| order_part(&w.line) == Some(o.as_str())) {
+                    return Err(format!("backorder for {} keeps an order id its line names", w.line));
+                }
+                if w.order.is_none() && order_part(&w.line).is_none_or(|o| OrderId::parse(o).is_err()) {
+                    return Err(format!("backorder for {} names no order", w.line));
+                }
+            }
+        }
+        if live != self.index.len() {
+            return Err("the backorder queue and its index disagree".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for BackorderQueue {
+    /// The same lines waiting in the same order with the same tickets (empty
+    /// slots not yet dropped are not part of the state).
+    fn eq(&self, other: &BackorderQueue) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for BackorderQueue {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::OrderId;
+    use crate::time::Timestamp;
+
+    fn entry(n: u32, qty: u64) -> BackorderEntry {
+        let order = OrderId::parse(format!("o{n}")).expect("order id");
+        BackorderEntry { line: LineId::for_order(&order, 1), order, qty, since: Timestamp(i64::from(n)) }
+    }
+
+    fn line(n: u32) -> LineId {
+        entry(n, 1).line
+    }
+
+    fn waiting(q: &BackorderQueue) -> Vec<(u64, String, u64)> {
+        q.iter().map(|(t, e)| (t, e.line.to_string(), e.qty)).collect()
+    }
+
+    #[test]
+    fn serves_in_ticket_order_and_removes_anywhere() {
+        let mut q = BackorderQueue::default();
+        for n in 0..1000 {
+            q.push(u64::from(n) * 2, entry(n, 1 + u64::from(n % 3)));
+        }
+        assert_eq!(q.len(), 1000);
+        assert_eq!(q.get(&line(500)).map(|(t, e)| (t, e.qty)), Some((1000, 3)));
+        // Take out every odd line, then the head: order and lookups hold.
+        for n in (1..1000).step_by(2) {
+            assert!(q.remove(&line(n)));
+            assert!(!q.remove(&line(n)), "removed once");
+        }
+        assert!(q.remove(&line(0)));
+        q.check().expect("consistent");
+        assert_eq!(q.len(), 499);
+        assert!(q.slots.len() <= 2 * q.len() + 64, "empty slots are dropped");
+        let tickets: Vec<u64> = q.iter().map(|(t, _)| t).collect();
+        assert_eq!(tickets, (2..1000).step_by(2).map(|n| n * 2).collect::<Vec<u64>>());
+        *q.qty_mut(&line(998)).expect("waits") = 7;
+        assert_eq!(q.get(&line(998)).map(|(_, e)| e.qty), Some(7));
+        assert_eq!(q.get(&line(1)), None);
+        // Draining from the front leaves nothing behind.
+        for n in (2..1000).step_by(2) {
+            assert!(q.remove(&line(n)));
+        }
+        assert!(q.is_empty());
+        assert!(q.slots.is_empty());
+        q.check().expect("consistent");
+    }
+
+    #[test]
+    fn builds_from_unordered_entries_equal_to_the_queue_it_came_from() {
+        let mut q = BackorderQueue::default();
+        for n in 0..300 {
+            q.push(u64::from(n) + 10, entry(n, 1));
+        }
+        for n in (0..300).step_by(7) {
+            q.remove(&line(n));
+        }
+        let mut entries: Vec<(u64, BackorderEntry)> = q.iter().collect();
+        entries.reverse();
+        entries.swap(3, 100);
+        let rebuilt = BackorderQueue::from_unordered(entries).expect("valid");
+        rebuilt.check().expect("consistent");
+        assert_eq!(rebuilt, q);
+        assert_eq!(waiting(&rebuilt), waiting(&q));
+        assert!(rebuilt.slots.iter().all(|s| s.entry.is_some()), "no empty slot after a rebuild");
+    }
+
+    #[test]
+    fn keeps_the_order_id_only_when_the_line_id_does_not_name_it() {
+        let mut q = BackorderQueue::default();
+        let named = entry(1, 2);
+        let hashed_order = OrderId::parse("o-".to_owned() + &"x".repeat(62)).expect("order id");
+        let hashed = BackorderEntry {
+            line: LineId::for_order(&hashed_order, 3),
+            order: hashed_order.clone(),
+            qty: 1,
+            since: Timestamp(5),
+        };
+        assert!(!hashed.line.as_str().starts_with("o-"), "a long order id's lines are hashed");
+        let other = BackorderEntry {
+            line: LineId::parse("o7:1").expect("line"),
+            order: OrderId::parse("o8").expect("order"),
+            qty: 1,
+            since: Timestamp(6),
+        };
+        let plain = BackorderEntry {
+            line: LineId::parse("free-form").expect("line"),
+            order: OrderId::parse("o9").expect("order"),
+            qty: 4,
+            since: Timestamp(7),
+        };
+        for (t, e) in [(1, &named), (2, &hashed), (3, &other), (4, &plain)] {
+            q.push(t, e.clone());
+        }
+        let kept: Vec<bool> = q.slots.iter().map(|s| s.entry.as_ref().is_some_and(|w| w.order.is_some())).collect();
+        assert_eq!(kept, [false, true, true, true]);
+        assert_eq!(q.iter().map(|(_, e)| e).collect::<Vec<_>>(), [named.clone(), hashed, other, plain]);
+        assert_eq!(q.get(&named.line), Some((1, named)));
+        q.check().expect("consistent");
+    }
+
+    #[test]
+    fn rejects_a_line_or_ticket_queued_twice() {
+        let twice = BackorderQueue::from_unordered([(1, entry(1, 1)), (2, entry(1, 1))]);
+        assert!(twice.is_err_and(|e| e.contains("queued twice")));
+        let ticket = BackorderQueue::from_unordered([(5, entry(1, 1)), (5, entry(2, 1))]);
+        assert!(ticket.is_err_and(|e| e.contains("used twice")));
+    }
+
+    #[test]
+    fn check_catches_an_index_that_disagrees() {
+        let mut q = BackorderQueue::default();
+        q.push(1, entry(1, 1));
+        q.push(2, entry(2, 1));
+        q.index.insert(line(3), 9);
+        assert!(q.check().is_err());
+        q.index.remove(&line(3));
+        q.index.insert(line(2), 1);
+        assert!(q.check().is_err());
+    }
+}
