@@ -71,6 +71,12 @@ impl Metrics {
         h.get(&key(name, labels)).map_or(0, |e| e.count)
     }
 
+    /// A histogram's sum of observations (0 when never observed).
+    pub fn histogram_sum(&self, name: &'static str, labels: &[(&'static str, &str)]) -> f64 {
+        let h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        h.get(&key(name, labels)).map_or(0.0, |e| e.sum)
+    }
+
     /// Counts `by` occurrences of `what` at `at_ms` (engine clock), for
     /// [`Metrics::count_since`]; minute resolution, kept for a week.
     pub fn count_at(&self, what: &'static str, at_ms: i64, by: u64) {

@@ -349,8 +349,16 @@ impl<S: Service> Driver<S> {
                 self.dropped_at = now;
             }
         }
+        let started = std::time::Instant::now();
         let mut tx = Tx::new(self.ctx.clone(), self.head);
         let mut worked = !commands.is_empty() || !controls.is_empty();
+        if !commands.is_empty() {
+            self.ctx.metrics.inc(
+                "orderly_batch_commands_total",
+                &[("service", self.ctx.service)],
+                commands.len() as u64,
+            );
+        }
         for cmd in commands {
             self.service.on_command(&mut tx, cmd).await;
         }
@@ -381,6 +389,10 @@ impl<S: Service> Driver<S> {
             worked = true;
         }
         let publish = Publish { head: self.publish.as_ref(), retain: self.retain.as_ref() };
+        if worked {
+            let service = [("service", self.ctx.service)];
+            self.ctx.metrics.observe("orderly_batch_build_seconds", &service, started.elapsed().as_secs_f64());
+        }
         if let Some(h) = commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, publish).await {
             self.head = h;
         }
@@ -657,10 +669,12 @@ async fn commit<S: Service>(
             .collect(),
         _ => Vec::new(),
     };
+    let committing = std::time::Instant::now();
     let result = match staged {
         Ok(()) => ctx.store.commit(tx.batch).await,
         Err(e) => Err(e),
     };
+    ctx.metrics.observe("orderly_commit_seconds", &[("service", ctx.service)], committing.elapsed().as_secs_f64());
     match result {
         Ok(head) => {
             service.tables().into_iter().for_each(|t| t.committed());
@@ -850,6 +864,20 @@ mod tests {
             driver.step(Vec::new(), Vec::new()).await;
             assert_eq!(retries(&driver), attempt, "attempt {attempt} came within 5 s");
         }
+    }
+
+    #[tokio::test]
+    async fn each_batch_records_its_build_and_commit_time_and_commands() {
+        let (mut driver, _clock, _store) = consumer().await;
+        driver.step(vec![true, true], Vec::new()).await; // two commands and the event: one commit
+        driver.step(Vec::new(), Vec::new()).await; // nothing to do: not a batch
+        let m = driver.ctx().metrics.clone();
+        let service = [("service", "inventory")];
+        assert_eq!(m.counter("orderly_batch_commands_total", &service), 2);
+        assert_eq!(m.histogram_count("orderly_batch_build_seconds", &service), 1);
+        assert_eq!(m.histogram_count("orderly_commit_seconds", &service), 1);
+        assert!(m.histogram_sum("orderly_commit_seconds", &service) > 0.0);
+        assert!(m.render().contains("orderly_commit_seconds_count{service=\"inventory\"} 1"), "{}", m.render());
     }
 
     #[tokio::test]

@@ -429,11 +429,13 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
     let planned = Arc::new(plan(cfg, uniform)?);
     let start = Instant::now();
     let outcomes = drive(cfg, engine.clone(), addr, &key, planned.clone()).await?;
+    let driven = start.elapsed().as_secs_f64();
     // Per order: flash or regular, and its latency if accepted.
     let results = || planned.iter().zip(outcomes.iter()).map(|(p, o)| (p.flash, accepted_ms(o)));
     let accepted_total = results().filter(|r| r.1.is_some()).count() as u64;
     settle(&engine, accepted_total).await?;
     let elapsed = start.elapsed().as_secs_f64();
+    print_service_times(&engine, driven, elapsed, uniform);
     // The stores are checked once the engine has stopped (its caches freed),
     // one ledger and one page of orders at a time.
     let _ = stop.send(());
@@ -452,6 +454,29 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
         regular_latency_ms: results().filter_map(|(flash, ms)| ms.filter(|_| !flash).map(f64::from)).collect(),
         invariants_ok: check.invariants_ok,
     })
+}
+
+/// Prints, per service, how the sale's wall time was spent: building
+/// batches (deciding, in the service loop) and committing them (the store,
+/// fsync included), with the batch count and events in and out.
+fn print_service_times(engine: &Engine, driven: f64, elapsed: f64, uniform: bool) {
+    let m = &engine.runtime.metrics;
+    eprintln!(
+        "{} sale, {elapsed:.1} s ({driven:.1} s sending): service  batches  commands  build s  commit s  consumed  emitted",
+        if uniform { "uniform" } else { "hot" }
+    );
+    for service in ["orders", "inventory", "picking", "packing", "shipping", "notifications"] {
+        let label = [("service", service)];
+        eprintln!(
+            "  {service:>13} {:>8} {:>9} {:>8.2} {:>9.2} {:>9} {:>8}",
+            m.histogram_count("orderly_commit_seconds", &label),
+            m.counter("orderly_batch_commands_total", &label),
+            m.histogram_sum("orderly_batch_build_seconds", &label),
+            m.histogram_sum("orderly_commit_seconds", &label),
+            m.counter("orderly_events_consumed_total", &[("consumer", service)]),
+            m.counter("orderly_events_emitted_total", &label),
+        );
+    }
 }
 
 async fn hot_sellable(engine: &Engine, uniform: bool) -> Result<u64> {
