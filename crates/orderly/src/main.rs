@@ -231,6 +231,14 @@ enum KeysCommand {
     },
 }
 
+/// With the `mimalloc` feature, mimalloc for Rust's allocations: the service
+/// loops allocate on the async workers and free on the commit threads (and
+/// the other way round), where glibc's malloc spends about a fifth of the
+/// CPU (see `memory.rs`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let _ = orderly::memory::tune();
     let cli = Cli::parse();
