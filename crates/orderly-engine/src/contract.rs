@@ -47,6 +47,17 @@ pub async fn check_store(store: &dyn Store) {
     assert!(store.get("things", "zz").await.expect("get").is_none(), "missing row is None");
     assert!(store.get("other", "a").await.expect("get").is_none(), "tables are separate");
 
+    // Many keys at once, across tables: the present ones with their versions.
+    let mut many = store
+        .get_many_versioned(&[("things", "c"), ("things", "zz"), ("other", "a"), ("things", "a")])
+        .await
+        .expect("get many");
+    many.sort_by(|x, y| x.0.key.cmp(&y.0.key));
+    let keys: Vec<(&str, &str, u64)> = many.iter().map(|(r, v)| (r.table, r.key.as_str(), *v)).collect();
+    assert_eq!(keys, vec![("things", "a", 1), ("things", "c", 1)], "get_many: present rows only, with versions");
+    assert_eq!(many[0].0, got, "get_many reads the same row as get");
+    assert!(store.get_many_versioned(&[]).await.expect("get many").is_empty());
+
     let open: Vec<String> =
         store.scan("things", Some("open"), None, 10).await.expect("scan").into_iter().map(|r| r.key).collect();
     assert_eq!(open, vec!["a", "c"], "scan by index, key order");

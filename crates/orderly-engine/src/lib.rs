@@ -17,6 +17,7 @@ pub mod memory_store;
 pub mod metrics;
 pub mod partitions;
 pub mod ports;
+pub mod prefetch;
 pub mod runtime;
 pub mod services;
 pub mod table;

@@ -133,6 +133,24 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Reads one document with its version (1 when first put, +1 per put).
     async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError>;
+    /// Reads the documents of `keys`, as (table, key), with their versions;
+    /// those absent are left out. The default reads one key after another;
+    /// a store where one read of many costs about what one read of one does
+    /// (a server a round trip away) reads them at once and says so in
+    /// [`Store::reads_many`].
+    async fn get_many_versioned(&self, keys: &[(&'static str, &str)]) -> Result<Vec<(Row, u64)>, StoreError> {
+        let mut found = Vec::new();
+        for (table, key) in keys {
+            found.extend(self.get_versioned(table, key).await?);
+        }
+        Ok(found)
+    }
+    /// True when [`Store::get_many_versioned`] reads many keys in about the
+    /// time of one (then the runtime reads what a batch's handlers will need
+    /// before they run: see `Service::event_reads`).
+    fn reads_many(&self) -> bool {
+        false
+    }
     /// [`Store::scan`] with each document's version.
     async fn scan_versioned(
         &self,

@@ -10,6 +10,7 @@
 use crate::bus::{EventSource, Publisher};
 use crate::metrics::Metrics;
 use crate::ports::{Batch, Clock, OutboxRecord, Rng, Row, Store, StoreError, uuid_v7};
+use crate::prefetch::{Prefetched, Reads};
 use crate::table::Staged;
 use orderly_domain::Timestamp;
 use orderly_domain::event::{Envelope, EventType};
@@ -58,17 +59,38 @@ pub struct Tx {
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     head: u64,
     consumed: u64,
+    /// What this batch read ahead (a store a round trip away), if anything.
+    prefetched: Option<Arc<Prefetched>>,
 }
 
 impl Tx {
-    fn new(ctx: Arc<Ctx>, head: u64) -> Tx {
+    fn new(ctx: Arc<Ctx>, head: u64, prefetched: Option<Arc<Prefetched>>) -> Tx {
         let batch = Batch { assumed_head: Some(head), ..Batch::default() };
-        Tx { now: ctx.clock.now(), ctx, batch, after_commit: Vec::new(), head, consumed: 0 }
+        Tx { now: ctx.clock.now(), ctx, batch, after_commit: Vec::new(), head, consumed: 0, prefetched }
     }
 
-    /// The service's own store (for cache misses and queries).
+    /// The service's own store (for cache misses and queries), answering
+    /// from what the batch read ahead first.
     pub fn store(&self) -> &dyn Store {
-        self.ctx.store.as_ref()
+        match &self.prefetched {
+            Some(p) => p.as_ref(),
+            None => self.ctx.store.as_ref(),
+        }
+    }
+
+    /// Reads ahead what `reads` names (nothing to do on a store without
+    /// [`Store::reads_many`]). A failure is only logged: each read is then
+    /// made when needed, and fails there if the store is down.
+    async fn read_ahead(&mut self, reads: Reads) {
+        if let Some(p) = &self.prefetched
+            && !reads.is_empty()
+        {
+            let n = reads.len() as u64;
+            match p.fetch(reads).await {
+                Ok(()) => self.ctx.metrics.inc("orderly_reads_ahead_total", &[("service", self.ctx.service)], n),
+                Err(e) => tracing::warn!(service = self.ctx.service, error = %e, "read-ahead failed"),
+            }
+        }
     }
 
     /// The runtime context.
@@ -176,6 +198,17 @@ pub trait Service: Send + 'static {
     fn next_deadline(&self) -> Option<Timestamp>;
     /// The service's cached tables, to stage, roll back or settle.
     fn tables(&mut self) -> Vec<&mut dyn Staged>;
+    /// The documents handling `event` will read that are likely not cached
+    /// (see [`crate::prefetch`]): on a store a round trip away they are read
+    /// for a whole poll in one statement before the handlers run. A hint
+    /// only; it never changes a result.
+    fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+        let _ = (event, reads);
+    }
+    /// Like [`Service::event_reads`], for a command.
+    fn command_reads(&self, cmd: &Self::Command, reads: &mut Reads) {
+        let _ = (cmd, reads);
+    }
     /// Forgets every cached row (called between batches, about once a
     /// second while another replica is live, together with the versions
     /// remembered of them); rows are reloaded on next use. A stale copy could
@@ -275,6 +308,7 @@ pub struct Driver<S: Service> {
     mutations: Mutations,
     sharing: Option<Sharing>,
     dropped_at: Timestamp,
+    prefetched: Option<Arc<Prefetched>>,
 }
 
 impl<S: Service> Driver<S> {
@@ -286,6 +320,7 @@ impl<S: Service> Driver<S> {
         publish: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Driver<S>, StoreError> {
         let head = ctx.store.outbox_head().await?;
+        let prefetched = ctx.store.reads_many().then(|| Arc::new(Prefetched::new(ctx.store.clone())));
         Ok(Driver {
             service,
             ctx,
@@ -297,6 +332,7 @@ impl<S: Service> Driver<S> {
             mutations: Mutations::default(),
             sharing: None,
             dropped_at: Timestamp(0),
+            prefetched,
         })
     }
 
@@ -350,7 +386,10 @@ impl<S: Service> Driver<S> {
             }
         }
         let started = std::time::Instant::now();
-        let mut tx = Tx::new(self.ctx.clone(), self.head);
+        if let Some(p) = &self.prefetched {
+            p.clear();
+        }
+        let mut tx = Tx::new(self.ctx.clone(), self.head, self.prefetched.clone());
         let mut worked = !commands.is_empty() || !controls.is_empty();
         if !commands.is_empty() {
             self.ctx.metrics.inc(
@@ -358,6 +397,11 @@ impl<S: Service> Driver<S> {
                 &[("service", self.ctx.service)],
                 commands.len() as u64,
             );
+            if self.prefetched.is_some() {
+                let mut reads = Reads::default();
+                commands.iter().for_each(|cmd| self.service.command_reads(cmd, &mut reads));
+                tx.read_ahead(reads).await;
+            }
         }
         for cmd in commands {
             self.service.on_command(&mut tx, cmd).await;
@@ -539,6 +583,16 @@ async fn consume<S: Service>(
         }
         false => None,
     };
+    if tx.prefetched.is_some() {
+        let mut reads = Reads::default();
+        for record in &polled.records {
+            let id = &record.envelope.id;
+            if !(dedupe && (tx.batch.inbox.contains(id) || known.as_ref().is_some_and(|k| k.contains(id)))) {
+                service.event_reads(&record.envelope, &mut reads);
+            }
+        }
+        tx.read_ahead(reads).await;
+    }
     for record in &polled.records {
         if first_unhandled.is_some() {
             first_unhandled = first_unhandled.min(Some(record.position));
@@ -878,6 +932,164 @@ mod tests {
         assert_eq!(m.histogram_count("orderly_commit_seconds", &service), 1);
         assert!(m.histogram_sum("orderly_commit_seconds", &service) > 0.0);
         assert!(m.render().contains("orderly_commit_seconds_count{service=\"inventory\"} 1"), "{}", m.render());
+    }
+
+    /// A memory store that reads many keys at once and counts its reads.
+    #[derive(Default)]
+    struct CountingStore {
+        inner: MemoryStore,
+        singles: std::sync::atomic::AtomicU64,
+        many: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for CountingStore {
+        async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+            self.singles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.get_versioned(table, key).await
+        }
+        async fn get_many_versioned(&self, keys: &[(&'static str, &str)]) -> Result<Vec<(Row, u64)>, StoreError> {
+            self.many.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.get_many_versioned(keys).await
+        }
+        fn reads_many(&self) -> bool {
+            true
+        }
+        async fn scan_versioned(
+            &self,
+            table: &'static str,
+            idx: Option<&str>,
+            after: Option<&str>,
+            limit: u32,
+        ) -> Result<Vec<(Row, u64)>, StoreError> {
+            self.inner.scan_versioned(table, idx, after, limit).await
+        }
+        async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
+            self.inner.count_by_idx(table).await
+        }
+        async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
+            self.inner.commit(batch).await
+        }
+        async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+            self.inner.outbox_after(position, limit).await
+        }
+        async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+            self.inner.outbox_for_subject(subject, limit).await
+        }
+        async fn outbox_head(&self) -> Result<u64, StoreError> {
+            self.inner.outbox_head().await
+        }
+        async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
+            self.inner.cursor(producer).await
+        }
+        async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
+            self.inner.inbox_contains(event_id).await
+        }
+    }
+
+    /// Looks up one document per event (its subject) and per command (the
+    /// key it names), and says so in its hints, except for keys starting
+    /// with `unhinted`; a command `hint-only:<key>` is hinted but not read.
+    struct Reader {
+        docs: crate::table::Table<String>,
+        seen: Vec<(String, bool)>,
+    }
+
+    impl Reader {
+        async fn look(&mut self, tx: &mut Tx, key: &str) {
+            let found = self.docs.load(tx.store(), key).await.expect("load");
+            self.seen.push((key.to_owned(), found));
+        }
+    }
+
+    impl Service for Reader {
+        type Command = String;
+
+        async fn on_command(&mut self, tx: &mut Tx, key: String) {
+            if !key.starts_with("hint-only:") {
+                self.look(tx, &key).await;
+            }
+        }
+
+        async fn on_event(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
+            self.look(tx, &event.subject).await;
+            Ok(())
+        }
+
+        async fn on_tick(&mut self, _tx: &mut Tx) {}
+
+        fn next_deadline(&self) -> Option<Timestamp> {
+            None
+        }
+
+        fn tables(&mut self) -> Vec<&mut dyn Staged> {
+            vec![&mut self.docs]
+        }
+
+        fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+            self.docs.want(&event.subject, reads);
+        }
+
+        fn command_reads(&self, key: &String, reads: &mut Reads) {
+            if !key.starts_with("unhinted") {
+                self.docs.want(key.strip_prefix("hint-only:").unwrap_or(key), reads);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_reads_many_gets_each_polls_and_each_batchs_hinted_keys_in_one_read() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let doc = |key: &str| Row { table: "docs", key: key.into(), idx: None, doc: b"\"x\"".to_vec() };
+        let producer = Arc::new(MemoryStore::new());
+        let events = ["o-1", "o-2", "o-3"]
+            .iter()
+            .enumerate()
+            .map(|(i, subject)| {
+                let id = format!("ev-{i}");
+                Envelope::new(
+                    id,
+                    "/orderly/orders",
+                    EventType::OrderCreated,
+                    subject,
+                    Timestamp(0),
+                    i as u64 + 1,
+                    serde_json::json!({}),
+                )
+            })
+            .collect();
+        let head = producer.commit(Batch { outbox: events, ..Batch::default() }).await.expect("commit");
+        let source = OutboxSource::new("orders", producer, Publisher::new(head), 0, |_| true);
+        let store = Arc::new(CountingStore::default());
+        store.commit(Batch { puts: vec![doc("o-1"), doc("c-1")], ..Batch::default() }).await.expect("commit");
+        let ctx = Arc::new(Ctx {
+            service: "packing",
+            source: "/orderly/packing".to_owned(),
+            clock: Arc::new(ManualClock::default()),
+            rng: Arc::new(SeededRng::new(7)),
+            store: store.clone(),
+            metrics: Arc::new(Metrics::default()),
+            max_attempts: MAX_ATTEMPTS,
+        });
+        let reader = Reader { docs: crate::table::Table::new("docs", 100, |_| None), seen: Vec::new() };
+        let mut driver = Driver::new(reader, ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
+
+        driver.step(vec!["c-1".into(), "c-2".into(), "hint-only:late".into()], Vec::new()).await;
+        let seen: Vec<(&str, bool)> = driver.service().seen.iter().map(|(k, f)| (k.as_str(), *f)).collect();
+        assert_eq!(seen, vec![("c-1", true), ("c-2", false), ("o-1", true), ("o-2", false), ("o-3", false)]);
+        assert_eq!(store.many.load(Relaxed), 2, "one read for the commands, one for the poll");
+        assert_eq!(store.singles.load(Relaxed), 0, "every handler's read was answered from the read-ahead");
+
+        // `late` was read ahead as absent and never used; it exists now (as
+        // if this service had committed it): the next batch must not answer
+        // from the old read-ahead.
+        store.commit(Batch { puts: vec![doc("late")], ..Batch::default() }).await.expect("commit");
+        driver.step(vec!["unhinted-1".into(), "late".into(), "c-1".into()], Vec::new()).await;
+        let seen: Vec<(&str, bool)> = driver.service().seen[5..].iter().map(|(k, f)| (k.as_str(), *f)).collect();
+        assert_eq!(seen, vec![("unhinted-1", false), ("late", true), ("c-1", true)]);
+        assert_eq!(store.singles.load(Relaxed), 1, "only the unhinted key was read on its own");
+        assert_eq!(store.many.load(Relaxed), 3, "c-1 is cached: only `late` was read ahead");
+        assert_eq!(driver.ctx().metrics.counter("orderly_reads_ahead_total", &[("service", "packing")]), 7);
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@
 //! (built with [`Table::whole`]) are never evicted.
 
 use crate::ports::{Batch, Row, Store, StoreError};
+use crate::prefetch::Reads;
 use orderly_domain::ledger::{LedgerAssembly, LedgerCore, LedgerPiece, SkuLedger};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -135,6 +136,15 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// Asks for `key` to be read ahead (see [`crate::prefetch`]) unless it is
+    /// cached or known deleted: what a service's `event_reads` and
+    /// `command_reads` hints call.
+    pub fn want(&self, key: &str, reads: &mut Reads) {
+        if !self.entries.contains_key(key) && !self.deleted.contains(key) {
+            reads.add(self.name, key);
         }
     }
 

@@ -81,6 +81,20 @@ impl Store for VersionedStore {
         Ok(found)
     }
 
+    async fn get_many_versioned(&self, keys: &[(&'static str, &str)]) -> Result<Vec<(Row, u64)>, StoreError> {
+        let found = self.inner.get_many_versioned(keys).await?;
+        let versions: HashMap<(&str, &str), u64> =
+            found.iter().map(|(row, v)| ((row.table, row.key.as_str()), *v)).collect();
+        for (table, key) in keys {
+            self.learn(table, key, versions.get(&(*table, *key)).copied().unwrap_or(0));
+        }
+        Ok(found)
+    }
+
+    fn reads_many(&self) -> bool {
+        self.inner.reads_many()
+    }
+
     async fn scan_versioned(
         &self,
         table: &'static str,

@@ -34,7 +34,7 @@ use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError};
 use schema::SchemaName;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// The most connections one store's pool may open.
@@ -177,6 +177,38 @@ impl Store for PgStore {
                 .map_err(store_error)?;
         c.done();
         Ok(found.map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)))
+    }
+
+    async fn get_many_versioned(&self, keys: &[(&'static str, &str)]) -> Result<Vec<(Row, u64)>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tables: Vec<&str> = keys.iter().map(|(t, _)| *t).collect();
+        let wanted: Vec<&str> = keys.iter().map(|(_, k)| *k).collect();
+        let mut c = self.conn().await?;
+        let found: Vec<(String, String, Option<String>, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT d.tbl, d.key, d.idx, d.doc, d.version FROM docs d \
+             JOIN unnest($1::text[], $2::text[]) AS k(tbl, key) ON d.tbl = k.tbl AND d.key = k.key",
+        )
+        .bind(&tables)
+        .bind(&wanted)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(store_error)?;
+        c.done();
+        // Rows name their table as the caller did (a `&'static str`).
+        let named: HashMap<&str, &'static str> = keys.iter().map(|(t, _)| (*t, *t)).collect();
+        found
+            .into_iter()
+            .map(|(tbl, key, idx, doc, version)| match named.get(tbl.as_str()) {
+                Some(&table) => Ok((Row { table, key, idx, doc }, version as u64)),
+                None => Err(StoreError::Corrupt { table: tbl, key, detail: "a table that was not asked for".into() }),
+            })
+            .collect()
+    }
+
+    fn reads_many(&self) -> bool {
+        true
     }
 
     async fn scan_versioned(

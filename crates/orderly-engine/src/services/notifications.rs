@@ -19,6 +19,7 @@ use crate::config::Settings;
 use crate::events::{self, LabelCreated, ShipmentDelivered};
 use crate::metrics::Metrics;
 use crate::ports::{Store, StoreError, WebhookSink};
+use crate::prefetch::Reads;
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
@@ -742,6 +743,24 @@ impl Service for Notifications {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.notifications, &mut self.contacts, &mut self.queue]
+    }
+
+    fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+        let order_id = || match order_state(event.event_type.as_str()) {
+            Some(_) => Some(event.subject.as_str()),
+            None => event.data.get("order_id").and_then(serde_json::Value::as_str),
+        };
+        if event.event_type == EventType::OrderCreated {
+            // Its e-mail is looked up only when the event carries none.
+            if event.data.get("email").is_none_or(serde_json::Value::is_null) {
+                self.contacts.want(&event.subject, reads);
+            }
+        } else if wants(event.event_type.as_str()) {
+            self.notifications.want(&event.id, reads);
+            if let Some(order) = order_id() {
+                self.contacts.want(order, reads);
+            }
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use crate::events::{
     ShipmentDelivered,
 };
 use crate::ports::Row;
+use crate::prefetch::Reads;
 use crate::runtime::{DEAD_LETTERS, DeadLetter, EventError, Service, Tx};
 use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
@@ -673,5 +674,32 @@ impl Service for Orders {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.orders, &mut self.keys, &mut self.parked, &mut self.voided]
+    }
+
+    fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+        // The order the event is about, and its parked events (almost never any).
+        if event.event_type != EventType::HoldUnclaimed {
+            self.orders.want(&event.subject, reads);
+            self.parked.want(&event.subject, reads);
+        }
+    }
+
+    fn command_reads(&self, cmd: &Command, reads: &mut Reads) {
+        match cmd {
+            Command::Create { new, key, .. } => {
+                if let Some(k) = key {
+                    self.keys.want(&k.key, reads);
+                }
+                if new.lines.iter().any(|l| !l.allocations.is_empty()) {
+                    self.voided.want(new.order_id.as_str(), reads);
+                }
+            }
+            Command::Cancel { order_id, .. }
+            | Command::RequestReturn { order_id, .. }
+            | Command::RecordReturn { order_id, .. } => self.orders.want(order_id.as_str(), reads),
+            Command::ReconcileView { order_ids, .. } => {
+                order_ids.iter().for_each(|id| self.orders.want(id.as_str(), reads));
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@
 use super::common::{ApiError, Reply, derived_id};
 use crate::events::{self, OrderAllocated, OrderCanceled, PickData};
 use crate::ports::{Store, StoreError};
+use crate::prefetch::Reads;
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{CACHE_ENTRIES_MAX, IndexGuard, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
@@ -567,6 +568,17 @@ impl Service for Picking {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.tasks, &mut self.line_picks, &mut self.indexes]
+    }
+
+    fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+        // How many picks each allocated line has had.
+        if event.event_type == EventType::OrderAllocated
+            && let Some(allocations) = event.data.get("allocations").and_then(serde_json::Value::as_array)
+        {
+            for line in allocations.iter().filter_map(|a| a.get("line_id").and_then(serde_json::Value::as_str)) {
+                self.line_picks.want(line, reads);
+            }
+        }
     }
 
     /// Tasks are popped, confirmed and timed out through any replica; the
