@@ -574,6 +574,13 @@ async fn consume<S: Service>(
     // handled, so nothing is skipped (what was handled past it comes again
     // and is deduplicated or rejected as stale).
     let mut first_unhandled: Option<u64> = None;
+    // Ids this batch has already handled (a redelivery can repeat an event
+    // within a poll): a set, not a scan of the batch's inbox list per event,
+    // which made a poll of n events cost O(n²) string comparisons.
+    let mut handled: std::collections::HashSet<String> = match dedupe {
+        true => tx.batch.inbox.iter().cloned().collect(),
+        false => std::collections::HashSet::new(),
+    };
     // One inbox read for the whole poll where the store offers it (a server
     // a round trip away), instead of one per event.
     let known = match dedupe && !polled.records.is_empty() {
@@ -587,7 +594,7 @@ async fn consume<S: Service>(
         let mut reads = Reads::default();
         for record in &polled.records {
             let id = &record.envelope.id;
-            if !(dedupe && (tx.batch.inbox.contains(id) || known.as_ref().is_some_and(|k| k.contains(id)))) {
+            if !(dedupe && known.as_ref().is_some_and(|k| k.contains(id))) {
                 service.event_reads(&record.envelope, &mut reads);
             }
         }
@@ -600,7 +607,7 @@ async fn consume<S: Service>(
         }
         let id = &record.envelope.id;
         let duplicate = dedupe
-            && (tx.batch.inbox.contains(id)
+            && (handled.contains(id)
                 || match &known {
                     Some(known) => known.contains(id),
                     None => tx.store().inbox_contains(id).await?,
@@ -615,12 +622,14 @@ async fn consume<S: Service>(
                 tx.consumed += 1;
                 if record_inbox {
                     tx.batch.inbox.push(id.clone());
+                    handled.insert(id.clone());
                 }
             }
             Err(e) => {
                 if handle_failure(tx, source.producer(), &record.envelope, e, retry) {
                     if record_inbox {
                         tx.batch.inbox.push(id.clone());
+                        handled.insert(id.clone());
                     }
                     continue;
                 }
@@ -1090,6 +1099,75 @@ mod tests {
         assert_eq!(store.singles.load(Relaxed), 1, "only the unhinted key was read on its own");
         assert_eq!(store.many.load(Relaxed), 3, "c-1 is cached: only `late` was read ahead");
         assert_eq!(driver.ctx().metrics.counter("orderly_reads_ahead_total", &[("service", "packing")]), 7);
+    }
+
+    /// An at-least-once source that delivers the same events twice in one
+    /// poll (a redelivery arriving next to the first copy).
+    struct Redelivering {
+        records: Vec<Arc<OutboxRecord>>,
+        wake: watch::Receiver<u64>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventSource for Redelivering {
+        fn producer(&self) -> &'static str {
+            "picking"
+        }
+        async fn poll(&self, _max: u32) -> Result<crate::bus::Polled, StoreError> {
+            let upto = self.records.len() as u64;
+            Ok(crate::bus::Polled { records: self.records.clone(), from: 0, upto })
+        }
+        fn mark(&self, _upto: u64, _batch: &mut Batch) {}
+        fn committed(&self, _upto: u64) {}
+        fn changes(&self) -> watch::Receiver<u64> {
+            self.wake.clone()
+        }
+        fn backlog(&self) -> u64 {
+            0
+        }
+        fn at_least_once(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_delivered_twice_in_one_poll_is_handled_once() {
+        let event = |id: &str| {
+            Envelope::new(
+                id.into(),
+                "/orderly/picking",
+                EventType::PickCompleted,
+                "o-1",
+                Timestamp(0),
+                1,
+                serde_json::json!({}),
+            )
+        };
+        let records: Vec<Arc<OutboxRecord>> = ["ev-1", "ev-2", "ev-1", "ev-3", "ev-2"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Arc::new(OutboxRecord { position: i as u64 + 1, envelope: event(id) }))
+            .collect();
+        let source = Redelivering { records, wake: watch::channel(0).1 };
+        let store = Arc::new(MemoryStore::new());
+        let ctx = Arc::new(Ctx {
+            service: "inventory",
+            source: "/orderly/inventory".to_owned(),
+            clock: Arc::new(ManualClock::default()),
+            rng: Arc::new(SeededRng::new(7)),
+            store: store.clone(),
+            metrics: Arc::new(Metrics::default()),
+            max_attempts: MAX_ATTEMPTS,
+        });
+        let waiting = Waiting { ready: true, ..Waiting::default() };
+        let mut driver = Driver::new(waiting, ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
+        driver.step(Vec::new(), Vec::new()).await;
+        assert_eq!(driver.service().applied, vec!["ev-1", "ev-2", "ev-3"], "each event applied once");
+        for id in ["ev-1", "ev-2", "ev-3"] {
+            assert!(store.inbox_contains(id).await.expect("inbox"), "{id} recorded in the inbox");
+        }
+        let duplicates = driver.ctx().metrics.counter("orderly_duplicate_events_total", &[("consumer", "inventory")]);
+        assert_eq!(duplicates, 2);
     }
 
     #[tokio::test]
