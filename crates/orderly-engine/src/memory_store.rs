@@ -6,7 +6,7 @@ use crate::ports::{Batch, OutboxRecord, Row, Store, StoreError, check_expectatio
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 #[derive(Default)]
 struct Inner {
@@ -23,12 +23,31 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     fail_commits: AtomicU32,
+    /// Says it reads many keys at once (as PostgreSQL does), for tests of read-ahead.
+    reads_many: AtomicBool,
+    /// One-key reads and many-key reads made so far.
+    point_reads: AtomicU64,
+    many_reads: AtomicU64,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// An empty store that says it reads many keys at once
+    /// ([`Store::reads_many`]), so the runtime reads ahead through it.
+    pub fn reading_many() -> MemoryStore {
+        let store = MemoryStore::default();
+        store.reads_many.store(true, Ordering::SeqCst);
+        store
+    }
+
+    /// One-key reads ([`Store::get_versioned`]) and many-key reads
+    /// ([`Store::get_many_versioned`]) made so far.
+    pub fn reads(&self) -> (u64, u64) {
+        (self.point_reads.load(Ordering::SeqCst), self.many_reads.load(Ordering::SeqCst))
     }
 
     /// Makes the next `n` commits fail with [`StoreError::Unavailable`].
@@ -44,7 +63,18 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+        self.point_reads.fetch_add(1, Ordering::SeqCst);
         Ok(self.lock().docs.get(&(table, key.to_owned())).cloned())
+    }
+
+    async fn get_many_versioned(&self, keys: &[(&'static str, &str)]) -> Result<Vec<(Row, u64)>, StoreError> {
+        self.many_reads.fetch_add(1, Ordering::SeqCst);
+        let inner = self.lock();
+        Ok(keys.iter().filter_map(|(table, key)| inner.docs.get(&(*table, (*key).to_owned())).cloned()).collect())
+    }
+
+    fn reads_many(&self) -> bool {
+        self.reads_many.load(Ordering::SeqCst)
     }
 
     async fn scan_versioned(

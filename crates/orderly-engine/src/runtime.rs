@@ -943,59 +943,6 @@ mod tests {
         assert!(m.render().contains("orderly_commit_seconds_count{service=\"inventory\"} 1"), "{}", m.render());
     }
 
-    /// A memory store that reads many keys at once and counts its reads.
-    #[derive(Default)]
-    struct CountingStore {
-        inner: MemoryStore,
-        singles: std::sync::atomic::AtomicU64,
-        many: std::sync::atomic::AtomicU64,
-    }
-
-    #[async_trait::async_trait]
-    impl Store for CountingStore {
-        async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
-            self.singles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.inner.get_versioned(table, key).await
-        }
-        async fn get_many_versioned(&self, keys: &[(&'static str, &str)]) -> Result<Vec<(Row, u64)>, StoreError> {
-            self.many.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.inner.get_many_versioned(keys).await
-        }
-        fn reads_many(&self) -> bool {
-            true
-        }
-        async fn scan_versioned(
-            &self,
-            table: &'static str,
-            idx: Option<&str>,
-            after: Option<&str>,
-            limit: u32,
-        ) -> Result<Vec<(Row, u64)>, StoreError> {
-            self.inner.scan_versioned(table, idx, after, limit).await
-        }
-        async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
-            self.inner.count_by_idx(table).await
-        }
-        async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
-            self.inner.commit(batch).await
-        }
-        async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
-            self.inner.outbox_after(position, limit).await
-        }
-        async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
-            self.inner.outbox_for_subject(subject, limit).await
-        }
-        async fn outbox_head(&self) -> Result<u64, StoreError> {
-            self.inner.outbox_head().await
-        }
-        async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
-            self.inner.cursor(producer).await
-        }
-        async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
-            self.inner.inbox_contains(event_id).await
-        }
-    }
-
     /// Looks up one document per event (its subject) and per command (the
     /// key it names), and says so in its hints, except for keys starting
     /// with `unhinted`; a command `hint-only:<key>` is hinted but not read.
@@ -1048,7 +995,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_reads_many_gets_each_polls_and_each_batchs_hinted_keys_in_one_read() {
-        use std::sync::atomic::Ordering::Relaxed;
         let doc = |key: &str| Row { table: "docs", key: key.into(), idx: None, doc: b"\"x\"".to_vec() };
         let producer = Arc::new(MemoryStore::new());
         let events = ["o-1", "o-2", "o-3"]
@@ -1069,7 +1015,7 @@ mod tests {
             .collect();
         let head = producer.commit(Batch { outbox: events, ..Batch::default() }).await.expect("commit");
         let source = OutboxSource::new("orders", producer, Publisher::new(head), 0, |_| true);
-        let store = Arc::new(CountingStore::default());
+        let store = Arc::new(MemoryStore::reading_many());
         store.commit(Batch { puts: vec![doc("o-1"), doc("c-1")], ..Batch::default() }).await.expect("commit");
         let ctx = Arc::new(Ctx {
             service: "packing",
@@ -1086,8 +1032,7 @@ mod tests {
         driver.step(vec!["c-1".into(), "c-2".into(), "hint-only:late".into()], Vec::new()).await;
         let seen: Vec<(&str, bool)> = driver.service().seen.iter().map(|(k, f)| (k.as_str(), *f)).collect();
         assert_eq!(seen, vec![("c-1", true), ("c-2", false), ("o-1", true), ("o-2", false), ("o-3", false)]);
-        assert_eq!(store.many.load(Relaxed), 2, "one read for the commands, one for the poll");
-        assert_eq!(store.singles.load(Relaxed), 0, "every handler's read was answered from the read-ahead");
+        assert_eq!(store.reads(), (0, 2), "one read for the commands, one for the poll, no single reads");
 
         // `late` was read ahead as absent and never used; it exists now (as
         // if this service had committed it): the next batch must not answer
@@ -1096,8 +1041,11 @@ mod tests {
         driver.step(vec!["unhinted-1".into(), "late".into(), "c-1".into()], Vec::new()).await;
         let seen: Vec<(&str, bool)> = driver.service().seen[5..].iter().map(|(k, f)| (k.as_str(), *f)).collect();
         assert_eq!(seen, vec![("unhinted-1", false), ("late", true), ("c-1", true)]);
-        assert_eq!(store.singles.load(Relaxed), 1, "only the unhinted key was read on its own");
-        assert_eq!(store.many.load(Relaxed), 3, "c-1 is cached: only `late` was read ahead");
+        assert_eq!(
+            store.reads(),
+            (1, 3),
+            "only the unhinted key was read on its own; c-1 is cached: only `late` was read ahead"
+        );
         assert_eq!(driver.ctx().metrics.counter("orderly_reads_ahead_total", &[("service", "packing")]), 7);
     }
 
