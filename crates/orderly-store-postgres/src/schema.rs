@@ -56,7 +56,21 @@ impl SchemaName {
 
 /// Connection options for `url` whose sessions live in `schema`: every
 /// unqualified name resolves there, commits wait for the WAL flush
-/// (`synchronous_commit=on`) and statements and lock waits are bounded.
+/// (`synchronous_commit=on`), statements and lock waits are bounded, and
+/// every statement is planned for its own arguments
+/// (`plan_cache_mode=force_custom_plan`).
+///
+/// Why custom plans: sqlx prepares each statement once per connection, and
+/// after five executions PostgreSQL may switch to a generic plan that it
+/// keeps until the table's statistics change. A schema created moments ago
+/// has no statistics, so that plan is made for a near-empty table: a
+/// sequential scan of `inbox` for `id = ANY($1)`, and a hash join over a
+/// sequential scan of `docs` for the batch-wide reads. The tables then grow
+/// by thousands of rows a second until autovacuum first analyzes them, and
+/// each such statement took 35-160 ms (seen with `auto_explain` in the
+/// distributed flash-sale bench). A custom plan sees the array's length and
+/// the table's current size and uses the index; planning these short
+/// statements costs far less than one such scan.
 pub(crate) fn connect_options(url: &str, schema: &SchemaName) -> Result<PgConnectOptions, StoreError> {
     let options = PgConnectOptions::from_str(url).map_err(|e| unavailable(format!("bad PostgreSQL url: {e}")))?;
     Ok(options.application_name("orderly").options([
@@ -64,6 +78,7 @@ pub(crate) fn connect_options(url: &str, schema: &SchemaName) -> Result<PgConnec
         ("synchronous_commit", "on".to_owned()),
         ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
         ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
+        ("plan_cache_mode", "force_custom_plan".to_owned()),
     ]))
 }
 

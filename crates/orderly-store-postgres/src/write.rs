@@ -96,16 +96,12 @@ async fn check_expected(conn: &mut PgConnection, expect: &[Expect]) -> Result<()
     wanted.sort();
     wanted.dedup();
     let (tables, keys): (Vec<&'static str>, Vec<String>) = wanted.into_iter().unzip();
-    let found: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT d.tbl, d.key, d.version FROM docs d \
-         JOIN unnest($1::text[], $2::text[]) AS x(tbl, key) ON d.tbl = x.tbl AND d.key = x.key \
-         ORDER BY d.tbl, d.key FOR UPDATE OF d",
-    )
-    .bind(&tables)
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(store_error)?;
+    let found: Vec<(String, String, i64)> = sqlx::query_as(crate::sql::LOCK_EXPECTED)
+        .bind(&tables)
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(store_error)?;
     let found: BTreeMap<(String, String), i64> = found.into_iter().map(|(t, k, v)| ((t, k), v)).collect();
     for e in expect {
         let actual = found.get(&(e.table.to_owned(), e.key.clone())).map_or(0, |v| *v as u64);

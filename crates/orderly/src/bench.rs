@@ -56,7 +56,8 @@ pub struct FlashSale {
     /// Skip the uniform comparison run.
     pub skip_uniform: bool,
     /// A `postgres://` server: each run's state in a fresh database on it
-    /// (dropped after), instead of SQLite.
+    /// (dropped after), instead of SQLite. The url's parameters (e.g.
+    /// `?sslmode=disable`) apply to that database's connections too.
     pub store: Option<String>,
     /// A `nats://` server: events through JetStream (streams under a fresh
     /// prefix, deleted after), instead of the in-process bus.
@@ -360,20 +361,30 @@ struct Scratch {
     bus: Option<orderly_bus_nats::NatsBus>,
 }
 
+/// `url` (`postgres://user@host:port/db[?params]`) naming `database` on the
+/// same server instead, with the same parameters (e.g. `sslmode=disable`).
+fn database_url(url: &str, database: &str) -> Result<String> {
+    let (base, query) = url.split_once('?').map_or((url, ""), |(base, query)| (base, query));
+    let (server, _) = base
+        .rsplit_once('/')
+        .filter(|(s, _)| s.contains("://"))
+        .context("--store must be postgres://user@host:port/db")?;
+    Ok(match query {
+        "" => format!("{server}/{database}"),
+        query => format!("{server}/{database}?{query}"),
+    })
+}
+
 impl Scratch {
     async fn new(cfg: &FlashSale, uniform: bool) -> Result<Option<(Scratch, String, crate::Distributed)>> {
         let Some(url) = &cfg.store else {
             anyhow::ensure!(cfg.bus.is_none(), "--bus needs --store postgres://…");
             return Ok(None);
         };
-        let base = url.split('?').next().unwrap_or(url);
-        let (server, _) = base
-            .rsplit_once('/')
-            .filter(|(s, _)| s.contains("://"))
-            .context("--store must be postgres://user@host:port/db")?;
+        let on = |database: &str| database_url(url, database);
         let tag = format!("bench_{}_{}", std::process::id(), if uniform { "uniform" } else { "hot" });
         let database = format!("orderly_{tag}");
-        let admin = format!("{server}/postgres");
+        let admin = on("postgres")?;
         let _ = orderly_store_postgres::drop_database(&admin, &database).await;
         orderly_store_postgres::create_database(&admin, &database).await.context("cannot create the bench database")?;
         let bus = match &cfg.bus {
@@ -381,7 +392,7 @@ impl Scratch {
             None => None,
         };
         let dist = crate::Distributed { bus: cfg.bus.clone(), bus_prefix: Some(tag), services: None };
-        Ok(Some((Scratch { server_url: admin, database: database.clone(), bus }, format!("{server}/{database}"), dist)))
+        Ok(Some((Scratch { server_url: admin, database: database.clone(), bus }, on(&database)?, dist)))
     }
 
     async fn remove(self) {
@@ -625,4 +636,24 @@ pub fn peak_rss_mb() -> f64 {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_url;
+
+    #[test]
+    fn a_run_database_keeps_the_server_and_the_url_parameters() {
+        let url = "postgres://root@127.0.0.1:5432/test";
+        assert_eq!(
+            database_url(url, "orderly_bench_1_hot").unwrap(),
+            "postgres://root@127.0.0.1:5432/orderly_bench_1_hot"
+        );
+        assert_eq!(
+            database_url(&format!("{url}?sslmode=disable&application_name=x"), "postgres").unwrap(),
+            "postgres://root@127.0.0.1:5432/postgres?sslmode=disable&application_name=x"
+        );
+        assert!(database_url("not a url", "postgres").is_err());
+        assert!(database_url("postgres:/nohost?sslmode=disable", "postgres").is_err());
+    }
 }

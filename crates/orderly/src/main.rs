@@ -166,7 +166,7 @@ enum BenchCommand {
         /// Print one JSON object on the last line.
         #[arg(long)]
         json: bool,
-        /// Run on a PostgreSQL server (a fresh database per run, dropped after): `postgres://user@host:5432/db`.
+        /// Run on a PostgreSQL server (a fresh database per run, dropped after; the url's parameters, e.g. `?sslmode=disable`, are kept): `postgres://user@host:5432/db`.
         #[arg(long)]
         store: Option<String>,
         /// Events through NATS JetStream (fresh streams per run, deleted after): `nats://host:4222`; needs --store.
