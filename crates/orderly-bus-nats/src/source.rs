@@ -358,7 +358,9 @@ impl JetStreamSource {
 
     /// Turns fetched messages into held items, oldest producer position first.
     async fn admit(&self, mut msgs: Vec<jetstream::Message>) -> Result<Vec<Item>, StoreError> {
-        msgs.sort_by_key(producer_position);
+        // Cached: the key is a header lookup and a parse, which a plain
+        // sort would repeat in every comparison (O(n log n) of them per poll).
+        msgs.sort_by_cached_key(producer_position);
         let mut items = Vec::with_capacity(msgs.len());
         for msg in msgs {
             let (delivered, published_ms) = match msg.info() {
