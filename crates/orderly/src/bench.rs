@@ -364,7 +364,7 @@ struct Scratch {
 /// `url` (`postgres://user@host:port/db[?params]`) naming `database` on the
 /// same server instead, with the same parameters (e.g. `sslmode=disable`).
 fn database_url(url: &str, database: &str) -> Result<String> {
-    let (base, query) = url.split_once('?').map_or((url, ""), |(base, query)| (base, query));
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
     let (server, _) = base
         .rsplit_once('/')
         .filter(|(s, _)| s.contains("://"))
