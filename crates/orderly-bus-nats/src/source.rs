@@ -370,10 +370,16 @@ impl JetStreamSource {
                 ),
                 Err(_) => (1, self.clock.now().millis()),
             };
-            let envelope = match serde_json::from_slice::<Envelope>(&msg.message.payload) {
-                Ok(env) if (self.filter)(env.event_type.as_str()) => Some(env),
-                Ok(_) => None,
-                Err(e) => {
+            // Most deliveries are of types this consumer does not handle
+            // (it gets every event of its producer): read the type alone
+            // first and decode the whole envelope only when it is wanted.
+            let payload = &msg.message.payload;
+            let decoded = wanted(payload, self.filter).then(|| serde_json::from_slice::<Envelope>(payload));
+            let envelope = match decoded {
+                None => None,
+                Some(Ok(env)) if (self.filter)(env.event_type.as_str()) => Some(env),
+                Some(Ok(_)) => None,
+                Some(Err(e)) => {
                     tracing::error!(consumer = self.consumer, producer = self.producer, error = %e,
                         "undecodable message skipped");
                     None
@@ -416,6 +422,20 @@ impl JetStreamSource {
         let doc = serde_json::to_vec(&letter).expect("a dead letter always serializes");
         Row { table: DEAD_LETTERS, key: letter.id, idx: Some(self.producer.to_owned()), doc }
     }
+}
+
+/// The `type` of a CloudEvents JSON message, read without decoding the rest
+/// (borrowed: no allocation unless the type holds escapes).
+#[derive(serde::Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(rename = "type", borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+}
+
+/// False when the message's type is readable and `filter` refuses it; true
+/// otherwise (an unreadable message is decoded in full, which reports why).
+fn wanted(payload: &[u8], filter: fn(&str) -> bool) -> bool {
+    serde_json::from_slice::<TypeOnly>(payload).map_or(true, |t| filter(&t.event_type))
 }
 
 fn producer_position(m: &jetstream::Message) -> u64 {
@@ -525,5 +545,29 @@ impl EventSource for JetStreamSource {
 
     fn oldest_pending(&self) -> Option<Timestamp> {
         self.held().buffer.front().map(|i| Timestamp(i.published_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wanted;
+
+    fn only_created(t: &str) -> bool {
+        t == "orderly.order.created"
+    }
+
+    #[test]
+    fn the_type_alone_decides_which_messages_are_decoded_in_full() {
+        let event =
+            |t: &str| format!(r#"{{"specversion":"1.0","id":"e1","data":{{"type":"x"}},"type":"{t}","sequence":1}}"#);
+        assert!(wanted(event("orderly.order.created").as_bytes(), only_created));
+        assert!(!wanted(event("orderly.order.confirmed").as_bytes(), only_created), "a nested type is not the event's");
+        // Escapes in the type are undone before the filter sees it.
+        assert!(wanted(event(r"orderly.order.cre\u0061ted").as_bytes(), only_created));
+        // Without a readable type the message is decoded in full, which
+        // reports why it cannot be used.
+        assert!(wanted(b"not json", only_created));
+        assert!(wanted(br#"{"id":"e1"}"#, only_created));
+        assert!(wanted(br#"{"type":7}"#, only_created));
     }
 }
