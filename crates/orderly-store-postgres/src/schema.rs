@@ -5,7 +5,7 @@
 use crate::error::{store_error, unavailable};
 use orderly_engine::ports::StoreError;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, SqlSafeStr};
 use std::str::FromStr;
 
@@ -71,8 +71,15 @@ impl SchemaName {
 /// distributed flash-sale bench). A custom plan sees the array's length and
 /// the table's current size and uses the index; planning these short
 /// statements costs far less than one such scan.
+///
+/// A server on this machine (a loopback address, `localhost` or a Unix
+/// socket) is reached without TLS unless the url or `PGSSLMODE` chooses an
+/// `sslmode`; see [`plain_on_loopback`].
 pub(crate) fn connect_options(url: &str, schema: &SchemaName) -> Result<PgConnectOptions, StoreError> {
-    let options = PgConnectOptions::from_str(url).map_err(|e| unavailable(format!("bad PostgreSQL url: {e}")))?;
+    let mut options = PgConnectOptions::from_str(url).map_err(|e| unavailable(format!("bad PostgreSQL url: {e}")))?;
+    if plain_on_loopback(url, &options, std::env::var_os("PGSSLMODE").is_some()) {
+        options = options.ssl_mode(PgSslMode::Disable);
+    }
     Ok(options.application_name("orderly").options([
         ("search_path", schema.as_str().to_owned()),
         ("synchronous_commit", "on".to_owned()),
@@ -80,6 +87,26 @@ pub(crate) fn connect_options(url: &str, schema: &SchemaName) -> Result<PgConnec
         ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
         ("plan_cache_mode", "force_custom_plan".to_owned()),
     ]))
+}
+
+/// True when `url` names a server on this machine and nothing chose an
+/// `sslmode` (not the url, not `PGSSLMODE`, given as `env_chose`).
+///
+/// The default, `prefer`, encrypts whenever the server offers TLS, as
+/// Debian's PostgreSQL does on loopback too, where it protects nothing: the
+/// bytes never leave the machine, and whoever can read them there can read
+/// the database's files. It cost a lot: the PostgreSQL-only flash-sale bench
+/// ran 1,292-1,440 orders/s over TLS and 2,927-3,236 without (README,
+/// Performance). A url that sets `sslmode` is obeyed as written.
+fn plain_on_loopback(url: &str, options: &PgConnectOptions, env_chose: bool) -> bool {
+    let url_chose = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("sslmode=") || p.starts_with("ssl-mode=")));
+    let host = options.get_host().trim_start_matches('[').trim_end_matches(']');
+    let local = options.get_socket().is_some()
+        || host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    local && !url_chose && !env_chose
 }
 
 /// Creates `schema` if missing and applies pending migrations; returns the
@@ -146,6 +173,37 @@ fn embedded_migrations() -> Vec<Migration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_on_this_machine_is_reached_without_tls_unless_an_sslmode_is_chosen() {
+        let plain = |url: &str, env_chose: bool| {
+            let options = PgConnectOptions::from_str(url).expect("a valid url");
+            plain_on_loopback(url, &options, env_chose)
+        };
+        for local in [
+            "postgres://root@127.0.0.1:5432/test",
+            "postgres://root@127.0.0.2/test?application_name=x",
+            "postgres://root@localhost/test",
+            "postgres://root@[::1]:5432/test",
+            "postgres://root@%2Fvar%2Frun%2Fpostgresql/test",
+        ] {
+            assert!(plain(local, false), "{local}: on this machine, nothing chosen");
+            assert!(!plain(local, true), "{local}: PGSSLMODE chose");
+        }
+        for chosen in
+            ["postgres://root@127.0.0.1/test?sslmode=require", "postgres://root@localhost/test?x=1&ssl-mode=prefer"]
+        {
+            assert!(!plain(chosen, false), "{chosen}: the url chose");
+        }
+        for remote in ["postgres://root@db.example.com/test", "postgres://root@10.0.0.5:5432/test"] {
+            assert!(!plain(remote, false), "{remote}: another machine keeps the default");
+        }
+        let schema = SchemaName::parse("orders").expect("a schema name");
+        let options = connect_options("postgres://root@127.0.0.1/test", &schema).expect("options");
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::Disable), "applied to the store's options");
+        let options = connect_options("postgres://root@127.0.0.1/test?sslmode=require", &schema).expect("options");
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::Require), "a chosen mode is obeyed");
+    }
 
     #[test]
     fn schema_names_are_restricted_to_safe_identifiers() {
