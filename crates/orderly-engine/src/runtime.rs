@@ -790,6 +790,19 @@ mod tests {
     use crate::ports::SeededRng;
     use std::sync::Mutex;
 
+    /// A test context for `service` on `store`, with a manual `clock`.
+    fn test_ctx(service: &'static str, store: Arc<MemoryStore>, clock: Arc<ManualClock>) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            service,
+            source: format!("/orderly/{service}"),
+            clock,
+            rng: Arc::new(SeededRng::new(7)),
+            store,
+            metrics: Arc::new(Metrics::default()),
+            max_attempts: MAX_ATTEMPTS,
+        })
+    }
+
     /// Time that moves only when a test moves it.
     #[derive(Default)]
     struct ManualClock(Mutex<i64>);
@@ -878,15 +891,7 @@ mod tests {
         let source = OutboxSource::new("picking", producer, Publisher::new(head), 0, |_| true);
         let clock = Arc::new(ManualClock::default());
         let store = Arc::new(MemoryStore::new());
-        let ctx = Arc::new(Ctx {
-            service: "inventory",
-            source: "/orderly/inventory".to_owned(),
-            clock: clock.clone(),
-            rng: Arc::new(SeededRng::new(7)),
-            store: store.clone(),
-            metrics: Arc::new(Metrics::default()),
-            max_attempts: MAX_ATTEMPTS,
-        });
+        let ctx = test_ctx("inventory", store.clone(), clock.clone());
         let driver = Driver::new(Waiting::default(), ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
         (driver, clock, store)
     }
@@ -1017,15 +1022,7 @@ mod tests {
         let source = OutboxSource::new("orders", producer, Publisher::new(head), 0, |_| true);
         let store = Arc::new(MemoryStore::reading_many());
         store.commit(Batch { puts: vec![doc("o-1"), doc("c-1")], ..Batch::default() }).await.expect("commit");
-        let ctx = Arc::new(Ctx {
-            service: "packing",
-            source: "/orderly/packing".to_owned(),
-            clock: Arc::new(ManualClock::default()),
-            rng: Arc::new(SeededRng::new(7)),
-            store: store.clone(),
-            metrics: Arc::new(Metrics::default()),
-            max_attempts: MAX_ATTEMPTS,
-        });
+        let ctx = test_ctx("packing", store.clone(), Arc::new(ManualClock::default()));
         let reader = Reader { docs: crate::table::Table::new("docs", 100, |_| None), seen: Vec::new() };
         let mut driver = Driver::new(reader, ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
 
@@ -1098,15 +1095,7 @@ mod tests {
             .collect();
         let source = Redelivering { records, wake: watch::channel(0).1 };
         let store = Arc::new(MemoryStore::new());
-        let ctx = Arc::new(Ctx {
-            service: "inventory",
-            source: "/orderly/inventory".to_owned(),
-            clock: Arc::new(ManualClock::default()),
-            rng: Arc::new(SeededRng::new(7)),
-            store: store.clone(),
-            metrics: Arc::new(Metrics::default()),
-            max_attempts: MAX_ATTEMPTS,
-        });
+        let ctx = test_ctx("inventory", store.clone(), Arc::new(ManualClock::default()));
         let waiting = Waiting { ready: true, ..Waiting::default() };
         let mut driver = Driver::new(waiting, ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
         driver.step(Vec::new(), Vec::new()).await;
