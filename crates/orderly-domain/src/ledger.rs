@@ -16,7 +16,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 mod backorders;
+mod sorted_map;
 use backorders::BackorderQueue;
+use sorted_map::SortedMap;
 
 /// Most allocation partitions one location of a SKU may be split into.
 pub const PARTITIONS_MAX: u32 = 256;
@@ -688,7 +690,7 @@ struct LedgerDocRef<'a> {
     lines: &'a BTreeMap<LineId, LineClaim>,
     holds: &'a BTreeMap<HoldId, HoldClaim>,
     hold_expiries: &'a BTreeSet<(Timestamp, HoldId)>,
-    backorders: Vec<(u64, &'a LineId)>,
+    backorders: Vec<(u64, LineId)>,
     backorder_entries: BTreeMap<LineId, (u64, BackorderEntry)>,
     next_ticket: u64,
     done: &'a VecDeque<DoneKey>,
@@ -1051,7 +1053,7 @@ impl SkuLedger {
             .keys()
             .map(|l| PieceKey::Line(l.clone()))
             .chain(self.holds.keys().map(|h| PieceKey::Hold(h.clone())))
-            .chain(self.backorders.lines().map(|l| PieceKey::Backorder(l.clone())))
+            .chain(self.backorders.lines().map(PieceKey::Backorder))
             .chain((0..self.done.len() as u64).map(|i| PieceKey::Done(self.done_base + i)))
             .collect();
         self.changes.extend(keys);
@@ -1976,7 +1978,7 @@ impl SkuLedger {
             let claim = LineClaim {
                 order: order.clone(),
                 seq,
-                holdings: BTreeMap::new(),
+                holdings: SortedMap::new(),
                 instruction_keys: BTreeSet::new(),
                 consumed_holds: BTreeSet::new(),
             };
@@ -2136,7 +2138,7 @@ fn sub(from: u64, qty: u64, what: &str) -> u64 {
 // Internal state.
 
 type Stock = BTreeMap<LocationId, Vec<PartitionStock>>;
-type Parts = BTreeMap<u32, u64>;
+type Parts = SortedMap<u32, u64>;
 
 /// The numbers of one (location, partition).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -2199,16 +2201,16 @@ struct LineClaim {
     order: OrderId,
     /// Order of creation; the newest claims are bumped first by a stock loss.
     seq: u64,
-    holdings: BTreeMap<LocationId, Parts>,
+    holdings: SortedMap<LocationId, Parts>,
     instruction_keys: BTreeSet<String>,
     consumed_holds: BTreeSet<HoldId>,
 }
 
 impl LineClaim {
     fn add(&mut self, location: &LocationId, parts: &[PartQty]) {
-        let held = self.holdings.entry(location.clone()).or_default();
+        let held = self.holdings.entry_or_default(location.clone());
         for p in parts {
-            *held.entry(p.partition).or_default() += p.qty;
+            *held.entry_or_default(p.partition) += p.qty;
         }
     }
 }
@@ -2337,7 +2339,7 @@ fn parts_vec(parts: &Parts) -> Vec<PartQty> {
 fn parts_map(parts: &[PartQty]) -> Parts {
     let mut map = Parts::new();
     for p in parts {
-        *map.entry(p.partition).or_default() += p.qty;
+        *map.entry_or_default(p.partition) += p.qty;
     }
     map
 }

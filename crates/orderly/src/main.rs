@@ -231,7 +231,7 @@ enum KeysCommand {
     },
 }
 
-/// With the `mimalloc` feature, mimalloc for Rust's allocations: the service
+/// With the `mimalloc` feature (the default), mimalloc for Rust's allocations: the service
 /// loops allocate on the async workers and free on the commit threads (and
 /// the other way round), where glibc's malloc spends about a fifth of the
 /// CPU (see `memory.rs`).

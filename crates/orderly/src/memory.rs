@@ -1,22 +1,23 @@
 //! Allocator tuning for the process.
 //!
-//! glibc's malloc gives threads that allocate at the same time their own
-//! arenas, up to eight per core. The engine allocates on the async workers
-//! and frees on the blocking threads that commit (and the other way round), so
-//! freed memory is spread over many arenas that each keep it for reuse: in a
-//! flash sale the resident size grew well beyond the live heap. Two arenas
-//! (one per core on the reference machine) keep contention low and the
-//! resident size close to what is live.
+//! The `orderly` binary allocates through mimalloc (the `mimalloc` feature,
+//! on by default; its `#[global_allocator]` is in `main.rs`). glibc spends
+//! about a fifth of a flash sale's CPU in `malloc_consolidate`,
+//! `unlink_chunk` and `_int_free`; mimalloc takes about a quarter less CPU in
+//! all and about 40% more throughput, for a somewhat larger resident size
+//! (README, Performance). Two of its defaults are changed to keep that growth
+//! small: arenas are committed as they are used, not up front, and freed
+//! pages go back to the OS at once instead of after a second.
 //!
-//! Built with the `mimalloc` feature, the `orderly` binary allocates through
-//! mimalloc instead (its `#[global_allocator]` is in `main.rs`; SQLite's own
-//! C allocations stay with glibc). glibc spends about a fifth of a flash
-//! sale's CPU in `malloc_consolidate`, `unlink_chunk` and `_int_free`;
-//! mimalloc takes about a quarter less CPU in all and about 40% more
-//! throughput, for a larger resident size (README, Performance). Two of its
-//! defaults are changed to keep that growth small: arenas are committed as
-//! they are used, not up front, and freed pages go back to the OS at once
-//! instead of after a second.
+//! glibc's malloc still serves SQLite's own C allocations, and all of them
+//! in a build without the feature (`--no-default-features`). It gives
+//! threads that allocate at the same time their own arenas, up to eight per
+//! core. The engine allocates on the async workers and frees on the blocking
+//! threads that commit (and the other way round), so freed memory is spread
+//! over many arenas that each keep it for reuse: in a flash sale the resident
+//! size grew well beyond the live heap. Two arenas (one per core on the
+//! reference machine) keep contention low and the resident size close to
+//! what is live.
 
 /// Arenas glibc may create, unless `MALLOC_ARENA_MAX` says otherwise.
 pub const ARENAS_MAX: i32 = 2;

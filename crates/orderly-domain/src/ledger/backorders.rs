@@ -2,12 +2,14 @@
 //!
 //! A flash sale leaves most of its orders waiting here (990,500 lines for
 //! 1,000,000 orders of 10,000 units), so the per-line cost is what counts:
-//! one 56-byte slot per line in ticket order (ticket, line, quantity, since)
-//! plus one index entry (line id to ticket, sharing the line id's bytes).
-//! The order id is not kept when the line id is `<order id>:<n>` (every line
-//! the engine makes, unless the order id is too long): it is derived again
-//! when an entry is read. Before, a waiting line had a ticket in a FIFO, a
-//! map entry by line, the entry and its own copy of the order id.
+//! one 48-byte slot per line in ticket order (ticket, line, quantity, since)
+//! plus one index entry (line to ticket), and no allocation of its own. A
+//! line id of the form every engine line has, `o-<UUID>:<n>` (lowercase,
+//! hyphenated), is kept as its 16 UUID bytes and `n`, and its order id
+//! `o-<UUID>` is derived, both spelled again when an entry is read. Any other
+//! line id is kept as it is, with its order id when the line id does not name
+//! it. Before, a waiting line also held its line id's bytes on the heap (64
+//! bytes with the allocator's rounding), shared by the slot and the index.
 
 use super::BackorderEntry;
 use crate::ids::{LineId, OrderId};
@@ -24,7 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BackorderQueue {
     slots: VecDeque<Slot>,
-    index: BTreeMap<LineId, u64>,
+    index: BTreeMap<Key, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,14 +36,39 @@ struct Slot {
     entry: Option<Waiting>,
 }
 
-/// A [`BackorderEntry`] without its order id when the line id names it.
+/// A [`BackorderEntry`] with its ids packed.
 #[derive(Debug, Clone)]
 struct Waiting {
-    line: LineId,
-    /// `None` when the order id is the line id up to its last `:`.
-    order: Option<OrderId>,
+    line: Line,
     qty: u64,
     since: Timestamp,
+}
+
+/// A waiting line's id, and its order id where the line id does not name it.
+#[derive(Debug, Clone)]
+enum Line {
+    /// `o-<uuid>:<n>` of order `o-<uuid>`.
+    Named { uuid: [u8; 16], n: u32 },
+    /// Any other line id; the order id is `None` when it is the line id up
+    /// to its last `:`.
+    Other(Box<(LineId, Option<OrderId>)>),
+}
+
+/// A line id as the index keys it: the same packing as [`Line`], without
+/// the order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Named([u8; 16], u32),
+    Other(LineId),
+}
+
+impl Key {
+    fn of(line: &LineId) -> Key {
+        match named(line.as_str()) {
+            Some((uuid, n)) => Key::Named(uuid, n),
+            None => Key::Other(line.clone()),
+        }
+    }
 }
 
 /// The order id a line id names: the line id up to its last `:`.
@@ -49,22 +76,102 @@ fn order_part(line: &LineId) -> Option<&str> {
     line.as_str().rsplit_once(':').map(|(order, _)| order)
 }
 
+/// The UUID bytes and line number of `o-<uuid>:<n>`, if `line` is exactly
+/// that spelling (lowercase hex, hyphens in place, `n` without a sign or a
+/// leading zero), so that [`spell`] gives back the same string.
+fn named(line: &str) -> Option<([u8; 16], u32)> {
+    let rest = line.strip_prefix("o-")?;
+    let (uuid, n) = rest.split_at_checked(36)?;
+    let n = n.strip_prefix(':')?;
+    if n.is_empty() || (n.len() > 1 && n.starts_with('0')) || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u32 = n.parse().ok()?;
+    let hex = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let text = uuid.as_bytes();
+    let mut bytes = [0u8; 16];
+    let (mut i, mut j) = (0, 0);
+    while i < 36 {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if text[i] != b'-' {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        bytes[j] = (hex(text[i])? << 4) | hex(text[i + 1])?;
+        (i, j) = (i + 2, j + 1);
+    }
+    Some((bytes, n))
+}
+
+/// `o-<uuid>`, and `:<n>` after it when `n` is given.
+fn spell(uuid: &[u8; 16], n: Option<u32>) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(52);
+    s.push_str("o-");
+    for (i, b) in uuid.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        let _ = write!(s, "{b:02x}");
+    }
+    if let Some(n) = n {
+        let _ = write!(s, ":{n}");
+    }
+    s
+}
+
 impl Waiting {
     fn new(entry: BackorderEntry) -> Waiting {
         let BackorderEntry { order, line, qty, since } = entry;
-        let order = (order_part(&line) != Some(order.as_str())).then_some(order);
-        Waiting { line, order, qty, since }
+        let names_order = order_part(&line) == Some(order.as_str());
+        let line = match named(line.as_str()) {
+            Some((uuid, n)) if names_order => Line::Named { uuid, n },
+            _ => Line::Other(Box::new((line, (!names_order).then_some(order)))),
+        };
+        Waiting { line, qty, since }
+    }
+
+    fn line_id(&self) -> LineId {
+        match &self.line {
+            Line::Named { uuid, n } => {
+                LineId::parse(spell(uuid, Some(*n))).expect("a packed line id was a line id when queued")
+            }
+            Line::Other(other) => other.0.clone(),
+        }
+    }
+
+    fn key(&self) -> Key {
+        match &self.line {
+            Line::Named { uuid, n } => Key::Named(*uuid, *n),
+            Line::Other(other) => Key::of(&other.0),
+        }
     }
 
     fn entry(&self) -> BackorderEntry {
-        let order = match &self.order {
-            Some(order) => order.clone(),
-            None => {
-                let part = order_part(&self.line).expect("a line without its order id names it");
-                OrderId::parse(part).expect("a derived order id was an order id when queued")
+        self.entry_of(self.line_id())
+    }
+
+    /// The entry, given its line id (the caller's, so it is not spelled again).
+    fn entry_of(&self, line: LineId) -> BackorderEntry {
+        let order = match &self.line {
+            Line::Named { uuid, .. } => {
+                OrderId::parse(spell(uuid, None)).expect("a derived order id was an order id when queued")
             }
+            Line::Other(other) => match &other.1 {
+                Some(order) => order.clone(),
+                None => {
+                    let part = order_part(&other.0).expect("a line without its order id names it");
+                    OrderId::parse(part).expect("a derived order id was an order id when queued")
+                }
+            },
         };
-        BackorderEntry { order, line: self.line.clone(), qty: self.qty, since: self.since }
+        BackorderEntry { order, line, qty: self.qty, since: self.since }
     }
 }
 
@@ -80,14 +187,14 @@ impl BackorderQueue {
     }
 
     fn position(&self, line: &LineId) -> Option<usize> {
-        let ticket = *self.index.get(line)?;
+        let ticket = *self.index.get(&Key::of(line))?;
         self.slots.binary_search_by_key(&ticket, |s| s.ticket).ok()
     }
 
     /// A waiting line's ticket and entry.
     pub(crate) fn get(&self, line: &LineId) -> Option<(u64, BackorderEntry)> {
         let slot = &self.slots[self.position(line)?];
-        slot.entry.as_ref().map(|w| (slot.ticket, w.entry()))
+        slot.entry.as_ref().map(|w| (slot.ticket, w.entry_of(line.clone())))
     }
 
     /// The units a waiting line still wants, to change them.
@@ -100,9 +207,10 @@ impl BackorderQueue {
     /// Panics (a bug) if the ticket is not newer or the line already waits.
     pub(crate) fn push(&mut self, ticket: u64, entry: BackorderEntry) {
         assert!(self.slots.back().is_none_or(|s| s.ticket < ticket), "backorder tickets increase");
-        let known = self.index.insert(entry.line.clone(), ticket);
+        let waiting = Waiting::new(entry);
+        let known = self.index.insert(waiting.key(), ticket);
         assert!(known.is_none(), "a line waits once");
-        self.slots.push_back(Slot { ticket, entry: Some(Waiting::new(entry)) });
+        self.slots.push_back(Slot { ticket, entry: Some(waiting) });
     }
 
     /// Builds a queue from entries in any order (a ledger read from its
@@ -119,10 +227,12 @@ impl BackorderQueue {
     /// Adds a line in any order; [`BackorderQueue::sort`] must run before
     /// the queue is used.
     pub(crate) fn insert_unordered(&mut self, ticket: u64, entry: BackorderEntry) -> Result<(), String> {
-        if let Some(other) = self.index.insert(entry.line.clone(), ticket) {
-            return Err(format!("backorder for {} queued twice (tickets {other} and {ticket})", entry.line));
+        let line = entry.line.clone();
+        let waiting = Waiting::new(entry);
+        if let Some(other) = self.index.insert(waiting.key(), ticket) {
+            return Err(format!("backorder for {line} queued twice (tickets {other} and {ticket})"));
         }
-        self.slots.push_back(Slot { ticket, entry: Some(Waiting::new(entry)) });
+        self.slots.push_back(Slot { ticket, entry: Some(waiting) });
         Ok(())
     }
 
@@ -139,7 +249,7 @@ impl BackorderQueue {
     /// Takes a line out of the queue; returns whether it waited.
     pub(crate) fn remove(&mut self, line: &LineId) -> bool {
         let Some(i) = self.position(line) else { return false };
-        self.index.remove(line);
+        self.index.remove(&Key::of(line));
         self.slots[i].entry = None;
         self.compact();
         true
@@ -162,12 +272,12 @@ impl BackorderQueue {
     }
 
     /// The waiting lines' tickets and ids, oldest first.
-    pub(crate) fn tickets(&self) -> impl Iterator<Item = (u64, &LineId)> {
-        self.slots.iter().filter_map(|s| s.entry.as_ref().map(|w| (s.ticket, &w.line)))
+    pub(crate) fn tickets(&self) -> impl Iterator<Item = (u64, LineId)> + '_ {
+        self.slots.iter().filter_map(|s| s.entry.as_ref().map(|w| (s.ticket, w.line_id())))
     }
 
     /// The ids of the waiting lines, oldest first.
-    pub(crate) fn lines(&self) -> impl Iterator<Item = &LineId> {
+    pub(crate) fn lines(&self) -> impl Iterator<Item = LineId> + '_ {
         self.tickets().map(|(_, line)| line)
     }
 
@@ -183,14 +293,20 @@ impl BackorderQueue {
             last = Some(slot.ticket);
             if let Some(w) = &slot.entry {
                 live += 1;
-                if self.index.get(&w.line) != Some(&slot.ticket) {
+                if self.index.get(&w.key()) != Some(&slot.ticket) {
                     return Err("the backorder queue and its index disagree".to_owned());
                 }
-                if w.order.as_ref().is_some_and(|o| order_part(&w.line) == Some(o.as_str())) {
-                    return Err(format!("backorder for {} keeps an order id its line names", w.line));
-                }
-                if w.order.is_none() && order_part(&w.line).is_none_or(|o| OrderId::parse(o).is_err()) {
-                    return Err(format!("backorder for {} names no order", w.line));
+                if let Line::Other(other) = &w.line {
+                    let (line, order) = &**other;
+                    if order.as_ref().is_some_and(|o| order_part(line) == Some(o.as_str())) {
+                        return Err(format!("backorder for {line} keeps an order id its line names"));
+                    }
+                    if order.is_none() && order_part(line).is_none_or(|o| OrderId::parse(o).is_err()) {
+                        return Err(format!("backorder for {line} names no order"));
+                    }
+                    if order.is_none() && named(line.as_str()).is_some() {
+                        return Err(format!("backorder for {line} is not packed"));
+                    }
                 }
             }
         }
@@ -307,7 +423,11 @@ mod tests {
         for (t, e) in [(1, &named), (2, &hashed), (3, &other), (4, &plain)] {
             q.push(t, e.clone());
         }
-        let kept: Vec<bool> = q.slots.iter().map(|s| s.entry.as_ref().is_some_and(|w| w.order.is_some())).collect();
+        let kept: Vec<bool> = q
+            .slots
+            .iter()
+            .map(|s| s.entry.as_ref().is_some_and(|w| matches!(&w.line, Line::Other(o) if o.1.is_some())))
+            .collect();
         assert_eq!(kept, [false, true, true, true]);
         assert_eq!(q.iter().map(|(_, e)| e).collect::<Vec<_>>(), [named.clone(), hashed, other, plain]);
         assert_eq!(q.get(&named.line), Some((1, named)));
@@ -327,10 +447,76 @@ mod tests {
         let mut q = BackorderQueue::default();
         q.push(1, entry(1, 1));
         q.push(2, entry(2, 1));
-        q.index.insert(line(3), 9);
+        q.index.insert(Key::of(&line(3)), 9);
         assert!(q.check().is_err());
-        q.index.remove(&line(3));
-        q.index.insert(line(2), 1);
+        q.index.remove(&Key::of(&line(3)));
+        q.index.insert(Key::of(&line(2)), 1);
         assert!(q.check().is_err());
+    }
+
+    /// An engine order id: `o-` and a lowercase hyphenated UUID.
+    fn uuid_order(n: u32) -> OrderId {
+        OrderId::parse(format!("o-01a21ee6-7032-7eeb-9f95-{n:012x}")).expect("order id")
+    }
+
+    #[test]
+    fn engine_line_ids_are_packed_without_an_allocation_and_read_back_exactly() {
+        assert!(std::mem::size_of::<Slot>() <= 48, "a slot is {} bytes", std::mem::size_of::<Slot>());
+        let mut q = BackorderQueue::default();
+        let mut entries = Vec::new();
+        for n in 0..200u32 {
+            let order = uuid_order(n);
+            let e = BackorderEntry { line: LineId::for_order(&order, 1 + n % 3), order, qty: 1, since: Timestamp(7) };
+            q.push(u64::from(n), e.clone());
+            entries.push(e);
+        }
+        assert!(q.slots.iter().all(|s| matches!(s.entry.as_ref().map(|w| &w.line), Some(Line::Named { .. }))));
+        assert_eq!(q.iter().map(|(_, e)| e).collect::<Vec<_>>(), entries);
+        assert_eq!(q.lines().collect::<Vec<_>>(), entries.iter().map(|e| e.line.clone()).collect::<Vec<_>>());
+        assert_eq!(q.get(&entries[150].line), Some((150, entries[150].clone())));
+        assert!(q.remove(&entries[150].line));
+        assert_eq!(q.get(&entries[150].line), None);
+        q.check().expect("consistent");
+        let rebuilt = BackorderQueue::from_unordered(q.iter().collect::<Vec<_>>().into_iter().rev()).expect("valid");
+        assert_eq!(rebuilt, q);
+    }
+
+    #[test]
+    fn only_the_exact_engine_spelling_is_packed() {
+        let uuid = "01a21ee6-7032-7eeb-9f95-516aef505eb3";
+        for packed in [format!("o-{uuid}:1"), format!("o-{uuid}:0"), format!("o-{uuid}:4294967295")] {
+            let (bytes, n) = named(&packed).unwrap_or_else(|| panic!("{packed} is packed"));
+            assert_eq!(spell(&bytes, Some(n)), packed);
+            assert_eq!(spell(&bytes, None), format!("o-{uuid}"));
+        }
+        for kept in [
+            format!("o-{}:1", uuid.to_uppercase()),
+            format!("o-{uuid}:01"),
+            format!("o-{uuid}:"),
+            format!("o-{uuid}:+1"),
+            format!("o-{uuid}:4294967296"),
+            format!("o-{uuid}1:1"),
+            format!("o-{}:1", uuid.replace('-', "_")),
+            format!("x-{uuid}:1"),
+            format!("o-{uuid}"),
+            "o-01a21ee6-7032-7eeb-9f95-516aef505eb:1".to_owned(),
+            "o-01a21ee6-7032-7eeb-9f95-516aef505ebg:1".to_owned(),
+            "o-é1a21ee6-7032-7eeb-9f95-516aef505eb:1".to_owned(),
+        ] {
+            assert_eq!(named(&kept), None, "{kept} is kept as it is");
+        }
+    }
+
+    #[test]
+    fn a_packable_line_of_another_order_keeps_its_order() {
+        let mut q = BackorderQueue::default();
+        let line = LineId::for_order(&uuid_order(1), 1);
+        let e = BackorderEntry { line: line.clone(), order: uuid_order(2), qty: 3, since: Timestamp(1) };
+        q.push(1, e.clone());
+        assert!(matches!(&q.slots[0].entry.as_ref().expect("waits").line, Line::Other(o) if o.1.is_some()));
+        assert_eq!(q.get(&line), Some((1, e)));
+        q.check().expect("consistent");
+        assert!(q.remove(&line));
+        assert!(q.is_empty());
     }
 }
