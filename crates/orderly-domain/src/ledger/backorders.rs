@@ -187,7 +187,11 @@ impl BackorderQueue {
     }
 
     fn position(&self, line: &LineId) -> Option<usize> {
-        let ticket = *self.index.get(&Key::of(line))?;
+        self.position_of(&Key::of(line))
+    }
+
+    fn position_of(&self, key: &Key) -> Option<usize> {
+        let ticket = *self.index.get(key)?;
         self.slots.binary_search_by_key(&ticket, |s| s.ticket).ok()
     }
 
@@ -248,8 +252,9 @@ impl BackorderQueue {
 
     /// Takes a line out of the queue; returns whether it waited.
     pub(crate) fn remove(&mut self, line: &LineId) -> bool {
-        let Some(i) = self.position(line) else { return false };
-        self.index.remove(&Key::of(line));
+        let key = Key::of(line);
+        let Some(i) = self.position_of(&key) else { return false };
+        self.index.remove(&key);
         self.slots[i].entry = None;
         self.compact();
         true
