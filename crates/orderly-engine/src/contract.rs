@@ -2,7 +2,7 @@
 //! adapter's tests call [`check_store`] on a fresh, empty store, so SQLite,
 //! PostgreSQL and memory are held to one definition.
 
-use crate::ports::{Batch, Row, Store};
+use crate::ports::{Batch, GreatestKey, Row, Store};
 use orderly_domain::Timestamp;
 use orderly_domain::event::{Envelope, EventType};
 
@@ -66,6 +66,24 @@ pub async fn check_store(store: &dyn Store) {
     assert_eq!(page, vec!["b"], "scan pages after a key");
     let counts = store.count_by_idx("things").await.expect("count");
     assert_eq!(counts, vec![("done".to_owned(), 1), ("open".to_owned(), 2)]);
+
+    // The greatest key, in byte order ("a" sorts after "Z"), where known.
+    store
+        .commit(Batch {
+            puts: ["Z", "a"].map(|k| Row { table: "ordering", key: k.into(), idx: None, doc: b"{}".to_vec() }).into(),
+            ..Batch::default()
+        })
+        .await
+        .expect("commit");
+    for (table, want) in [("things", "c"), ("ordering", "a")] {
+        match store.greatest_key(table).await.expect("greatest key") {
+            GreatestKey::Unknown => {}
+            GreatestKey::Key(k) => assert_eq!(k, want, "greatest key of {table}"),
+            GreatestKey::Empty => panic!("{table} has rows"),
+        }
+    }
+    let none = store.greatest_key("other").await.expect("greatest key");
+    assert!(matches!(none, GreatestKey::Unknown | GreatestKey::Empty), "a table without rows: {none:?}");
 
     let after = store.outbox_after(1, 10).await.expect("outbox");
     assert_eq!(after.iter().map(|r| r.position).collect::<Vec<_>>(), vec![2, 3], "outbox after a position");

@@ -2,7 +2,7 @@
 //! crash drops nothing committed (commits are the durable state) but can be
 //! made to fail the next commits, like a disk or database going away.
 
-use crate::ports::{Batch, OutboxRecord, Row, Store, StoreError, check_expectations};
+use crate::ports::{Batch, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -94,6 +94,12 @@ impl Store for MemoryStore {
             .take(limit as usize)
             .map(|(_, r)| r.clone())
             .collect())
+    }
+
+    async fn greatest_key(&self, table: &'static str) -> Result<GreatestKey, StoreError> {
+        let inner = self.lock();
+        let last = inner.docs.range((table, String::new())..).take_while(|((t, _), _)| *t == table).last();
+        Ok(last.map_or(GreatestKey::Empty, |((_, k), _)| GreatestKey::Key(k.clone())))
     }
 
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {

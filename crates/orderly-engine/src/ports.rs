@@ -123,6 +123,17 @@ pub enum StoreError {
     },
 }
 
+/// What [`Store::greatest_key`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GreatestKey {
+    /// The store cannot tell cheaply.
+    Unknown,
+    /// The table has no rows.
+    Empty,
+    /// Every key of the table is at most this one, in byte order.
+    Key(String),
+}
+
 /// A service's own storage. Every service has its own instance (its own
 /// SQLite file or PostgreSQL database); no service reads another's.
 #[async_trait]
@@ -172,6 +183,12 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Counts documents per index value in a table.
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError>;
+    /// The greatest key of a table in byte order, where one indexed read
+    /// answers it; [`GreatestKey::Unknown`] (the default) where it does not.
+    async fn greatest_key(&self, table: &'static str) -> Result<GreatestKey, StoreError> {
+        let _ = table;
+        Ok(GreatestKey::Unknown)
+    }
     /// Commits a batch atomically and durably; returns the outbox head after
     /// it. Honours `batch.expect` (all or nothing).
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError>;

@@ -139,6 +139,10 @@ impl Store for Prefetched {
         self.inner.count_by_idx(table).await
     }
 
+    async fn greatest_key(&self, table: &'static str) -> Result<crate::ports::GreatestKey, StoreError> {
+        self.inner.greatest_key(table).await
+    }
+
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
         // What was read ahead may be changed by this commit.
         self.clear();

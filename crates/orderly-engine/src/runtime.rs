@@ -61,12 +61,24 @@ pub struct Tx {
     consumed: u64,
     /// What this batch read ahead (a store a round trip away), if anything.
     prefetched: Option<Arc<Prefetched>>,
+    /// Whether the input being handled may have been handled before (see
+    /// [`Tx::may_be_repeated`]).
+    repeatable: bool,
 }
 
 impl Tx {
     fn new(ctx: Arc<Ctx>, head: u64, prefetched: Option<Arc<Prefetched>>) -> Tx {
         let batch = Batch { assumed_head: Some(head), ..Batch::default() };
-        Tx { now: ctx.clock.now(), ctx, batch, after_commit: Vec::new(), head, consumed: 0, prefetched }
+        Tx {
+            now: ctx.clock.now(),
+            ctx,
+            batch,
+            after_commit: Vec::new(),
+            head,
+            consumed: 0,
+            prefetched,
+            repeatable: true,
+        }
     }
 
     /// The service's own store (for cache misses and queries), answering
@@ -91,6 +103,15 @@ impl Tx {
                 Err(e) => tracing::warn!(service = self.ctx.service, error = %e, "read-ahead failed"),
             }
         }
+    }
+
+    /// Whether the event being handled may have been handled and committed
+    /// before: true unless it comes from a source that delivers each event
+    /// exactly once (the embedded outbox, whose cursor commits with the
+    /// effects) to the only writer of this service's store. Guards that
+    /// read the store to recognise a repeat may skip that read when false.
+    pub fn may_be_repeated(&self) -> bool {
+        self.repeatable
     }
 
     /// The runtime context.
@@ -416,7 +437,10 @@ impl<S: Service> Driver<S> {
             }
             self.retry.blocked_until.remove(source.producer());
             let dedupe = source.at_least_once() && !self.mutations.skip_inbox_check;
-            match consume(&mut self.service, &mut tx, source.as_ref(), &mut self.retry, dedupe).await {
+            tx.repeatable = source.at_least_once() || self.sharing.is_some();
+            let consumed = consume(&mut self.service, &mut tx, source.as_ref(), &mut self.retry, dedupe).await;
+            tx.repeatable = true;
+            match consumed {
                 Ok(Some(upto)) => {
                     source.mark(upto, &mut tx.batch);
                     marks.push((i, upto));

@@ -113,6 +113,10 @@ impl Store for VersionedStore {
         self.inner.count_by_idx(table).await
     }
 
+    async fn greatest_key(&self, table: &'static str) -> Result<crate::ports::GreatestKey, StoreError> {
+        self.inner.greatest_key(table).await
+    }
+
     async fn commit(&self, mut batch: Batch) -> Result<u64, StoreError> {
         let touched: Vec<(&'static str, String, bool)> = batch
             .puts

@@ -68,6 +68,10 @@ impl Store for SimStore {
         self.inner.count_by_idx(table).await
     }
 
+    async fn greatest_key(&self, table: &'static str) -> Result<orderly_engine::ports::GreatestKey, StoreError> {
+        self.inner.greatest_key(table).await
+    }
+
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
         let record = CommitRecord {
             inbox: batch.inbox.clone(),

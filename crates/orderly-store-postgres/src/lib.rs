@@ -55,7 +55,7 @@ pub mod sql {
 use async_trait::async_trait;
 use error::{store_error, unavailable};
 use orderly_domain::event::Envelope;
-use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError};
+use orderly_engine::ports::{Batch, GreatestKey, OutboxRecord, Row, Store, StoreError};
 use schema::SchemaName;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -257,6 +257,18 @@ impl Store for PgStore {
             .map_err(store_error)?;
         c.done();
         Ok(rows.into_iter().map(|(key, idx, doc, version)| (Row { table, key, idx, doc }, version as u64)).collect())
+    }
+
+    async fn greatest_key(&self, table: &'static str) -> Result<GreatestKey, StoreError> {
+        // `key` is `COLLATE "C"` (byte order), and the primary key answers this.
+        let mut c = self.conn().await?;
+        let key: Option<String> = sqlx::query_scalar("SELECT max(key) FROM docs WHERE tbl = $1")
+            .bind(table)
+            .fetch_one(&mut *c)
+            .await
+            .map_err(store_error)?;
+        c.done();
+        Ok(key.map_or(GreatestKey::Empty, GreatestKey::Key))
     }
 
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {

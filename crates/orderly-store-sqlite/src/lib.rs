@@ -4,9 +4,10 @@
 //! cursors commit together, so a crash loses either the whole batch or
 //! nothing.
 
+mod codec;
+
 use async_trait::async_trait;
-use orderly_domain::event::Envelope;
-use orderly_engine::ports::{Batch, OutboxRecord, Row, Store, StoreError, check_expectations};
+use orderly_engine::ports::{Batch, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -161,10 +162,10 @@ impl std::fmt::Display for ExpectFailed {
 impl std::error::Error for ExpectFailed {}
 
 fn decode_outbox(position: i64, event: &[u8]) -> Result<OutboxRecord, StoreError> {
-    let envelope: Envelope = serde_json::from_slice(event).map_err(|e| StoreError::Corrupt {
+    let envelope = codec::decode(event).map_err(|detail| StoreError::Corrupt {
         table: "outbox".into(),
         key: position.to_string(),
-        detail: e.to_string(),
+        detail,
     })?;
     Ok(OutboxRecord { position: position as u64, envelope })
 }
@@ -202,7 +203,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
         }
         let mut out = tx.prepare_cached("INSERT INTO outbox (id, subject, event) VALUES (?1, ?2, ?3)")?;
         for env in &batch.outbox {
-            let bytes = serde_json::to_vec(env).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let bytes = codec::encode(env).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
             out.execute(params![env.id, env.subject, bytes])?;
         }
         let mut cur = tx.prepare_cached(
@@ -256,6 +257,14 @@ impl Store for SqliteStore {
             rows.collect()
         })
         .await
+    }
+
+    async fn greatest_key(&self, table: &'static str) -> Result<GreatestKey, StoreError> {
+        // TEXT compares with SQLite's BINARY collation: byte order.
+        let key: Option<String> = self
+            .read(move |c| c.query_row("SELECT max(key) FROM docs WHERE tbl = ?1", params![table], |r| r.get(0)))
+            .await?;
+        Ok(key.map_or(GreatestKey::Empty, GreatestKey::Key))
     }
 
     async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {

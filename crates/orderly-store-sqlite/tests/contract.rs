@@ -22,3 +22,56 @@ async fn reopening_keeps_committed_state_and_schema() {
     assert_eq!(store.outbox_head().await.expect("head"), 3);
     assert_eq!(store.cursor("inventory").await.expect("cursor"), 9);
 }
+
+#[tokio::test]
+async fn knows_the_greatest_key_in_byte_order() {
+    use orderly_engine::ports::{GreatestKey, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Normal).expect("open");
+    orderly_engine::contract::check_store(&store).await;
+    assert_eq!(store.greatest_key("ordering").await.expect("key"), GreatestKey::Key("a".into()));
+    assert_eq!(store.greatest_key("nothing").await.expect("key"), GreatestKey::Empty);
+}
+
+/// Files written before the compact outbox format keep CloudEvents JSON
+/// rows; both read back as the same envelopes, in one outbox.
+#[tokio::test]
+async fn reads_outbox_rows_written_as_json_beside_compact_ones() {
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::{Batch, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    let event = |id: &str, seq| {
+        Envelope::new(
+            id.into(),
+            "/orderly/orders",
+            EventType::OrderCreated,
+            "o-1",
+            Timestamp(1_795_800_000_000),
+            seq,
+            serde_json::json!({"order_id": "o-1", "lines": [1, 2]}),
+        )
+    };
+    let old = event("01a21f60-5230-7d63-a4be-84962b65bd79", 1);
+    {
+        let store = SqliteStore::open(&path, Durability::Normal).expect("open");
+        drop(store);
+        let c = rusqlite::Connection::open(&path).expect("raw");
+        let json = serde_json::to_vec(&old).expect("json");
+        c.execute(
+            "INSERT INTO outbox (id, subject, event) VALUES (?1, ?2, ?3)",
+            rusqlite::params![old.id, old.subject, json],
+        )
+        .expect("a row as an earlier version wrote it");
+    }
+    let store = SqliteStore::open(&path, Durability::Normal).expect("reopen");
+    let new = event("01a21f60-5230-7d63-a4be-84962b65bd7a", 2);
+    assert_eq!(store.commit(Batch { outbox: vec![new.clone()], ..Batch::default() }).await.expect("commit"), 2);
+    let read: Vec<Envelope> =
+        store.outbox_after(0, 10).await.expect("outbox").into_iter().map(|r| r.envelope).collect();
+    assert_eq!(read, vec![old.clone(), new.clone()]);
+    let by_subject: Vec<Envelope> =
+        store.outbox_for_subject("o-1", 10).await.expect("subject").into_iter().map(|r| r.envelope).collect();
+    assert_eq!(by_subject, vec![old, new]);
+}
