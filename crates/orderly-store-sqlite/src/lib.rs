@@ -15,6 +15,16 @@ use std::sync::{Arc, Mutex};
 /// Read connections per store.
 pub const READERS_MAX: usize = 2;
 
+/// Page size of a new database file. Each commit rewrites the pages it
+/// touches (the right edge of each B-tree it appends to) into the WAL, a
+/// frame and a write per page: at 8 KiB a flash sale ran 7–11% faster than
+/// at SQLite's default 4 KiB, and 1–2 KiB pages ran a third slower.
+pub const PAGE_SIZE: u32 = 8192;
+
+/// WAL bytes after which a commit checkpoints (`wal_autocheckpoint`, in
+/// pages of the file's own size).
+const WAL_CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The schema, versioned with `PRAGMA user_version`. Each entry migrates from
 /// the previous version; never edit a released entry, append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -39,6 +49,13 @@ const MIGRATIONS: &[&str] = &[
 ",
     r"
     ALTER TABLE docs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+",
+    // Rows without an index value (contacts, inventory's order rows) stay
+    // out of the index: one B-tree insert less per such row. The index
+    // serves `count_by_idx`, whose `idx IS NOT NULL` lets it use this one.
+    r"
+    DROP INDEX docs_by_idx;
+    CREATE INDEX docs_by_idx ON docs (tbl, idx, key) WHERE idx IS NOT NULL;
 ",
 ];
 
@@ -68,6 +85,9 @@ impl SqliteStore {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path, durability: Durability) -> Result<SqliteStore, StoreError> {
         let writer = Connection::open(path).map_err(unavailable)?;
+        // Takes effect only while the file is new (an existing file keeps
+        // its page size: WAL mode cannot change it).
+        writer.execute_batch(&format!("PRAGMA page_size={PAGE_SIZE};")).map_err(unavailable)?;
         let sync = match durability {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
@@ -75,9 +95,12 @@ impl SqliteStore {
         writer
             .execute_batch(&format!(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; \
-                 PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=4000;"
+                 PRAGMA foreign_keys=ON;"
             ))
             .map_err(unavailable)?;
+        let page_size: u64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(unavailable)?;
+        let checkpoint_pages = (WAL_CHECKPOINT_BYTES / page_size.max(512)).max(1);
+        writer.execute_batch(&format!("PRAGMA wal_autocheckpoint={checkpoint_pages};")).map_err(unavailable)?;
         migrate(&writer)?;
         let mut readers = Vec::new();
         for _ in 0..READERS_MAX {

@@ -75,3 +75,26 @@ async fn reads_outbox_rows_written_as_json_beside_compact_ones() {
         store.outbox_for_subject("o-1", 10).await.expect("subject").into_iter().map(|r| r.envelope).collect();
     assert_eq!(by_subject, vec![old, new]);
 }
+
+#[tokio::test]
+async fn a_new_file_gets_the_larger_page_size_and_an_old_one_keeps_its_own() {
+    use orderly_engine::ports::Store;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let page_size = |path: &std::path::Path| -> u32 {
+        rusqlite::Connection::open(path).expect("raw").query_row("PRAGMA page_size", [], |r| r.get(0)).expect("size")
+    };
+    let fresh = dir.path().join("new.db");
+    drop(SqliteStore::open(&fresh, Durability::Normal).expect("open"));
+    assert_eq!(page_size(&fresh), orderly_store_sqlite::PAGE_SIZE);
+
+    let old = dir.path().join("old.db");
+    {
+        let c = rusqlite::Connection::open(&old).expect("raw");
+        c.execute_batch("PRAGMA page_size=4096; PRAGMA journal_mode=WAL; CREATE TABLE earlier (x);").expect("old file");
+    }
+    let store = SqliteStore::open(&old, Durability::Normal).expect("an older file opens");
+    orderly_engine::contract::check_store(&store).await;
+    assert_eq!(store.outbox_head().await.expect("head"), 3);
+    drop(store);
+    assert_eq!(page_size(&old), 4096);
+}
