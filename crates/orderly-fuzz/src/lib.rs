@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("receipt_body", http::receipt_body),
     ("api_body", http::api_body),
     ("envelope", envelope),
+    ("outbox_row", outbox_row),
     ("rates_csv", rates_csv),
     ("config", config),
     ("carrier_response", wire::carrier_response),
@@ -53,6 +54,18 @@ pub fn envelope(data: &[u8]) {
     if let Err(error) = decoded {
         assert!(matches!(error, EventError::Poison(_)), "a payload that does not parse is poison: {error}");
     }
+}
+
+/// An outbox row as the embedded store reads it back (a damaged or foreign
+/// database file): compact or CloudEvents JSON, decoded without a panic, and
+/// whatever decodes is the same envelope after a compact round trip.
+pub fn outbox_row(data: &[u8]) {
+    use orderly_store_sqlite::codec;
+    let Ok(envelope) = codec::decode(data) else {
+        return; // a typed refusal, reported as a corrupt row
+    };
+    let row = codec::encode(&envelope).expect("a decoded envelope encodes");
+    assert_eq!(codec::decode(&row).as_ref(), Ok(&envelope), "compact round trip");
 }
 
 /// Decodes `data` into the payload type the consumers of `event_type` read.

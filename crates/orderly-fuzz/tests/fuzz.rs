@@ -339,6 +339,11 @@ fn order_body() {
 }
 
 #[test]
+fn outbox_row() {
+    fuzz("outbox_row");
+}
+
+#[test]
 fn hold_body() {
     fuzz("hold_body");
 }

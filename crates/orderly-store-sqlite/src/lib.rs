@@ -4,7 +4,7 @@
 //! cursors commit together, so a crash loses either the whole batch or
 //! nothing.
 
-mod codec;
+pub mod codec;
 
 use async_trait::async_trait;
 use orderly_engine::ports::{Batch, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
