@@ -11,7 +11,10 @@ pub struct Timestamp(pub i64);
 
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.rfc3339_fixed() {
+            Some(bytes) => s.serialize_str(std::str::from_utf8(&bytes).expect("ASCII digits and separators")),
+            None => s.collect_str(self),
+        }
     }
 }
 
@@ -141,9 +144,41 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+impl Timestamp {
+    /// The RFC 3339 form when the year has four digits (0000–9999, every
+    /// time an engine makes), written into a fixed buffer: no formatter
+    /// machinery on the hot path (every event and document carries times).
+    fn rfc3339_fixed(self) -> Option<[u8; 24]> {
+        let days = self.0.div_euclid(86_400_000);
+        let ms_of_day = self.0.rem_euclid(86_400_000);
+        let (y, m, d) = civil_from_days(days);
+        if !(0..=9999).contains(&y) {
+            return None;
+        }
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: i64| {
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, y);
+        put(5, 2, m);
+        put(8, 2, d);
+        put(11, 2, ms_of_day / 3_600_000);
+        put(14, 2, ms_of_day % 3_600_000 / 60_000);
+        put(17, 2, ms_of_day % 60_000 / 1000);
+        put(20, 3, ms_of_day % 1000);
+        Some(out)
+    }
+}
+
 impl fmt::Display for Timestamp {
     /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T10:00:00.000Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(bytes) = self.rfc3339_fixed() {
+            return f.write_str(std::str::from_utf8(&bytes).expect("ASCII digits and separators"));
+        }
         let days = self.0.div_euclid(86_400_000);
         let ms_of_day = self.0.rem_euclid(86_400_000);
         let (y, m, d) = civil_from_days(days);
@@ -156,6 +191,43 @@ impl fmt::Display for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The general formatting the fixed buffer must agree with.
+    fn formatted(t: Timestamp) -> String {
+        let days = t.0.div_euclid(86_400_000);
+        let ms_of_day = t.0.rem_euclid(86_400_000);
+        let (y, m, d) = civil_from_days(days);
+        let (h, rem) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
+        let (mi, rem) = (rem / 60_000, rem % 60_000);
+        format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{:02}.{:03}Z", rem / 1000, rem % 1000)
+    }
+
+    #[test]
+    fn the_fixed_buffer_formats_like_the_general_path() {
+        let year_0 = -62_167_219_200_000i64;
+        let year_10000 = 253_402_300_800_000i64;
+        let mut samples = vec![0, -1, 1, 999, 86_399_999, 951_782_400_000, 1_795_823_936_279, year_0, year_10000 - 1];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(year_0 + (x % (year_10000 - year_0) as u64) as i64);
+        }
+        for ms in samples {
+            let t = Timestamp(ms);
+            let fixed = t.rfc3339_fixed().expect("a four-digit year");
+            assert_eq!(std::str::from_utf8(&fixed).unwrap(), formatted(t), "{ms}");
+            assert_eq!(t.to_string(), formatted(t));
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", formatted(t)));
+            assert_eq!(Timestamp::parse_rfc3339(&t.to_string()), Some(t), "{ms}");
+        }
+        for ms in [year_0 - 1, year_10000, i64::MIN, i64::MAX] {
+            let t = Timestamp(ms);
+            assert!(t.rfc3339_fixed().is_none(), "{ms}");
+            assert_eq!(t.to_string(), formatted(t));
+        }
+    }
 
     #[test]
     fn integer_times_outside_rfc_3339_years_are_refused() {

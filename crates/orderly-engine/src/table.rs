@@ -71,6 +71,8 @@ pub struct Table<T> {
     settled: Option<fn(&T) -> bool>,
     /// Settled entries loaded (not changed) in the current batch.
     loaded_settled: Vec<String>,
+    /// Bytes to reserve for the next serialized document.
+    doc_hint: usize,
 }
 
 impl<T: Serialize + DeserializeOwned + Send> Table<T> {
@@ -99,6 +101,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
             index,
             settled: None,
             loaded_settled: Vec::new(),
+            doc_hint: 256,
         }
     }
 
@@ -225,13 +228,18 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
 
 impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
     fn stage(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        batch.puts.reserve(self.dirty.len());
         for key in &self.dirty {
             let Some((value, _)) = self.entries.get(key) else { continue };
-            let doc = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+            // Sized like the last document of this table, so most need one
+            // allocation instead of a doubling series.
+            let mut doc = Vec::with_capacity(self.doc_hint);
+            serde_json::to_writer(&mut doc, value).map_err(|e| StoreError::Corrupt {
                 table: self.name.to_owned(),
                 key: key.clone(),
                 detail: e.to_string(),
             })?;
+            self.doc_hint = doc.len() + doc.len() / 8;
             batch.puts.push(Row { table: self.name, key: key.clone(), idx: (self.index)(value), doc });
         }
         for key in &self.deleted {
