@@ -56,6 +56,12 @@ pub trait EventSource: Send + Sync {
     fn oldest_pending(&self) -> Option<orderly_domain::Timestamp> {
         None
     }
+    /// The outbox position this consumer has processed up to, where the
+    /// source keeps one (the embedded bus); it may be ahead of the stored
+    /// cursor while only cursors moved (the runtime defers those commits).
+    fn position(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Announces a producer's outbox head to its embedded consumers, and keeps
@@ -214,6 +220,10 @@ impl EventSource for OutboxSource {
 
     fn backlog(&self) -> u64 {
         self.publisher.head().saturating_sub(self.cursor.load(Ordering::Acquire))
+    }
+
+    fn position(&self) -> Option<u64> {
+        Some(self.cursor.load(Ordering::Acquire))
     }
 }
 

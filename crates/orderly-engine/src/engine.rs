@@ -370,7 +370,10 @@ impl Runtime {
                 }
             } else if backlog > 0 {
                 let producer = self.adapters.stores[source.producer()].clone();
-                let cursor = self.adapters.stores[consumer].cursor(source.producer()).await.unwrap_or(0);
+                let cursor = match source.position() {
+                    Some(position) => position,
+                    None => self.adapters.stores[consumer].cursor(source.producer()).await.unwrap_or(0),
+                };
                 if let Ok(first) = producer.outbox_after(cursor, 1).await
                     && let Some(r) = first.first()
                 {

@@ -25,6 +25,9 @@ pub const COMMAND_BATCH_MAX: usize = 2048;
 pub const EVENT_BATCH_MAX: u32 = 2048;
 /// Longest a service sleeps with nothing to do before checking its timers.
 pub const IDLE_TICK_MS: u64 = 250;
+/// Longest a consumer cursor may stay ahead of the store when only cursors
+/// moved (see [`Deferred`]), in ms.
+pub const CURSOR_DEFER_MAX_MS: i64 = 1_000;
 /// Shortest pause after a commit conflict, in ms.
 pub const CONFLICT_PAUSE_MIN_MS: u64 = 2;
 /// Longest pause after a commit conflict, in ms.
@@ -330,6 +333,7 @@ pub struct Driver<S: Service> {
     sharing: Option<Sharing>,
     dropped_at: Timestamp,
     prefetched: Option<Arc<Prefetched>>,
+    deferred: Deferred,
 }
 
 impl<S: Service> Driver<S> {
@@ -354,12 +358,14 @@ impl<S: Service> Driver<S> {
             sharing: None,
             dropped_at: Timestamp(0),
             prefetched,
+            deferred: Deferred { allowed: true, ..Deferred::default() },
         })
     }
 
     /// Shares the service's work with other replicas (see [`Sharing`]).
     pub fn set_sharing(&mut self, sharing: Sharing) {
         self.sharing = Some(sharing);
+        self.deferred.allowed = false;
     }
 
     /// Hands every committed event to `publisher`'s in-memory tail (the
@@ -461,10 +467,25 @@ impl<S: Service> Driver<S> {
             let service = [("service", self.ctx.service)];
             self.ctx.metrics.observe("orderly_batch_build_seconds", &service, started.elapsed().as_secs_f64());
         }
-        if let Some(h) = commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, publish).await {
+        if let Some(h) =
+            commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, publish, &mut self.deferred).await
+        {
             self.head = h;
         }
         worked
+    }
+
+    /// Stores the cursors a batch left ahead of the store (see [`Deferred`]);
+    /// [`run`] calls it before it returns. Nothing to do when none are.
+    pub async fn flush_cursors(&mut self) -> Result<(), StoreError> {
+        if self.deferred.cursors.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        self.deferred.add_to(&mut batch, &self.sources);
+        self.ctx.store.commit(batch).await?;
+        self.deferred.clear();
+        Ok(())
     }
 
     async fn control(&mut self, tx: &mut Tx, control: Control) {
@@ -504,6 +525,9 @@ impl<S: Service> Driver<S> {
         if let Some(r) = self.retry.earliest() {
             due = due.min(r.since(now));
         }
+        if let Some(since) = self.deferred.since {
+            due = due.min(since.plus_ms(CURSOR_DEFER_MAX_MS).since(now));
+        }
         due.clamp(1, IDLE_TICK_MS as i64) as u64
     }
 }
@@ -536,6 +560,11 @@ pub async fn run<S: Service>(
         }
         let worked = driver.step(std::mem::take(&mut pending), ctl).await;
         if *shutdown.borrow() {
+            if let Err(e) = driver.flush_cursors().await {
+                // Harmless: the events after the stored cursor changed nothing
+                // and are handled again, to the same effect, after a restart.
+                tracing::warn!(service = driver.ctx.service, error = %e, "storing consumer cursors at shutdown failed");
+            }
             return;
         }
         if worked {
@@ -579,6 +608,67 @@ struct RetryState {
 impl RetryState {
     fn earliest(&self) -> Option<Timestamp> {
         self.blocked_until.values().min().copied()
+    }
+}
+
+/// Consumer cursors moved ahead of the store.
+///
+/// A batch whose only change is consumer cursors (every event it polled was
+/// filtered out or changed nothing) need not cost a commit and an fsync: its
+/// cursors wait for the service's next commit, or at most
+/// [`CURSOR_DEFER_MAX_MS`], or shutdown. Only for sources that deliver
+/// exactly once (the embedded outbox) and a store nobody else writes. If the
+/// process stops before they are stored, the consumer reads those events
+/// again after the restart; they meet the same stored state (a batch that
+/// changed anything stored the cursors with it), so they change nothing
+/// again: the same as a consumer that had not reached them yet.
+#[derive(Default)]
+struct Deferred {
+    /// (source index, position) of the sources whose cursors wait.
+    cursors: Vec<(usize, u64)>,
+    /// When the oldest of them was deferred.
+    since: Option<Timestamp>,
+    /// Whether this driver may defer at all (no replicas share its store).
+    allowed: bool,
+}
+
+impl Deferred {
+    /// Whether a batch that only moves `marks` may skip its commit at `now`.
+    fn may_take(&self, marks: &[(usize, u64)], sources: &[Arc<dyn EventSource>], now: Timestamp) -> bool {
+        self.allowed
+            && !marks.is_empty()
+            && marks.iter().all(|(i, _)| !sources[*i].at_least_once())
+            && self.since.is_none_or(|t| now.since(t) < CURSOR_DEFER_MAX_MS)
+    }
+
+    fn take(&mut self, marks: &[(usize, u64)], now: Timestamp) {
+        for &(i, upto) in marks {
+            match self.cursors.iter_mut().find(|(j, _)| *j == i) {
+                Some(entry) => entry.1 = entry.1.max(upto),
+                None => self.cursors.push((i, upto)),
+            }
+        }
+        self.since.get_or_insert(now);
+    }
+
+    fn expired(&self, now: Timestamp) -> bool {
+        self.since.is_some_and(|t| now.since(t) >= CURSOR_DEFER_MAX_MS)
+    }
+
+    /// Adds the waiting cursors to `batch`, except a producer's the batch
+    /// already moves (further: a cursor only goes forward).
+    fn add_to(&self, batch: &mut Batch, sources: &[Arc<dyn EventSource>]) {
+        for &(i, upto) in &self.cursors {
+            let producer = sources[i].producer();
+            if !batch.cursors.iter().any(|(p, _)| p == producer) {
+                batch.cursors.push((producer.to_owned(), upto));
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.cursors.clear();
+        self.since = None;
     }
 }
 
@@ -724,6 +814,7 @@ async fn commit<S: Service>(
     sources: &[Arc<dyn EventSource>],
     marks: &[(usize, u64)],
     publish: Publish<'_>,
+    deferred: &mut Deferred,
 ) -> Option<u64> {
     let mut staged = Ok(());
     for table in service.tables() {
@@ -731,6 +822,29 @@ async fn commit<S: Service>(
             staged = Err(e);
             break;
         }
+    }
+    let now = tx.now;
+    let cursors_only = {
+        let b = &tx.batch;
+        b.puts.is_empty() && b.deletes.is_empty() && b.outbox.is_empty() && b.inbox.is_empty() && b.expect.is_empty()
+    };
+    if staged.is_ok() && cursors_only && !tx.batch.cursors.is_empty() && deferred.may_take(marks, sources, now) {
+        // Only cursors moved: they wait for the next commit (see `Deferred`).
+        deferred.take(marks, now);
+        ctx.metrics.inc("orderly_cursor_commits_deferred_total", &[("service", ctx.service)], 1);
+        service.tables().into_iter().for_each(|t| t.committed());
+        for (i, upto) in marks {
+            sources[*i].committed(*upto);
+        }
+        if tx.consumed > 0 {
+            ctx.metrics.inc("orderly_events_consumed_total", &[("consumer", ctx.service)], tx.consumed);
+        }
+        tx.after_commit.drain(..).for_each(|f| f());
+        return None;
+    }
+    let flushing = !deferred.cursors.is_empty() && (!tx.batch.is_empty() || deferred.expired(now));
+    if flushing {
+        deferred.add_to(&mut tx.batch, sources);
     }
     if tx.batch.is_empty() && staged.is_ok() {
         // Nothing to make durable: the events polled were all filtered out or
@@ -764,6 +878,9 @@ async fn commit<S: Service>(
     ctx.metrics.observe("orderly_commit_seconds", &[("service", ctx.service)], committing.elapsed().as_secs_f64());
     match result {
         Ok(head) => {
+            if flushing {
+                deferred.clear();
+            }
             service.tables().into_iter().for_each(|t| t.committed());
             for (i, upto) in marks {
                 sources[*i].committed(*upto);
@@ -961,6 +1078,7 @@ mod tests {
     #[tokio::test]
     async fn each_batch_records_its_build_and_commit_time_and_commands() {
         let (mut driver, _clock, _store) = consumer().await;
+        driver.deferred.allowed = false; // its batch only moves a cursor: commit it anyway
         driver.step(vec![true, true], Vec::new()).await; // two commands and the event: one commit
         driver.step(Vec::new(), Vec::new()).await; // nothing to do: not a batch
         let m = driver.ctx().metrics.clone();
@@ -1137,5 +1255,51 @@ mod tests {
         driver.step(vec![false], Vec::new()).await; // a command, an early event: nothing durable
         assert_eq!(driver.service().settles.committed, 1, "settled although nothing was committed");
         assert_eq!(driver.service().settles.rolled_back, 0);
+    }
+    #[tokio::test]
+    async fn a_batch_that_only_moves_cursors_defers_them_to_the_next_commit_or_at_most_a_second() {
+        let (mut driver, clock, store) = consumer().await;
+        let deferrals = |d: &Driver<Waiting>| d.ctx().metrics.counter_total("orderly_cursor_commits_deferred_total");
+        driver.step(vec![true], Vec::new()).await; // ev-1 applies, and changes nothing stored
+        assert_eq!(driver.service().applied, ["ev-1"]);
+        assert_eq!(deferrals(&driver), 1);
+        assert_eq!(store.cursor("picking").await.expect("cursor"), 0, "no commit for a cursor alone");
+        assert_eq!(driver.sources()[0].position(), Some(1), "the consumer itself moved on");
+        assert_eq!(driver.sources()[0].backlog(), 0);
+        driver.step(Vec::new(), Vec::new()).await;
+        assert_eq!(driver.service().applied.len(), 1, "not handled again");
+        assert!(driver.idle_ms() <= CURSOR_DEFER_MAX_MS as u64, "the loop wakes to store it in time");
+
+        // A second later the cursor is stored, although nothing else happened.
+        clock.advance(CURSOR_DEFER_MAX_MS);
+        driver.step(Vec::new(), Vec::new()).await;
+        assert_eq!(store.cursor("picking").await.expect("cursor"), 1);
+        assert_eq!(driver.idle_ms(), IDLE_TICK_MS, "nothing left to store");
+
+        // Deferred cursors go with the service's next commit of anything else…
+        let (mut driver, _clock, store) = consumer().await;
+        driver.step(vec![true], Vec::new()).await;
+        assert_eq!(store.cursor("picking").await.expect("cursor"), 0);
+        let mut tx = Tx::new(driver.ctx().clone(), 0, None);
+        tx.put_row(Row { table: "things", key: "k".into(), idx: None, doc: b"{}".to_vec() });
+        let publish = Publish { head: &|_| {}, retain: None };
+        commit(&mut driver.service, &driver.ctx, tx, &driver.sources, &[], publish, &mut driver.deferred).await;
+        assert_eq!(store.cursor("picking").await.expect("cursor"), 1, "stored with the next commit");
+        assert!(driver.deferred.cursors.is_empty());
+
+        // …and at shutdown.
+        let (mut driver, _clock, store) = consumer().await;
+        driver.step(vec![true], Vec::new()).await;
+        driver.flush_cursors().await.expect("flush");
+        assert_eq!(store.cursor("picking").await.expect("cursor"), 1);
+
+        // Never for a source that may deliver again (a broker: its inbox
+        // deduplicates, in the same commit as the effect), nor with replicas.
+        let broker: Vec<Arc<dyn EventSource>> =
+            vec![Arc::new(Redelivering { records: Vec::new(), wake: watch::channel(0).1 })];
+        let open = Deferred { allowed: true, ..Deferred::default() };
+        assert!(!open.may_take(&[(0, 5)], &broker, Timestamp(0)));
+        assert!(!Deferred::default().may_take(&[(0, 1)], driver.sources(), Timestamp(0)));
+        assert!(open.may_take(&[(0, 1)], driver.sources(), Timestamp(0)));
     }
 }
