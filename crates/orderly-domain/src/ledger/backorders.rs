@@ -286,8 +286,14 @@ impl BackorderQueue {
         self.tickets().map(|(_, line)| line)
     }
 
+    /// The newest live line's ticket.
+    pub(crate) fn last_ticket(&self) -> Option<u64> {
+        self.slots.iter().rev().find(|s| s.entry.is_some()).map(|s| s.ticket)
+    }
+
     /// Checks that the slots and the index agree: tickets increase, every
-    /// live slot is indexed under its line with its ticket, nothing else is.
+    /// live slot is indexed under its line with its ticket, nothing else is
+    /// (so no line waits twice), and no line waits for zero units.
     pub(crate) fn check(&self) -> Result<(), String> {
         let mut last: Option<u64> = None;
         let mut live = 0usize;
@@ -300,6 +306,9 @@ impl BackorderQueue {
                 live += 1;
                 if self.index.get(&w.key()) != Some(&slot.ticket) {
                     return Err("the backorder queue and its index disagree".to_owned());
+                }
+                if w.qty == 0 {
+                    return Err(format!("backorder entry for {} is empty", w.line_id()));
                 }
                 if let Line::Other(other) = &w.line {
                     let (line, order) = &**other;
@@ -445,6 +454,33 @@ mod tests {
         assert!(twice.is_err_and(|e| e.contains("queued twice")));
         let ticket = BackorderQueue::from_unordered([(5, entry(1, 1)), (5, entry(2, 1))]);
         assert!(ticket.is_err_and(|e| e.contains("used twice")));
+    }
+
+    #[test]
+    fn check_catches_a_line_waiting_twice_or_for_nothing() {
+        let mut q = BackorderQueue::default();
+        q.push(1, entry(1, 1));
+        q.push(2, entry(2, 1));
+        q.check().expect("consistent");
+        // The same line in a second slot: the index names only one of them.
+        q.slots[1].entry = q.slots[0].entry.clone();
+        assert!(q.check().is_err_and(|e| e.contains("disagree")));
+        let mut q = BackorderQueue::default();
+        q.push(1, entry(1, 1));
+        q.slots[0].entry.as_mut().expect("live").qty = 0;
+        assert!(q.check().is_err_and(|e| e.contains("is empty")));
+    }
+
+    #[test]
+    fn the_last_ticket_is_the_newest_live_lines() {
+        let mut q = BackorderQueue::default();
+        assert_eq!(q.last_ticket(), None);
+        q.push(3, entry(1, 1));
+        q.push(7, entry(2, 1));
+        q.push(9, entry(3, 1));
+        assert_eq!(q.last_ticket(), Some(9));
+        assert!(q.remove(&line(3)));
+        assert_eq!(q.last_ticket(), Some(7), "an empty slot left behind is not a ticket");
     }
 
     #[test]
