@@ -828,32 +828,28 @@ async fn commit<S: Service>(
         let b = &tx.batch;
         b.puts.is_empty() && b.deletes.is_empty() && b.outbox.is_empty() && b.inbox.is_empty() && b.expect.is_empty()
     };
-    if staged.is_ok() && cursors_only && !tx.batch.cursors.is_empty() && deferred.may_take(marks, sources, now) {
+    let defer =
+        staged.is_ok() && cursors_only && !tx.batch.cursors.is_empty() && deferred.may_take(marks, sources, now);
+    let flushing = !defer && !deferred.cursors.is_empty() && (!tx.batch.is_empty() || deferred.expired(now));
+    if defer {
         // Only cursors moved: they wait for the next commit (see `Deferred`).
         deferred.take(marks, now);
         ctx.metrics.inc("orderly_cursor_commits_deferred_total", &[("service", ctx.service)], 1);
+    } else if flushing {
+        deferred.add_to(&mut tx.batch, sources);
+    }
+    if staged.is_ok() && (defer || tx.batch.is_empty()) {
+        // Nothing to make durable now: the events polled were all filtered
+        // out, duplicates, or changed nothing. A broker must still hear they
+        // are done, or it redelivers them for ever. The tables settle too: a
+        // table without rows (a due queue) changed, and a later failed batch
+        // must not undo it.
         service.tables().into_iter().for_each(|t| t.committed());
         for (i, upto) in marks {
             sources[*i].committed(*upto);
         }
         if tx.consumed > 0 {
             ctx.metrics.inc("orderly_events_consumed_total", &[("consumer", ctx.service)], tx.consumed);
-        }
-        tx.after_commit.drain(..).for_each(|f| f());
-        return None;
-    }
-    let flushing = !deferred.cursors.is_empty() && (!tx.batch.is_empty() || deferred.expired(now));
-    if flushing {
-        deferred.add_to(&mut tx.batch, sources);
-    }
-    if tx.batch.is_empty() && staged.is_ok() {
-        // Nothing to make durable: the events polled were all filtered out or
-        // duplicates. A broker must still hear they are done, or it
-        // redelivers them for ever. The tables settle too: a table without
-        // rows (a due queue) changed, and a later failed batch must not undo it.
-        service.tables().into_iter().for_each(|t| t.committed());
-        for (i, upto) in marks {
-            sources[*i].committed(*upto);
         }
         tx.after_commit.drain(..).for_each(|f| f());
         return None;
