@@ -2,8 +2,12 @@
 //! attributes `sequence` and `idempotencykey`, and the catalog of event types.
 
 use crate::time::Timestamp;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 /// The CloudEvents spec version Orderly speaks.
 pub const SPEC_VERSION: &str = "1.0";
@@ -26,8 +30,8 @@ pub struct Envelope {
     pub time: Timestamp,
     /// Always `application/json`.
     pub datacontenttype: String,
-    /// The payload.
-    pub data: serde_json::Value,
+    /// The payload, kept as the JSON text it was written or read as.
+    pub data: EventData,
     /// Per-(source, subject) version, strictly increasing from 1.
     pub sequence: u64,
     /// What makes a second delivery of the same effect recognisable.
@@ -46,7 +50,7 @@ impl Envelope {
         subject: &str,
         time: Timestamp,
         sequence: u64,
-        data: serde_json::Value,
+        data: impl Into<EventData>,
     ) -> Envelope {
         let idempotencykey = format!("{source}/{subject}/{sequence}");
         Envelope {
@@ -57,7 +61,7 @@ impl Envelope {
             subject: subject.to_owned(),
             time,
             datacontenttype: "application/json".to_owned(),
-            data,
+            data: data.into(),
             sequence,
             idempotencykey,
             priority: None,
@@ -83,6 +87,233 @@ impl Envelope {
             return Err(EnvelopeError::UnknownType(t.clone()));
         }
         Ok(())
+    }
+}
+
+/// An event's `data`: its JSON text, serialized once by the producer (or
+/// read once from a store or broker) and shared, never re-encoded.
+///
+/// An envelope is cloned for every consumer, the tail and the broker; with a
+/// tree (`serde_json::Value`) each clone copied every map and string, each
+/// drop freed them, and every store wrote the tree out again. The text is
+/// immutable, so a clone is a reference count, the store writes the bytes as
+/// they are, and a consumer parses straight into its contract type
+/// ([`EventData::read`]) or probes one top-level field
+/// ([`EventData::field`], [`EventData::str_field`]) without building a tree.
+#[derive(Clone)]
+pub struct EventData(Arc<RawValue>);
+
+impl EventData {
+    /// Serializes `value` once.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> EventData {
+        EventData(Arc::from(
+            serde_json::value::to_raw_value(value).expect("event payloads are plain data and always serialize"),
+        ))
+    }
+
+    /// Takes JSON text as it is, after checking it is one JSON value.
+    pub fn parse_text(text: &str) -> Result<EventData, serde_json::Error> {
+        RawValue::from_string(text.trim().to_owned()).map(|raw| EventData(Arc::from(raw)))
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parses the text into `T` (which may borrow from it).
+    pub fn read<'a, T: Deserialize<'a>>(&'a self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The data as a tree (for tests, tools and the simulator's checks).
+    pub fn value(&self) -> serde_json::Value {
+        self.read().unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The raw text of the top-level field `key`, if the data is an object
+    /// that has it. Other fields are skipped, not built.
+    pub fn field(&self, key: &str) -> Option<&RawValue> {
+        let mut de = serde_json::Deserializer::from_str(self.0.get());
+        FieldSeed { key }.deserialize(&mut de).ok().flatten()
+    }
+
+    /// The top-level field `key` if it is a string (borrowed unless it has escapes).
+    pub fn str_field(&self, key: &str) -> Option<Cow<'_, str>> {
+        let raw = self.field(key)?;
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        de.deserialize_any(Text).ok().flatten()
+    }
+
+    /// The top-level keys, in order (duplicates included), if the data is an object.
+    pub fn keys(&self) -> Vec<String> {
+        let mut de = serde_json::Deserializer::from_str(self.0.get());
+        de.deserialize_any(KeysOf).unwrap_or_default()
+    }
+}
+
+impl From<serde_json::Value> for EventData {
+    fn from(value: serde_json::Value) -> EventData {
+        EventData::of(&value)
+    }
+}
+
+impl Default for EventData {
+    fn default() -> EventData {
+        EventData::from(serde_json::Value::Null)
+    }
+}
+
+impl PartialEq for EventData {
+    /// Equal as JSON values: the same data spelled with other whitespace or key order is equal.
+    fn eq(&self, other: &EventData) -> bool {
+        self.text() == other.text() || self.value() == other.value()
+    }
+}
+
+impl fmt::Debug for EventData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text())
+    }
+}
+
+impl Serialize for EventData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<EventData, D::Error> {
+        Box::<RawValue>::deserialize(d).map(|raw| EventData(Arc::from(raw)))
+    }
+}
+
+/// Walks one object, keeping the raw value of `key` and skipping the rest.
+struct FieldSeed<'k> {
+    key: &'k str,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Option<&'de RawValue>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Option<&'de RawValue>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(is_key) = map.next_key_seed(KeyIs(self.key))? {
+            if is_key && found.is_none() {
+                found = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Ok(None)
+    }
+}
+
+/// Whether a map key equals the wanted one, compared without allocating.
+struct KeyIs<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+/// A JSON string, borrowed from the text when it has no escapes; `None` for any other value.
+struct Text;
+
+impl<'de> Visitor<'de> for Text {
+    type Value = Option<Cow<'de, str>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_owned())))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+/// The keys of one object.
+struct KeysOf;
+
+impl<'de> Visitor<'de> for KeysOf {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+        let mut keys = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<IgnoredAny>()?;
+            keys.push(key);
+        }
+        Ok(keys)
     }
 }
 
@@ -226,6 +457,38 @@ mod tests {
         let back: Envelope = serde_json::from_value(json).expect("parses");
         assert_eq!(back, e);
         assert_eq!(back.validate(), Ok(()));
+    }
+
+    #[test]
+    fn event_data_keeps_the_text_and_reads_fields_without_a_tree() {
+        let d =
+            EventData::of(&serde_json::json!({"order_id": "o-1", "n": 3, "esc": "a\"b", "nested": {"order_id": "x"}}));
+        assert_eq!(d.text(), r#"{"esc":"a\"b","n":3,"nested":{"order_id":"x"},"order_id":"o-1"}"#);
+        assert_eq!(d.str_field("order_id").as_deref(), Some("o-1"));
+        assert!(matches!(d.str_field("order_id"), Some(Cow::Borrowed(_))));
+        assert_eq!(d.str_field("esc").as_deref(), Some("a\"b"));
+        assert_eq!(d.str_field("n"), None);
+        assert_eq!(d.field("n").map(RawValue::get), Some("3"));
+        assert_eq!(d.field("nested").map(RawValue::get), Some(r#"{"order_id":"x"}"#));
+        assert!(d.field("missing").is_none());
+        assert_eq!(d.keys(), ["esc", "n", "nested", "order_id"]);
+        assert!(EventData::default().field("x").is_none());
+        assert_eq!(EventData::default().text(), "null");
+        // Equality is by value, not by spelling.
+        let spaced =
+            EventData::parse_text(r#" { "order_id" : "o-1", "n": 3, "nested": {"order_id": "x"}, "esc": "a\"b" } "#)
+                .expect("valid JSON");
+        assert_eq!(spaced, d);
+        assert!(EventData::parse_text("{").is_err());
+        assert!(EventData::parse_text("{} {}").is_err());
+        // A clone shares the text.
+        let c = d.clone();
+        assert!(std::ptr::eq(c.text(), d.text()));
+        #[derive(Deserialize)]
+        struct Probe<'a> {
+            order_id: &'a str,
+        }
+        assert_eq!(d.read::<Probe>().expect("parses").order_id, "o-1");
     }
 
     #[test]

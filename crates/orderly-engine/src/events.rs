@@ -3,7 +3,7 @@
 //! does not parse as poison (dead-lettered, never guessed at).
 
 use crate::runtime::EventError;
-use orderly_domain::event::Envelope;
+use orderly_domain::event::{Envelope, EventData};
 use orderly_domain::{
     CustomerId, LineId, LocationId, Money, OrderId, PickId, Priority, Qty, ShipmentId, Sku, Timestamp, Zone,
 };
@@ -12,13 +12,12 @@ use serde::{Deserialize, Serialize};
 
 /// Parses an event's data, mapping failure to poison.
 pub fn parse<T: DeserializeOwned>(env: &Envelope) -> Result<T, EventError> {
-    T::deserialize(&env.data)
-        .map_err(|e| EventError::Poison(format!("{} data does not match the contract: {e}", env.event_type)))
+    env.data.read().map_err(|e| EventError::Poison(format!("{} data does not match the contract: {e}", env.event_type)))
 }
 
-/// Serializes an event's data.
-pub fn data<T: Serialize>(value: &T) -> serde_json::Value {
-    serde_json::to_value(value).expect("event payloads are plain data and always serialize")
+/// Serializes an event's data (once: the text is shared by every copy of the event).
+pub fn data<T: Serialize>(value: &T) -> EventData {
+    EventData::of(value)
 }
 
 /// One line of an order as other services see it.

@@ -13,7 +13,7 @@ use crate::ports::{Batch, Clock, OutboxRecord, Rng, Row, Store, StoreError, uuid
 use crate::prefetch::{Prefetched, Reads};
 use crate::table::Staged;
 use orderly_domain::Timestamp;
-use orderly_domain::event::{Envelope, EventType};
+use orderly_domain::event::{Envelope, EventData, EventType};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -139,7 +139,7 @@ impl Tx {
         event_type: EventType,
         subject: &str,
         sequence: u64,
-        data: serde_json::Value,
+        data: impl Into<EventData>,
     ) -> &mut Envelope {
         let id = self.new_id();
         let env = Envelope::new(id, &self.ctx.source, event_type, subject, self.now, sequence, data);
@@ -149,13 +149,13 @@ impl Tx {
 
     /// Appends an event whose sequence is its position in this service's
     /// outbox: strictly increasing for every subject, with no lookup.
-    pub fn emit(&mut self, event_type: EventType, subject: &str, data: serde_json::Value) -> &mut Envelope {
+    pub fn emit(&mut self, event_type: EventType, subject: &str, data: impl Into<EventData>) -> &mut Envelope {
         let sequence = self.head + self.batch.outbox.len() as u64 + 1;
         self.emit_seq(event_type, subject, sequence, data)
     }
 
     /// Like [`Tx::emit`], marking the event for the high-priority channel.
-    pub fn emit_high(&mut self, event_type: EventType, subject: &str, data: serde_json::Value) {
+    pub fn emit_high(&mut self, event_type: EventType, subject: &str, data: impl Into<EventData>) {
         self.emit(event_type, subject, data).priority = Some("high".to_owned());
     }
 

@@ -329,7 +329,7 @@ async fn given_a_webhook_failing_twice_when_it_recovers_then_the_notification_is
     let sent = h.events(EventType::NotificationSent).await;
     assert_eq!(sent.len(), 1);
     assert_eq!(
-        (sent[0].data["notification_id"].as_str(), sent[0].data["attempts"].as_u64()),
+        (sent[0].data.value()["notification_id"].as_str(), sent[0].data.value()["attempts"].as_u64()),
         (Some(id.as_str()), Some(3))
     );
     assert_eq!(h.metrics.counter_total("orderly_notification_retries_total"), 2);
@@ -354,7 +354,7 @@ async fn given_a_webhook_down_past_the_limit_when_ops_retry_then_it_fails_visibl
     let failed = h.events(EventType::NotificationFailed).await;
     assert_eq!(failed.len(), 1);
     assert_eq!(
-        (failed[0].data["notification_id"].as_str(), failed[0].data["attempts"].as_u64()),
+        (failed[0].data.value()["notification_id"].as_str(), failed[0].data.value()["attempts"].as_u64()),
         (Some(id.as_str()), Some(3))
     );
     assert_eq!(failed[0].subject, "o-1");

@@ -317,8 +317,8 @@ async fn given_a_packed_order_when_the_primary_is_up_then_a_label_is_created_wit
     let created = h.events(EventType::ShipmentLabelCreated).await;
     assert_eq!(created.len(), 1);
     assert_eq!(created[0].subject, "o-1");
-    assert_eq!(created[0].data["label_created_at"], Timestamp(T0).to_string());
-    assert_eq!(created[0].data["tracking_number"], "fast-0");
+    assert_eq!(created[0].data.value()["label_created_at"], Timestamp(T0).to_string());
+    assert_eq!(created[0].data.value()["tracking_number"], "fast-0");
     assert!(h.events(EventType::ShipmentCarrierFallback).await.is_empty());
     assert_eq!(h.metrics.counter("orderly_labels_created_total", &[("carrier", "fast")]), 1);
     assert_eq!(h.metrics.gauge("orderly_label_queue_depth", &[]), Some(0.0));
@@ -361,10 +361,10 @@ async fn given_a_failing_primary_when_labeling_then_it_is_tried_max_retries_time
 
     let fallbacks = h.events(EventType::ShipmentCarrierFallback).await;
     assert_eq!(fallbacks.len(), 1);
-    assert_eq!(fallbacks[0].data["from"], "fast");
-    assert_eq!(fallbacks[0].data["to"], "slow");
-    assert_eq!(fallbacks[0].data["cost_difference"], "2.50");
-    assert_eq!(h.events(EventType::ShipmentLabelCreated).await[0].data["fallback_from"], "fast");
+    assert_eq!(fallbacks[0].data.value()["from"], "fast");
+    assert_eq!(fallbacks[0].data.value()["to"], "slow");
+    assert_eq!(fallbacks[0].data.value()["cost_difference"], "2.50");
+    assert_eq!(h.events(EventType::ShipmentLabelCreated).await[0].data.value()["fallback_from"], "fast");
     let labels = [("from", "fast"), ("to", "slow")];
     assert_eq!(h.metrics.counter("orderly_carrier_fallbacks_total", &labels), 1);
     assert_eq!(h.metrics.counter("orderly_carrier_fallback_cost_difference_total", &labels), 250);
@@ -506,7 +506,7 @@ async fn given_a_labeled_shipment_when_the_carrier_reports_delivery_twice_then_i
     assert_eq!(again, first, "a repeated callback changes nothing");
     let delivered = h.events(EventType::ShipmentDelivered).await;
     assert_eq!(delivered.len(), 1);
-    assert_eq!(delivered[0].data["shipment_id"], id.as_str());
+    assert_eq!(delivered[0].data.value()["shipment_id"], id.as_str());
 
     let unknown = ShipmentId::parse("nope").expect("id");
     let err = h.ask(|reply| Command::Delivered { shipment_id: unknown, reply }).await.expect_err("unknown");

@@ -128,7 +128,7 @@ impl Checker {
                 for r in &records {
                     let e = &r.envelope;
                     if producer == "inventory" {
-                        self.note_movement(e.event_type.as_str(), &e.data)?;
+                        self.note_movement(e.event_type.as_str(), &e.data.value())?;
                     }
                     let meta = EventMeta {
                         producer,

@@ -66,7 +66,7 @@ pub fn derived_id(base: &str, suffix: &str) -> String {
 /// `order_id` it concerns (when its data names one), so each log line
 /// written while handling it carries them (JSON logs list span fields).
 pub fn event_span(env: &orderly_domain::event::Envelope) -> tracing::Span {
-    let order_id = env.data.get("order_id").and_then(|v| v.as_str()).unwrap_or("");
+    let order_id = env.data.str_field("order_id").unwrap_or_default();
     tracing::info_span!(
         "event",
         event_id = %env.id,

@@ -770,18 +770,18 @@ impl Service for Notifications {
 
     fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
         let order_id = || match order_state(event.event_type.as_str()) {
-            Some(_) => Some(event.subject.as_str()),
-            None => event.data.get("order_id").and_then(serde_json::Value::as_str),
+            Some(_) => Some(std::borrow::Cow::Borrowed(event.subject.as_str())),
+            None => event.data.str_field("order_id"),
         };
         if event.event_type == EventType::OrderCreated {
             // Its e-mail is looked up only when the event carries none.
-            if event.data.get("email").is_none_or(serde_json::Value::is_null) {
+            if event.data.field("email").is_none_or(|e| e.get() == "null") {
                 self.contacts.want(&event.subject, reads);
             }
         } else if wants(event.event_type.as_str()) {
             self.notifications.want(&event.id, reads);
             if let Some(order) = order_id() {
-                self.contacts.want(order, reads);
+                self.contacts.want(&order, reads);
             }
         }
     }

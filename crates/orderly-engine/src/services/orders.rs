@@ -17,14 +17,13 @@ use crate::ports::Row;
 use crate::prefetch::Reads;
 use crate::runtime::{DEAD_LETTERS, DeadLetter, EventError, Service, Tx};
 use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
-use orderly_domain::event::{Envelope, EventType};
+use orderly_domain::event::{Envelope, EventData, EventType};
 use orderly_domain::order::{
     AllocationEntry, LineQty, NewOrder, Order, OrderChange, OrderCommand, OrderError, OrderEvent, OrderPolicy,
     OrderState, Origin, Rejection,
 };
-use orderly_domain::{LocationId, OrderId, Priority, Timestamp};
+use orderly_domain::{LocationId, OrderId, Priority, ShipmentId, Timestamp};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 /// The table mapping a caller's scoped idempotency key to the order it created.
 pub const ORDER_KEYS: &str = "order_keys";
@@ -473,93 +472,117 @@ fn commands_for(env: &Envelope) -> Result<Vec<OrderCommand>, EventError> {
 
 /// Publishes one order event with the order's version as its sequence.
 fn publish(tx: &mut Tx, order: &Order, ev: &OrderEvent) {
-    let mut data = match &ev.change {
-        OrderChange::Created(created) => events::data(&events::OrderCreated {
-            order_id: order.id().clone(),
-            customer_id: order.customer_id().clone(),
-            email: order.email().to_owned(),
-            zone: order.ship_to().clone(),
-            priority: order.priority(),
-            lines: order
-                .lines()
-                .iter()
-                .map(|l| events::LineData {
-                    line_id: l.line_id.clone(),
-                    sku: l.sku.clone(),
-                    qty: l.qty,
-                    unit_price: l.unit_price,
-                })
-                .collect(),
-            total: order.total(),
-            // Reserved before acknowledgement: inventory confirms these
-            // through their holds, or again if a hold lapsed first.
-            preallocated: created
-                .lines
-                .iter()
-                .flat_map(|l| {
-                    l.allocations.iter().map(|a| events::AllocationData {
+    let data = match &ev.change {
+        OrderChange::Created(created) => decorated(
+            order,
+            ev,
+            Own::Contact,
+            events::OrderCreated {
+                order_id: order.id().clone(),
+                customer_id: order.customer_id().clone(),
+                email: order.email().to_owned(),
+                zone: order.ship_to().clone(),
+                priority: order.priority(),
+                lines: order
+                    .lines()
+                    .iter()
+                    .map(|l| events::LineData {
                         line_id: l.line_id.clone(),
                         sku: l.sku.clone(),
+                        qty: l.qty,
+                        unit_price: l.unit_price,
+                    })
+                    .collect(),
+                total: order.total(),
+                // Reserved before acknowledgement: inventory confirms these
+                // through their holds, or again if a hold lapsed first.
+                preallocated: created
+                    .lines
+                    .iter()
+                    .flat_map(|l| {
+                        l.allocations.iter().map(|a| events::AllocationData {
+                            line_id: l.line_id.clone(),
+                            sku: l.sku.clone(),
+                            location: a.location.clone(),
+                            qty: a.qty,
+                        })
+                    })
+                    .collect(),
+                hold_ids: order.hold_ids().iter().map(|h| h.as_str().to_owned()).collect(),
+            },
+        ),
+        OrderChange::Allocated { ready_to_pick, .. } => decorated(
+            order,
+            ev,
+            Own::OrderId,
+            events::OrderAllocated {
+                order_id: order.id().clone(),
+                priority: order.priority(),
+                zone: order.ship_to().clone(),
+                allocations: ready_to_pick
+                    .iter()
+                    .map(|p| AllocationData {
+                        line_id: p.line_id.clone(),
+                        sku: p.sku.clone(),
+                        location: p.location.clone(),
+                        qty: p.qty,
+                    })
+                    .collect(),
+            },
+        ),
+        OrderChange::Canceled { reason, lines, .. } => decorated(
+            order,
+            ev,
+            Own::OrderId,
+            events::OrderCanceled {
+                order_id: order.id().clone(),
+                reason: reason.clone(),
+                lines: lines.iter().map(|l| l.line_id.clone()).collect(),
+                shipped: shipped_units(order),
+            },
+        ),
+        OrderChange::Deallocated { allocations, .. } => decorated(
+            order,
+            ev,
+            Own::OrderId,
+            events::Deallocated {
+                order_id: order.id().clone(),
+                allocations: allocations
+                    .iter()
+                    .map(|a| AllocationData {
+                        line_id: a.line_id.clone(),
+                        sku: order
+                            .lines()
+                            .iter()
+                            .find(|l| l.line_id == a.line_id)
+                            .map(|l| l.sku.clone())
+                            .unwrap_or_else(|| orderly_domain::Sku::parse("unknown").expect("a valid sku")),
                         location: a.location.clone(),
                         qty: a.qty,
                     })
-                })
-                .collect(),
-            hold_ids: order.hold_ids().iter().map(|h| h.as_str().to_owned()).collect(),
-        }),
-        OrderChange::Allocated { ready_to_pick, .. } => events::data(&events::OrderAllocated {
-            order_id: order.id().clone(),
-            priority: order.priority(),
-            zone: order.ship_to().clone(),
-            allocations: ready_to_pick
-                .iter()
-                .map(|p| AllocationData {
-                    line_id: p.line_id.clone(),
-                    sku: p.sku.clone(),
-                    location: p.location.clone(),
-                    qty: p.qty,
-                })
-                .collect(),
-        }),
-        OrderChange::Canceled { reason, lines, .. } => events::data(&events::OrderCanceled {
-            order_id: order.id().clone(),
-            reason: reason.clone(),
-            lines: lines.iter().map(|l| l.line_id.clone()).collect(),
-            shipped: shipped_units(order),
-        }),
-        OrderChange::Deallocated { allocations, .. } => events::data(&events::Deallocated {
-            order_id: order.id().clone(),
-            allocations: allocations
-                .iter()
-                .map(|a| AllocationData {
-                    line_id: a.line_id.clone(),
-                    sku: order
-                        .lines()
-                        .iter()
-                        .find(|l| l.line_id == a.line_id)
-                        .map(|l| l.sku.clone())
-                        .unwrap_or_else(|| orderly_domain::Sku::parse("unknown").expect("a valid sku")),
-                    location: a.location.clone(),
-                    qty: a.qty,
-                })
-                .collect(),
-            reason: "stock_loss".into(),
-        }),
-        OrderChange::Returned { location, lines } => events::data(&events::OrderReturned {
-            order_id: order.id().clone(),
-            allocations: lines
-                .iter()
-                .map(|l| AllocationData {
-                    line_id: l.line_id.clone(),
-                    sku: l.sku.clone(),
-                    location: location.clone(),
-                    qty: l.qty,
-                })
-                .collect(),
-        }),
-        _ => json!({}),
+                    .collect(),
+                reason: "stock_loss".into(),
+            },
+        ),
+        OrderChange::Returned { location, lines } => decorated(
+            order,
+            ev,
+            Own::OrderId,
+            events::OrderReturned {
+                order_id: order.id().clone(),
+                allocations: lines
+                    .iter()
+                    .map(|l| AllocationData {
+                        line_id: l.line_id.clone(),
+                        sku: l.sku.clone(),
+                        location: location.clone(),
+                        qty: l.qty,
+                    })
+                    .collect(),
+            },
+        ),
+        _ => decorated(order, ev, Own::Nothing, Nothing {}),
     };
-    decorate(&mut data, order, ev);
     let event_type = ev.event_type();
     let subject = order.id().as_str().to_owned();
     let envelope = tx.emit_seq(event_type, &subject, ev.sequence, data);
@@ -585,23 +608,70 @@ fn shipped_units(order: &Order) -> Vec<AllocationData> {
         .collect()
 }
 
-/// Adds what every order event carries for notifications: state, e-mail,
-/// the promised ship date and the shipment concerned.
-fn decorate(data: &mut Value, order: &Order, ev: &OrderEvent) {
-    let Value::Object(map) = data else { return };
-    map.insert("order_id".into(), json!(order.id()));
-    map.insert("state".into(), json!(ev.state().unwrap_or(order.state()).as_str()));
-    map.insert("email".into(), json!(order.email()));
-    if let OrderChange::Backordered { expected_ship_date, .. } = &ev.change {
-        map.insert("expected_ship_date".into(), json!(expected_ship_date));
+/// What every order event carries for notifications beside its own
+/// fields: the order id, state and e-mail, the promised ship date and the
+/// shipment concerned. Written in the same pass as the body.
+#[derive(Serialize)]
+struct Decorated<'a, T> {
+    #[serde(flatten)]
+    body: T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order_id: Option<&'a OrderId>,
+    state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_ship_date: Option<&'a Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shipment_id: Option<&'a ShipmentId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    charge_shipping: Option<bool>,
+}
+
+/// The decoration fields a body already carries itself (each field is written once).
+#[derive(Clone, Copy, PartialEq)]
+enum Own {
+    Nothing,
+    OrderId,
+    /// `order_id` and `email`.
+    Contact,
+}
+
+/// The body of an event that carries only the decoration.
+#[derive(Serialize)]
+struct Nothing {}
+
+fn decorated<T: Serialize>(order: &Order, ev: &OrderEvent, own: Own, body: T) -> EventData {
+    let (mut expected_ship_date, mut shipment_id, mut charge_shipping) = (None, None, None);
+    match &ev.change {
+        OrderChange::Backordered { expected_ship_date: at, .. } => expected_ship_date = Some(at),
+        OrderChange::Shipped { shipment_id: id, charge_shipping: charge, .. } => {
+            shipment_id = Some(id);
+            charge_shipping = Some(*charge);
+        }
+        OrderChange::Delivered { shipment_id: id, .. } => shipment_id = Some(id),
+        _ => {}
     }
-    if let OrderChange::Shipped { shipment_id, charge_shipping, .. } = &ev.change {
-        map.insert("shipment_id".into(), json!(shipment_id));
-        map.insert("charge_shipping".into(), json!(charge_shipping));
-    }
-    if let OrderChange::Delivered { shipment_id, .. } = &ev.change {
-        map.insert("shipment_id".into(), json!(shipment_id));
-    }
+    let data = EventData::of(&Decorated {
+        body,
+        order_id: (own == Own::Nothing).then(|| order.id()),
+        state: ev.state().unwrap_or(order.state()).as_str(),
+        email: (own != Own::Contact).then(|| order.email()),
+        expected_ship_date,
+        shipment_id,
+        charge_shipping,
+    });
+    debug_assert!(
+        {
+            let mut keys = data.keys();
+            let n = keys.len();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.len() == n
+        },
+        "an order event names a field twice: {data:?}"
+    );
+    data
 }
 
 /// The answer to an idempotency key reused for a different order.

@@ -324,7 +324,7 @@ impl Picking {
             }
             let published = tx.store().outbox_for_subject(task.order_id.as_str(), 10_000).await?.iter().any(|r| {
                 r.envelope.event_type == EventType::PickCompleted
-                    && r.envelope.data.get("pick_id").and_then(|v| v.as_str()) == Some(id.as_str())
+                    && r.envelope.data.str_field("pick_id").as_deref() == Some(id.as_str())
             });
             if !published {
                 tracing::warn!(order_id = %task.order_id, pick_id = %task.id, "republishing a completed pick whose event is missing");
@@ -571,12 +571,19 @@ impl Service for Picking {
     }
 
     fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+        /// The line an allocation is for, read without building the rest.
+        #[derive(Deserialize)]
+        struct LineRef<'a> {
+            #[serde(borrow)]
+            line_id: std::borrow::Cow<'a, str>,
+        }
         // How many picks each allocated line has had.
         if event.event_type == EventType::OrderAllocated
-            && let Some(allocations) = event.data.get("allocations").and_then(serde_json::Value::as_array)
+            && let Some(allocations) = event.data.field("allocations")
+            && let Ok(lines) = serde_json::from_str::<Vec<LineRef>>(allocations.get())
         {
-            for line in allocations.iter().filter_map(|a| a.get("line_id").and_then(serde_json::Value::as_str)) {
-                self.line_picks.want(line, reads);
+            for line in &lines {
+                self.line_picks.want(&line.line_id, reads);
             }
         }
     }
