@@ -30,7 +30,9 @@ pub struct Envelope {
     pub time: Timestamp,
     /// Always `application/json`.
     pub datacontenttype: String,
-    /// The payload, kept as the JSON text it was written or read as.
+    /// The payload, kept as the JSON text it was written or read as
+    /// (`null` when an incoming event has none: CloudEvents data is optional).
+    #[serde(default)]
     pub data: EventData,
     /// Per-(source, subject) version, strictly increasing from 1.
     pub sequence: u64,
@@ -132,7 +134,8 @@ impl EventData {
     }
 
     /// The raw text of the top-level field `key`, if the data is an object
-    /// that has it. Other fields are skipped, not built.
+    /// that has it (the last one if it is named twice, as a tree would keep).
+    /// Other fields are skipped, not built.
     pub fn field(&self, key: &str) -> Option<&RawValue> {
         let mut de = serde_json::Deserializer::from_str(self.0.get());
         FieldSeed { key }.deserialize(&mut de).ok().flatten()
@@ -209,7 +212,8 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = None;
         while let Some(is_key) = map.next_key_seed(KeyIs(self.key))? {
-            if is_key && found.is_none() {
+            if is_key {
+                // The last one wins, as in a full parse into a tree.
                 found = Some(map.next_value::<&'de RawValue>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
@@ -489,6 +493,17 @@ mod tests {
             order_id: &'a str,
         }
         assert_eq!(d.read::<Probe>().expect("parses").order_id, "o-1");
+        // The last of a twice-named field wins, as in a tree.
+        let twice = EventData::parse_text(r#"{"k": 1, "k": 2}"#).expect("valid JSON");
+        assert_eq!(twice.field("k").map(RawValue::get), Some("2"));
+        assert_eq!(twice.keys(), ["k", "k"]);
+        // CloudEvents data is optional.
+        let no_data: Envelope = serde_json::from_str(
+            r#"{"specversion":"1.0","id":"i","source":"/s","type":"orderly.pick.completed","subject":"o",
+                "time":"2025-11-26T09:40:00.000Z","datacontenttype":"application/json","sequence":1,"idempotencykey":"k"}"#,
+        )
+        .expect("data is optional");
+        assert_eq!(no_data.data.text(), "null");
     }
 
     #[test]

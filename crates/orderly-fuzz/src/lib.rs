@@ -46,6 +46,17 @@ pub fn envelope(data: &[u8]) {
     let again: Envelope = serde_json::from_slice(&serde_json::to_vec(&envelope).expect("an envelope serializes"))
         .expect("a serialized envelope parses");
     assert_eq!(again, envelope, "round trip");
+    // The field probes consumers route on agree with a full parse of the data.
+    let tree = envelope.data.value();
+    for key in ["order_id", "email", "pick_id", "allocations", "missing"] {
+        let probed = envelope
+            .data
+            .field(key)
+            .map(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).expect("a probed field is JSON"));
+        assert_eq!(probed.as_ref(), tree.get(key), "field {key}");
+        let text = envelope.data.str_field(key);
+        assert_eq!(text.as_deref(), tree.get(key).and_then(serde_json::Value::as_str), "str_field {key}");
+    }
     if envelope.validate().is_err() {
         return;
     }
