@@ -113,9 +113,13 @@ impl EventData {
         ))
     }
 
-    /// Takes JSON text as it is, after checking it is one JSON value.
+    /// Takes JSON text as it is, after checking it is one JSON value that
+    /// parses (as a tree would: a lone surrogate escape or a number out of
+    /// range is refused, which skipping over the text would not notice).
     pub fn parse_text(text: &str) -> Result<EventData, serde_json::Error> {
-        RawValue::from_string(text.trim().to_owned()).map(|raw| EventData(Arc::from(raw)))
+        let raw = RawValue::from_string(text.trim().to_owned())?;
+        serde_json::from_str::<Valid>(raw.get())?;
+        Ok(EventData(Arc::from(raw)))
     }
 
     /// The JSON text.
@@ -188,7 +192,54 @@ impl Serialize for EventData {
 
 impl<'de> Deserialize<'de> for EventData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<EventData, D::Error> {
-        Box::<RawValue>::deserialize(d).map(|raw| EventData(Arc::from(raw)))
+        let raw = Box::<RawValue>::deserialize(d)?;
+        serde_json::from_str::<Valid>(raw.get()).map_err(de::Error::custom)?;
+        Ok(EventData(Arc::from(raw)))
+    }
+}
+
+/// Proof that JSON text parses the way a full parse into a tree would, with
+/// every string decoded (escapes included) and nothing kept.
+struct Valid;
+
+impl<'de> Deserialize<'de> for Valid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Valid, D::Error> {
+        d.deserialize_any(ValidVisitor)
+    }
+}
+
+struct ValidVisitor;
+
+impl<'de> Visitor<'de> for ValidVisitor {
+    type Value = Valid;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_entry::<Valid, Valid>()?.is_some() {}
+        Ok(Valid)
     }
 }
 
@@ -484,6 +535,21 @@ mod tests {
                 .expect("valid JSON");
         assert_eq!(spaced, d);
         assert!(EventData::parse_text("{").is_err());
+        // Text a tree would refuse is refused, though skipping over it would pass.
+        let envelope_with = |data: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"i","source":"/s","type":"orderly.pick.completed","subject":"o",
+                    "time":"2025-11-26T09:40:00.000Z","datacontenttype":"application/json","sequence":1,
+                    "idempotencykey":"k","data":{data}}}"#
+            )
+        };
+        assert!(serde_json::from_str::<Envelope>(&envelope_with(r#"{"a": "xy"}"#)).is_ok());
+        for bad in [r#"{"a": "x\ud800y"}"#, r#"["\udc00"]"#, r#"{"n": 1e400}"#] {
+            assert!(serde_json::from_str::<serde_json::Value>(bad).is_err(), "{bad}");
+            assert!(EventData::parse_text(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<Envelope>(&envelope_with(bad)).is_err(), "{bad}");
+        }
+        assert!(EventData::parse_text(r#"{"a": "\ud83d\ude00", "n": 1e300}"#).is_ok());
         assert!(EventData::parse_text("{} {}").is_err());
         // A clone shares the text.
         let c = d.clone();

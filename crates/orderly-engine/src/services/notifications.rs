@@ -22,7 +22,7 @@ use crate::ports::{GreatestKey, Store, StoreError, WebhookSink};
 use crate::prefetch::Reads;
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
-use orderly_domain::event::{Envelope, EventType};
+use orderly_domain::event::{Envelope, EventData, EventType};
 use orderly_domain::shipping::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy};
 use orderly_domain::{OrderId, ShipmentId, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -89,8 +89,9 @@ pub struct Notification {
     pub order_id: OrderId,
     /// Customer e-mail, when known.
     pub email: Option<String>,
-    /// What is delivered (JSON, carrying `notification_id`).
-    pub body: serde_json::Value,
+    /// What is delivered (JSON, carrying `notification_id`), as the text
+    /// written once when the notification was created.
+    pub body: EventData,
     /// Status.
     pub status: NotificationStatus,
     /// Failed attempts since it was created or last retried by ops.
@@ -226,6 +227,48 @@ struct Delivery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Contact {
     email: String,
+}
+
+/// What every delivered notification carries, then what it is about
+/// (each field once: the parts share no names).
+#[derive(Serialize)]
+struct Body<'a, T> {
+    notification_id: &'a str,
+    kind: &'a str,
+    order_id: &'a str,
+    email: Option<&'a str>,
+    occurred_at: Timestamp,
+    #[serde(flatten)]
+    about: T,
+}
+
+/// An order's new state.
+#[derive(Serialize)]
+struct OrderAbout<'a> {
+    state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_ship_date: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shipment_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// A label bought for a shipment.
+#[derive(Serialize)]
+struct LabelAbout<'a> {
+    state: &'a str,
+    shipment_id: &'a str,
+    carrier: &'a str,
+    tracking: &'a str,
+    label_created_at: Timestamp,
+}
+
+/// A shipment delivered.
+#[derive(Serialize)]
+struct DeliveredAbout<'a> {
+    state: &'a str,
+    shipment_id: &'a str,
 }
 
 /// The fields of an order event a notification needs. Order events carry
@@ -373,41 +416,35 @@ impl Notifications {
     async fn on_order_event(&mut self, tx: &mut Tx, event: &Envelope, state: &str) -> Result<(), EventError> {
         let notice: OrderNotice = events::parse(event)?;
         let email = self.remember(tx, &notice.order_id, notice.email.clone()).await?;
-        let mut body = serde_json::json!({
-            "state": notice.state.as_deref().unwrap_or(state),
-        });
-        if let Some(date) = notice.expected_ship_date {
-            body["expected_ship_date"] = date.to_string().into();
-        }
-        if let Some(shipment) = &notice.shipment_id {
-            body["shipment_id"] = shipment.as_str().into();
-        }
-        if let Some(reason) = &notice.reason {
-            body["reason"] = reason.as_str().into();
-        }
-        self.create(tx, event, notice.order_id, email, body);
+        let about = OrderAbout {
+            state: notice.state.as_deref().unwrap_or(state),
+            expected_ship_date: notice.expected_ship_date,
+            shipment_id: notice.shipment_id.as_ref().map(ShipmentId::as_str),
+            reason: notice.reason.as_deref(),
+        };
+        self.create(tx, event, notice.order_id, email, about);
         Ok(())
     }
 
     async fn on_label_created(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
         let label: LabelCreated = events::parse(event)?;
         let email = self.remember(tx, &label.order_id, None).await?;
-        let body = serde_json::json!({
-            "state": "label_created",
-            "shipment_id": label.shipment_id.as_str(),
-            "carrier": label.carrier,
-            "tracking": label.tracking_number,
-            "label_created_at": label.label_created_at.to_string(),
-        });
-        self.create(tx, event, label.order_id, email, body);
+        let about = LabelAbout {
+            state: "label_created",
+            shipment_id: label.shipment_id.as_str(),
+            carrier: &label.carrier,
+            tracking: &label.tracking_number,
+            label_created_at: label.label_created_at,
+        };
+        self.create(tx, event, label.order_id, email, about);
         Ok(())
     }
 
     async fn on_shipment_delivered(&mut self, tx: &mut Tx, event: &Envelope) -> Result<(), EventError> {
         let delivered: ShipmentDelivered = events::parse(event)?;
         let email = self.remember(tx, &delivered.order_id, None).await?;
-        let body = serde_json::json!({"state": "delivered", "shipment_id": delivered.shipment_id.as_str()});
-        self.create(tx, event, delivered.order_id, email, body);
+        let about = DeliveredAbout { state: "delivered", shipment_id: delivered.shipment_id.as_str() };
+        self.create(tx, event, delivered.order_id, email, about);
         Ok(())
     }
 
@@ -439,13 +476,16 @@ impl Notifications {
         event: &Envelope,
         order_id: OrderId,
         email: Option<String>,
-        mut body: serde_json::Value,
+        about: impl Serialize,
     ) {
-        body["notification_id"] = event.id.as_str().into();
-        body["kind"] = event.event_type.as_str().into();
-        body["order_id"] = order_id.as_str().into();
-        body["email"] = email.clone().into();
-        body["occurred_at"] = event.time.to_string().into();
+        let body = EventData::of(&Body {
+            notification_id: &event.id,
+            kind: event.event_type.as_str(),
+            order_id: order_id.as_str(),
+            email: email.as_deref(),
+            occurred_at: event.time,
+            about,
+        });
         let notification = Notification {
             id: event.id.clone(),
             kind: event.event_type.as_str().to_owned(),
@@ -529,7 +569,7 @@ impl Notifications {
         let Some(n) = self.notifications.get(id).filter(|n| n.status == NotificationStatus::Pending) else {
             return Ok(None);
         };
-        let body = serde_json::to_vec(&n.body).expect("a JSON value always serializes");
+        let body = n.body.text().as_bytes().to_vec();
         Ok(Some(body))
     }
 
