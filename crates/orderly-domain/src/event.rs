@@ -141,6 +141,10 @@ impl EventData {
     /// that has it (the last one if it is named twice, as a tree would keep).
     /// Other fields are skipped, not built.
     pub fn field(&self, key: &str) -> Option<&RawValue> {
+        // The text of a raw value starts at its first character.
+        if !self.0.get().starts_with('{') {
+            return None;
+        }
         let mut de = serde_json::Deserializer::from_str(self.0.get());
         FieldSeed { key }.deserialize(&mut de).ok().flatten()
     }
@@ -148,8 +152,11 @@ impl EventData {
     /// The top-level field `key` if it is a string (borrowed unless it has escapes).
     pub fn str_field(&self, key: &str) -> Option<Cow<'_, str>> {
         let raw = self.field(key)?;
+        if !raw.get().starts_with('"') {
+            return None;
+        }
         let mut de = serde_json::Deserializer::from_str(raw.get());
-        de.deserialize_any(Text).ok().flatten()
+        de.deserialize_str(Text).ok()
     }
 
     /// The top-level keys, in order (duplicates included), if the data is an object.
@@ -251,7 +258,7 @@ struct FieldSeed<'k> {
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
     type Value = Option<&'de RawValue>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
+        d.deserialize_map(self)
     }
 }
 
@@ -271,27 +278,6 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
             }
         }
         Ok(found)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        Ok(None)
     }
 }
 
@@ -315,42 +301,19 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
     }
 }
 
-/// A JSON string, borrowed from the text when it has no escapes; `None` for any other value.
+/// A JSON string, borrowed from the text when it has no escapes.
 struct Text;
 
 impl<'de> Visitor<'de> for Text {
-    type Value = Option<Cow<'de, str>>;
+    type Value = Cow<'de, str>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a value")
+        f.write_str("a string")
     }
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Borrowed(v)))
+        Ok(Cow::Borrowed(v))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v.to_owned())))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(None)
+        Ok(Cow::Owned(v.to_owned()))
     }
 }
 
