@@ -214,7 +214,7 @@ pub enum OpenError {
 struct DeliveryJob {
     job: u64,
     notification_id: String,
-    body: Vec<u8>,
+    body: EventData,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -538,7 +538,7 @@ impl Notifications {
     }
 
     /// Hands one delivery to the worker, if the breaker lets it through.
-    fn send(&mut self, tx: &mut Tx, id: &str, body: Vec<u8>) {
+    fn send(&mut self, tx: &mut Tx, id: &str, body: EventData) {
         // Reserve the worker slot first, so a call the breaker admits always goes out.
         let permit = match self.jobs.try_reserve() {
             Ok(permit) => permit,
@@ -562,15 +562,15 @@ impl Notifications {
     }
 
     /// The body of a notification still waiting for delivery; `None` if it is not.
-    async fn pending_body(&mut self, tx: &mut Tx, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn pending_body(&mut self, tx: &mut Tx, id: &str) -> Result<Option<EventData>, StoreError> {
         if !self.notifications.load(tx.store(), id).await? {
             return Ok(None);
         }
         let Some(n) = self.notifications.get(id).filter(|n| n.status == NotificationStatus::Pending) else {
             return Ok(None);
         };
-        let body = n.body.text().as_bytes().to_vec();
-        Ok(Some(body))
+        // The stored text itself (a reference count), not a copy.
+        Ok(Some(n.body.clone()))
     }
 
     /// Processes a delivery's result.
@@ -895,7 +895,7 @@ impl DeliveryWorker {
 }
 
 async fn deliver(sink: Arc<dyn WebhookSink>, job: DeliveryJob, results: mpsc::Sender<Command>) {
-    let call = sink.deliver(&job.notification_id, &job.body);
+    let call = sink.deliver(&job.notification_id, job.body.text().as_bytes());
     let result = match tokio::time::timeout(std::time::Duration::from_millis(WEBHOOK_TIMEOUT_MS), call).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {WEBHOOK_TIMEOUT_MS} ms")),
