@@ -311,11 +311,21 @@ pub struct BusSettings {
     pub max_attempts: u32,
     /// Commands queued per service before the API answers 429.
     pub queue_capacity: usize,
+    /// How long a service off the intake path (picking, packing, shipping,
+    /// notifications) waits after a batch before it takes the next, so that
+    /// under load it commits what arrived meanwhile in one batch (see
+    /// `Driver::set_linger`); `0` takes every trickle of input at once.
+    pub linger: Millis,
 }
+
+/// Default of `bus.linger`.
+pub const LINGER_DEFAULT_MS: i64 = 10;
+/// Largest `bus.linger`: past it, downstream services would fall visibly behind.
+pub const LINGER_MAX_MS: i64 = 1_000;
 
 impl Default for BusSettings {
     fn default() -> Self {
-        BusSettings { max_attempts: 3, queue_capacity: 8192 }
+        BusSettings { max_attempts: 3, queue_capacity: 8192, linger: Millis(LINGER_DEFAULT_MS) }
     }
 }
 

@@ -19,6 +19,10 @@ use tokio::task::JoinHandle;
 
 /// Every service, in start order.
 pub const SERVICES: [&str; 6] = ["orders", "inventory", "picking", "packing", "shipping", "notifications"];
+/// The services on the intake path: API callers wait on their commits
+/// (an order's acknowledgement, a synchronous reservation), so they never
+/// linger between batches (`bus.linger` is for the others).
+pub const INTAKE: [&str; 2] = ["orders", "inventory"];
 
 /// How many times [`Handle::call_retrying`] sends a command whose batch did
 /// not commit.
@@ -302,6 +306,10 @@ impl EngineBuilder {
         }
         if let Some(sharing) = sharing {
             driver.set_sharing(sharing);
+        }
+        if !INTAKE.contains(&name) {
+            let ms = self.settings.bus.linger.0.clamp(0, crate::config::LINGER_MAX_MS);
+            driver.set_linger(std::time::Duration::from_millis(ms as u64));
         }
         self.tasks.push(tokio::spawn(runtime::run(driver, rx, control_rx, shutdown)));
         self.controls.insert(name, control_tx);

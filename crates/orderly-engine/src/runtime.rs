@@ -334,6 +334,7 @@ pub struct Driver<S: Service> {
     dropped_at: Timestamp,
     prefetched: Option<Arc<Prefetched>>,
     deferred: Deferred,
+    linger: std::time::Duration,
 }
 
 impl<S: Service> Driver<S> {
@@ -359,6 +360,7 @@ impl<S: Service> Driver<S> {
             dropped_at: Timestamp(0),
             prefetched,
             deferred: Deferred { allowed: true, ..Deferred::default() },
+            linger: std::time::Duration::ZERO,
         })
     }
 
@@ -373,6 +375,26 @@ impl<S: Service> Driver<S> {
     /// the store. Only for a store this driver alone writes.
     pub fn retain_committed(&mut self, publisher: Publisher) {
         self.retain = Some(publisher);
+    }
+
+    /// Makes [`run`] wait `linger` after each batch that did work before it
+    /// takes the next, unless half a full batch is already waiting (see
+    /// [`Driver::lingers`]): a service off the intake path (`bus.linger`)
+    /// then commits at most about once per `linger` under load, with
+    /// everything that arrived meanwhile, instead of once per trickle of
+    /// input. An idle service still takes its first input at once.
+    pub fn set_linger(&mut self, linger: std::time::Duration) {
+        self.linger = linger;
+    }
+
+    /// How long [`run`] waits before the next batch, after one that did work
+    /// with `commands` commands already queued: [`Driver::set_linger`]'s
+    /// time, or nothing when there is none or half a batch (of commands, or
+    /// of one producer's events) is waiting.
+    pub fn lingers(&self, commands: usize) -> Option<std::time::Duration> {
+        let full = commands >= COMMAND_BATCH_MAX / 2
+            || self.sources.iter().any(|s| s.backlog() >= u64::from(EVENT_BATCH_MAX / 2));
+        (!self.linger.is_zero() && !full).then_some(self.linger)
     }
 
     /// Switches deliberate bugs on (the simulator's bug-finding tests only).
@@ -568,6 +590,12 @@ pub async fn run<S: Service>(
             return;
         }
         if worked {
+            if let Some(linger) = driver.lingers(commands.len()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(linger) => {},
+                    _ = shutdown.changed() => {},
+                }
+            }
             continue;
         }
         let sleep_ms = driver.idle_ms();
@@ -1297,5 +1325,118 @@ mod tests {
         assert!(!open.may_take(&[(0, 5)], &broker, Timestamp(0)));
         assert!(!Deferred::default().may_take(&[(0, 1)], driver.sources(), Timestamp(0)));
         assert!(open.may_take(&[(0, 1)], driver.sources(), Timestamp(0)));
+    }
+
+    /// A consumer that records how many events each of its batches handled.
+    struct Counting {
+        seen: usize,
+        batches: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Staged for Counting {
+        fn stage(&mut self, _batch: &mut Batch) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn rollback(&mut self) {}
+        fn committed(&mut self) {
+            if self.seen > 0 {
+                self.batches.lock().unwrap_or_else(|p| p.into_inner()).push(std::mem::take(&mut self.seen));
+            }
+        }
+    }
+
+    impl Service for Counting {
+        type Command = ();
+
+        async fn on_command(&mut self, _tx: &mut Tx, _cmd: ()) {}
+
+        async fn on_event(&mut self, _tx: &mut Tx, _event: &Envelope) -> Result<(), EventError> {
+            self.seen += 1;
+            Ok(())
+        }
+
+        async fn on_tick(&mut self, _tx: &mut Tx) {}
+
+        fn next_deadline(&self) -> Option<Timestamp> {
+            None
+        }
+
+        fn tables(&mut self) -> Vec<&mut dyn Staged> {
+            vec![self]
+        }
+    }
+
+    /// Runs a `Counting` consumer with `linger` in [`run`], publishes one
+    /// event, and once it is handled three more 20 ms apart; returns the
+    /// events per batch.
+    async fn batches_with_linger(linger: std::time::Duration) -> Vec<usize> {
+        let producer = Arc::new(MemoryStore::new());
+        let publisher = Publisher::new(0);
+        let source = OutboxSource::new("picking", producer.clone(), publisher.clone(), 0, |_| true);
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let service = Counting { seen: 0, batches: batches.clone() };
+        let ctx = test_ctx("packing", Arc::new(MemoryStore::new()), Arc::new(ManualClock::default()));
+        let mut driver = Driver::new(service, ctx, vec![Arc::new(source)], |_| {}).await.expect("driver");
+        driver.set_linger(linger);
+        let (_commands, commands_rx) = mpsc::channel(8);
+        let (_controls, controls_rx) = mpsc::channel(8);
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(run(driver, commands_rx, controls_rx, shutdown));
+        let handled = |n: usize| {
+            let batches = batches.clone();
+            async move {
+                for _ in 0..500 {
+                    if batches.lock().unwrap_or_else(|p| p.into_inner()).iter().sum::<usize>() >= n {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                panic!("{n} events not handled within a second");
+            }
+        };
+        for i in 1..=4 {
+            let event = Envelope::new(
+                format!("ev-{i}"),
+                "/orderly/picking",
+                EventType::PickCompleted,
+                "o-1",
+                Timestamp(0),
+                1,
+                serde_json::json!({}),
+            );
+            let head = producer.commit(Batch { outbox: vec![event], ..Batch::default() }).await.expect("commit");
+            publisher.publish(head);
+            if i == 1 {
+                handled(1).await;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        handled(4).await;
+        stop.send(true).expect("running");
+        running.await.expect("run returns");
+        batches.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    #[tokio::test]
+    async fn a_lingering_service_takes_its_first_input_at_once_and_what_arrives_during_its_linger_in_one_batch() {
+        let lingered = batches_with_linger(std::time::Duration::from_millis(300)).await;
+        assert_eq!(lingered, vec![1, 3], "the first at once, the three that came during the linger together");
+        let eager = batches_with_linger(std::time::Duration::ZERO).await;
+        assert_eq!(eager, vec![1, 1, 1, 1], "without a linger, each as it comes");
+    }
+
+    #[tokio::test]
+    async fn a_service_does_not_linger_when_half_a_batch_is_waiting() {
+        let (mut driver, _clock, _store) = consumer().await;
+        assert_eq!(driver.lingers(0), None, "no linger set");
+        driver.set_linger(std::time::Duration::from_millis(10));
+        assert_eq!(driver.lingers(COMMAND_BATCH_MAX / 2 - 1), Some(std::time::Duration::from_millis(10)));
+        assert_eq!(driver.lingers(COMMAND_BATCH_MAX / 2), None, "half a batch of commands waits");
+        let producer = Arc::new(MemoryStore::new());
+        let publisher = Publisher::new(u64::from(EVENT_BATCH_MAX / 2));
+        let behind = OutboxSource::new("orders", producer, publisher, 0, |_| true);
+        driver.sources.push(Arc::new(behind));
+        assert_eq!(driver.lingers(0), None, "half a batch of one producer's events waits");
     }
 }
