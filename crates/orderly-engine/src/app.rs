@@ -773,7 +773,7 @@ const PICKING_SUBSCRIPTIONS: &[Subscription] =
     &[("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled" | "orderly.order.deallocated"))];
 const PACKING_SUBSCRIPTIONS: &[Subscription] = &[
     ("picking", |t| matches!(t, "orderly.pick.completed" | "orderly.pick.short")),
-    ("orders", |t| matches!(t, "orderly.order.created" | "orderly.order.canceled")),
+    ("orders", |t| matches!(t, "orderly.order.allocated" | "orderly.order.canceled")),
 ];
 const SHIPPING_SUBSCRIPTIONS: &[Subscription] = &[("packing", shipping::wants), ("orders", shipping::wants)];
 const NOTIFICATIONS_SUBSCRIPTIONS: &[Subscription] =

@@ -884,6 +884,10 @@ async fn commit<S: Service>(
     }
     let emitted = tx.batch.outbox.len() as u64;
     let consumed = tx.consumed;
+    let rows = {
+        let b = &tx.batch;
+        (b.puts.len() + b.deletes.len() + b.outbox.len() + b.inbox.len() + b.cursors.len()) as u64
+    };
     // The events as they will be stored, numbered from the head this batch
     // was built on (the store is this driver's alone, so a commit appends
     // right after it; checked against the head the commit reports).
@@ -909,6 +913,7 @@ async fn commit<S: Service>(
             for (i, upto) in marks {
                 sources[*i].committed(*upto);
             }
+            ctx.metrics.inc("orderly_commit_rows_total", &[("service", ctx.service)], rows);
             if emitted > 0 {
                 ctx.metrics.inc("orderly_events_emitted_total", &[("service", ctx.service)], emitted);
                 if let Some(tail) = publish.retain

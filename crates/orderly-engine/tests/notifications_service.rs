@@ -235,6 +235,10 @@ impl Harness {
         rows.iter().map(|r| serde_json::from_slice(&r.doc).expect("a notification")).collect()
     }
 
+    async fn contacts(&self) -> usize {
+        self.store.scan("contacts", None, None, 1_000).await.expect("scan").len()
+    }
+
     async fn status(&self, id: &str) -> Option<NotificationStatus> {
         self.notifications().await.into_iter().find(|n| n.id == id).map(|n| n.status)
     }
@@ -262,6 +266,9 @@ async fn given_order_and_shipment_events_when_redelivered_then_each_notification
     let mut h = Harness::started(|_| {}).await;
     h.order_created("o-1").await;
     let backordered = h.state_changed(EventType::OrderBackordered, "o-1", "backordered").await;
+    eventually("the backorder notice", async || h.notifications().await.len() == 1).await;
+    assert_eq!(h.contacts().await, 0, "order.created notifies nothing and stores no contact");
+    let allocated = h.state_changed(EventType::OrderAllocated, "o-1", "allocated").await;
     let label = LabelCreated {
         shipment_id: ShipmentId::parse("pkg-1.shp").expect("id"),
         order_id: OrderId::parse("o-1").expect("order id"),
@@ -275,8 +282,10 @@ async fn given_order_and_shipment_events_when_redelivered_then_each_notification
     };
     let labeled =
         h.produce(true, EventType::ShipmentLabelCreated, "o-1", serde_json::to_value(label).expect("json")).await;
-    eventually("two deliveries", async || h.sink.accepted().len() == 2).await;
-    eventually("both marked sent", async || h.events(EventType::NotificationSent).await.len() == 2).await;
+    eventually("three deliveries", async || h.sink.accepted().len() == 3).await;
+    eventually("all marked sent", async || h.events(EventType::NotificationSent).await.len() == 3).await;
+    assert_eq!(h.contacts().await, 1, "the contact is stored at the order's allocation");
+    assert!(h.sink.accepted().iter().any(|(id, _)| *id == allocated));
 
     let accepted = h.sink.accepted();
     let (id, body) = accepted.iter().find(|(id, _)| *id == backordered).expect("the backorder notice");
@@ -287,17 +296,17 @@ async fn given_order_and_shipment_events_when_redelivered_then_each_notification
     assert_eq!(body["expected_ship_date"], Timestamp(T0 + 86_400_000).to_string());
     let (_, body) = accepted.iter().find(|(id, _)| *id == labeled).expect("the label notice");
     assert_eq!((body["tracking"].as_str(), body["carrier"].as_str()), (Some("TRK-1"), Some("fast")));
-    assert_eq!(body["email"], "o-1@example.com", "the e-mail remembered from order.created");
+    assert_eq!(body["email"], "o-1@example.com", "the e-mail remembered from order.allocated");
     assert_eq!(h.status(&backordered).await, Some(NotificationStatus::Sent));
-    assert_eq!(h.metrics.counter_total("orderly_notifications_sent_total"), 2);
+    assert_eq!(h.metrics.counter_total("orderly_notifications_sent_total"), 3);
 
     // A lost cursor: both outboxes are delivered again after a restart.
     h.stop().await;
     h.start(true).await;
     h.sync().await;
-    assert_eq!(h.notifications().await.len(), 2, "one notification per source event");
-    assert_eq!(h.sink.calls(), 2, "nothing delivered twice");
-    assert_eq!(h.events(EventType::NotificationSent).await.len(), 2);
+    assert_eq!(h.notifications().await.len(), 3, "one notification per source event");
+    assert_eq!(h.sink.calls(), 3, "nothing delivered twice");
+    assert_eq!(h.events(EventType::NotificationSent).await.len(), 3);
     h.stop().await;
 }
 

@@ -415,7 +415,14 @@ impl Notifications {
 
     async fn on_order_event(&mut self, tx: &mut Tx, event: &Envelope, state: &str) -> Result<(), EventError> {
         let notice: OrderNotice = events::parse(event)?;
-        let email = self.remember(tx, &notice.order_id, notice.email.clone()).await?;
+        // Order events carry the e-mail; shipment events do not, and only an
+        // allocated order ships, so its contact is stored at its allocation
+        // (not for every order created: a flash sale's backordered orders
+        // cost no contact row until they are allocated).
+        let email = match (notice.email.clone(), event.event_type == EventType::OrderAllocated) {
+            (Some(email), false) => Some(email),
+            (email, _) => self.remember(tx, &notice.order_id, email).await?,
+        };
         let about = OrderAbout {
             state: notice.state.as_deref().unwrap_or(state),
             expected_ship_date: notice.expected_ship_date,
@@ -749,11 +756,6 @@ impl Service for Notifications {
         use tracing::Instrument;
         let span = super::common::event_span(event);
         async move {
-            if event.event_type == EventType::OrderCreated {
-                let notice: OrderNotice = events::parse(event)?;
-                self.remember(tx, &notice.order_id, notice.email).await?;
-                return Ok(());
-            }
             if !wants(event.event_type.as_str()) {
                 return Ok(());
             }
@@ -813,12 +815,7 @@ impl Service for Notifications {
             Some(_) => Some(std::borrow::Cow::Borrowed(event.subject.as_str())),
             None => event.data.str_field("order_id"),
         };
-        if event.event_type == EventType::OrderCreated {
-            // Its e-mail is looked up only when the event carries none.
-            if event.data.field("email").is_none_or(|e| e.get() == "null") {
-                self.contacts.want(&event.subject, reads);
-            }
-        } else if wants(event.event_type.as_str()) {
+        if wants(event.event_type.as_str()) {
             self.notifications.want(&event.id, reads);
             if let Some(order) = order_id() {
                 self.contacts.want(&order, reads);
@@ -841,8 +838,7 @@ pub fn describe_metrics(m: &Metrics) {
 /// Whether the notifications service consumes an event type (the embedded
 /// bus's filter for its order and shipping subscriptions).
 pub fn wants(event_type: &str) -> bool {
-    event_type == EventType::OrderCreated.as_str()
-        || order_state(event_type).is_some()
+    order_state(event_type).is_some()
         || event_type == EventType::ShipmentLabelCreated.as_str()
         || event_type == EventType::ShipmentDelivered.as_str()
 }
@@ -940,8 +936,12 @@ mod tests {
         for t in ["orderly.order.backordered", "orderly.order.canceled", "orderly.shipment.label_created"] {
             assert!(wants(t), "{t}");
         }
-        assert!(wants("orderly.order.created"), "order.created carries the e-mail");
-        for t in ["orderly.order.picked", "orderly.pick.completed", "orderly.shipment.carrier_fallback"] {
+        for t in [
+            "orderly.order.created",
+            "orderly.order.picked",
+            "orderly.pick.completed",
+            "orderly.shipment.carrier_fallback",
+        ] {
             assert!(!wants(t), "{t}");
         }
         assert_eq!(order_state("orderly.order.created"), None);

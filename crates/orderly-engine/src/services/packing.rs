@@ -4,6 +4,7 @@
 
 use super::common::{ApiError, Reply};
 use crate::events::{self, AllocationData, PackCompleted, PickData};
+use crate::prefetch::Reads;
 use crate::runtime::{EventError, Service, Tx};
 use crate::table::{CACHE_ENTRIES_MAX, Staged, Table};
 use orderly_domain::event::{Envelope, EventType};
@@ -22,7 +23,8 @@ pub struct PickedItem {
     pub package_id: Option<String>,
 }
 
-/// What packing knows of an order: where it ships, and whether it was canceled.
+/// What packing knows of an order, from its first allocation on: where it
+/// ships, and whether it was canceled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderInfo {
     /// Destination zone.
@@ -207,12 +209,18 @@ impl Service for Packing {
                     }
                     Ok(())
                 }
-                EventType::OrderCreated => {
-                    let created: events::OrderCreated = events::parse(event)?;
-                    self.orders.insert(
-                        created.order_id.as_str().to_owned(),
-                        OrderInfo { zone: created.zone, canceled: false },
-                    );
+                EventType::OrderAllocated => {
+                    // Only an allocated order can be picked, so packing learns
+                    // of an order at its first allocation (a flash sale's
+                    // backordered orders cost packing nothing until then);
+                    // later allocations (a backorder filled) change nothing.
+                    // Rows stored from `order.created` by earlier versions
+                    // are found here and kept.
+                    let allocated: events::OrderAllocated = events::parse(event)?;
+                    let id = allocated.order_id.as_str();
+                    if !self.orders.load(tx.store(), id).await? {
+                        self.orders.insert(id.to_owned(), OrderInfo { zone: allocated.zone, canceled: false });
+                    }
                     Ok(())
                 }
                 EventType::OrderCanceled => {
@@ -239,5 +247,12 @@ impl Service for Packing {
 
     fn tables(&mut self) -> Vec<&mut dyn Staged> {
         vec![&mut self.picked, &mut self.orders, &mut self.packages]
+    }
+
+    fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
+        // An allocation reads whether packing knows the order (its subject) yet.
+        if event.event_type == EventType::OrderAllocated {
+            self.orders.want(&event.subject, reads);
+        }
     }
 }
