@@ -4,9 +4,15 @@
 //!   `<prefix>_priority` (events marked `priority: high`, i.e. `same_day`
 //!   orders). Each consumer reads both through its own durable pull
 //!   consumers, so a bulk backlog cannot starve same-day work (bulkhead).
-//! - Subjects are `<prefix>.<producer>.<lane>.<partition>`, the partition a
-//!   hash of the event's subject (the order id), so an order's events stay
-//!   in one partition, in publish order.
+//! - Subjects are `<prefix>.<producer>.<lane>.<audience>.<partition>`, the
+//!   partition a hash of the event's subject (the order id), so an order's
+//!   events stay in one partition, in publish order. The audience is one
+//!   token per engine service ([`SERVICES`] order): `1` when that service
+//!   subscribes to the event's type from this producer, else `0`
+//!   ([`audience`]). A service's durable consumers filter on their own
+//!   token, so the broker delivers each service only what it handles: in a
+//!   flash sale about a quarter of what it would deliver without (each
+//!   order event went to all five other services).
 //! - A relay per producing service reads its outbox after commit and
 //!   publishes each event with `Nats-Msg-Id` = event id (the broker drops a
 //!   duplicate inside its window) and `Orderly-Position` = outbox position.
@@ -37,9 +43,11 @@ pub use source::JetStreamSource;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
-use orderly_domain::event::Envelope;
+use orderly_domain::event::{Envelope, EventType};
+use orderly_engine::app::subscriptions;
 use orderly_engine::broker::{Broker, EventFilter};
 use orderly_engine::bus::EventSource;
+pub use orderly_engine::engine::SERVICES;
 use orderly_engine::partitions::Ownership;
 use orderly_engine::ports::{Batch, Clock, OutboxRecord, Row, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -75,6 +83,37 @@ pub struct Rewound {
     /// Rewinds in a row to this floor: the deliveries of those messages
     /// the broker no longer counts.
     pub rewinds: i64,
+}
+
+/// Suffix of every durable consumer's name: the version of the subject
+/// layout its filter is written for (see [`NatsBus::durable_name`]).
+pub const LAYOUT: &str = "v2";
+
+/// The audience tokens of an event of `event_type` from `producer`: for each
+/// engine service, in [`SERVICES`] order, `1` when its subscriptions take
+/// that type from that producer (`app::subscriptions`), else `0`. Joined
+/// by dots: `0.0.1.1.0.1` is for picking, packing and notifications.
+pub fn audience(producer: &str, event_type: &str) -> String {
+    let mut tokens = String::with_capacity(2 * SERVICES.len());
+    for (i, service) in SERVICES.iter().enumerate() {
+        if i > 0 {
+            tokens.push('.');
+        }
+        let wants = subscriptions(service).iter().any(|(p, wants)| *p == producer && wants(event_type));
+        tokens.push(if wants { '1' } else { '0' });
+    }
+    tokens
+}
+
+/// Where `consumer`'s token is in the audience, when the broker may filter
+/// its deliveries from `producer` by it: an engine service whose `filter`
+/// takes exactly what its subscription table says, type for type (what
+/// the producer marks). Any other reader (a test's, a filter of its own)
+/// gets `None`: every event of the producer, filtered on this side.
+pub fn interest(consumer: &str, producer: &str, filter: EventFilter) -> Option<usize> {
+    let index = SERVICES.iter().position(|s| *s == consumer)?;
+    let (_, table) = subscriptions(consumer).iter().find(|(p, _)| *p == producer)?;
+    EventType::ALL.iter().all(|t| filter(t.as_str()) == table(t.as_str())).then_some(index)
 }
 
 /// The header carrying the event's position in its producer's outbox.
@@ -229,24 +268,43 @@ impl NatsBus {
         format!("{}_{}", self.inner.opts.prefix, lane.as_str())
     }
 
-    /// The subject an event of `producer` is published on.
+    /// The subject an event of `producer` is published on:
+    /// `<prefix>.<producer>.<lane>.<audience>.<partition>`.
     pub fn subject(&self, producer: &str, env: &Envelope) -> String {
         let partition = orderly_domain::ids::fnv1a(env.subject.as_bytes()) % u64::from(self.inner.opts.partitions);
-        format!("{}.{producer}.{}.{partition}", self.inner.opts.prefix, Lane::of(env).as_str())
+        let audience = audience(producer, env.event_type.as_str());
+        format!("{}.{producer}.{}.{audience}.{partition}", self.inner.opts.prefix, Lane::of(env).as_str())
+    }
+
+    /// What a durable consumer of `producer` in `lane` takes: its own
+    /// audience token set (`interest`; the others any), in one partition or
+    /// all of them.
+    pub fn filter_subject(
+        &self,
+        producer: &str,
+        lane: Lane,
+        interest: Option<usize>,
+        partition: Option<u32>,
+    ) -> String {
+        let audience: Vec<&str> = (0..SERVICES.len()).map(|i| if Some(i) == interest { "1" } else { "*" }).collect();
+        let partition = partition.map_or_else(|| "*".to_owned(), |p| p.to_string());
+        format!("{}.{producer}.{}.{}.{partition}", self.inner.opts.prefix, lane.as_str(), audience.join("."))
     }
 
     /// The durable consumer name of `consumer` reading `producer` in
     /// `lane`: one for every partition (a service with one active replica),
     /// or one per partition (`-p<n>`: a service whose replicas split the
-    /// partitions between them).
+    /// partitions between them); ending in the subject layout's version
+    /// ([`LAYOUT`]), since a consumer's filter is written for one layout.
     pub fn durable_name(consumer: &str, producer: &str, lane: Lane, partition: Option<u32>) -> String {
         match partition {
-            None => format!("{consumer}-{producer}-{}", lane.as_str()),
-            Some(p) => format!("{consumer}-{producer}-{}-p{p}", lane.as_str()),
+            None => format!("{consumer}-{producer}-{}-{LAYOUT}", lane.as_str()),
+            Some(p) => format!("{consumer}-{producer}-{}-p{p}-{LAYOUT}", lane.as_str()),
         }
     }
 
-    /// Creates both streams if they are missing (idempotent; cached once done).
+    /// Creates both streams if they are missing, and widens the subjects of
+    /// streams made for the previous layout (idempotent; cached once done).
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         let mut ready = self.inner.streams_ready.lock().await;
         if *ready {
@@ -255,14 +313,20 @@ impl NatsBus {
         for lane in Lane::ALL {
             let config = stream::Config {
                 name: self.stream_name(lane),
-                subjects: vec![format!("{}.*.{}.*", self.inner.opts.prefix, lane.as_str())],
+                subjects: vec![format!("{}.*.{}.>", self.inner.opts.prefix, lane.as_str())],
                 storage: stream::StorageType::File,
                 retention: stream::RetentionPolicy::Limits,
                 max_age: self.inner.opts.max_age,
                 duplicate_window: self.inner.opts.duplicate_window,
                 ..Default::default()
             };
-            timed(self.inner.js.get_or_create_stream(config)).await?;
+            let stream = timed(self.inner.js.get_or_create_stream(config.clone())).await?;
+            if stream.cached_info().config.subjects != config.subjects {
+                // Made by a build before the audience tokens: `<prefix>.*.<lane>.*`.
+                let mut widened = stream.cached_info().config.clone();
+                widened.subjects = config.subjects;
+                timed(self.inner.js.update_stream(widened)).await?;
+            }
         }
         *ready = true;
         Ok(())
@@ -274,18 +338,14 @@ impl NatsBus {
         consumer: &str,
         producer: &str,
         lane: Lane,
+        interest: Option<usize>,
         partition: Option<u32>,
         deliver_policy: consumer::DeliverPolicy,
     ) -> (String, consumer::pull::Config) {
         let name = NatsBus::durable_name(consumer, producer, lane, partition);
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: format!(
-                "{}.{producer}.{}.{}",
-                self.inner.opts.prefix,
-                lane.as_str(),
-                partition.map_or_else(|| "*".to_owned(), |p| p.to_string())
-            ),
+            filter_subject: self.filter_subject(producer, lane, interest, partition),
             ack_policy: consumer::AckPolicy::Explicit,
             deliver_policy,
             ack_wait: self.inner.opts.ack_wait,
@@ -297,16 +357,19 @@ impl NatsBus {
     }
 
     /// A durable pull consumer of every partition or of one (created if
-    /// missing, idempotent).
+    /// missing, idempotent), of the events marked for `interest` (see
+    /// [`interest`]; `None`: every event).
     pub async fn pull_consumer(
         &self,
         consumer: &str,
         producer: &str,
         lane: Lane,
+        interest: Option<usize>,
         partition: Option<u32>,
     ) -> Result<consumer::PullConsumer, BusError> {
         self.ensure_streams().await?;
-        let (name, config) = self.consumer_config(consumer, producer, lane, partition, consumer::DeliverPolicy::All);
+        let (name, config) =
+            self.consumer_config(consumer, producer, lane, interest, partition, consumer::DeliverPolicy::All);
         let stream = timed(self.inner.js.get_stream(self.stream_name(lane))).await?;
         timed(stream.get_or_create_consumer(&name, config)).await
     }
@@ -340,10 +403,11 @@ impl NatsBus {
         consumer: &str,
         producer: &str,
         lane: Lane,
+        interest: Option<usize>,
         partition: Option<u32>,
         store: &dyn Store,
     ) -> Result<(consumer::PullConsumer, Option<Rewound>), BusError> {
-        let current = self.pull_consumer(consumer, producer, lane, partition).await?;
+        let current = self.pull_consumer(consumer, producer, lane, interest, partition).await?;
         let info = current.cached_info();
         if info.num_ack_pending == 0 {
             return Ok((current, None));
@@ -354,6 +418,7 @@ impl NatsBus {
             consumer,
             producer,
             lane,
+            interest,
             partition,
             consumer::DeliverPolicy::ByStartSequence { start_sequence: floor + 1 },
         );
@@ -504,4 +569,49 @@ pub(crate) fn breaker(opts: &NatsOptions) -> orderly_domain::shipping::breaker::
     let config = BreakerConfig::new(opts.breaker_failures.max(1), cooldown)
         .unwrap_or_else(|_| BreakerConfig::new(3, 2_000).expect("3 failures, 2 s is a valid breaker"));
     CircuitBreaker::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SERVICES, audience, interest};
+    use orderly_domain::event::EventType;
+    use orderly_engine::app::subscriptions;
+
+    /// NATS subject matching for the filters used here: `*` is one token.
+    fn matches(filter: &str, subject: &str) -> bool {
+        let (f, s): (Vec<&str>, Vec<&str>) = (filter.split('.').collect(), subject.split('.').collect());
+        f.len() == s.len() && f.iter().zip(&s).all(|(f, s)| *f == "*" || f == s)
+    }
+
+    #[test]
+    fn an_event_is_marked_for_exactly_the_services_that_subscribe_to_it() {
+        assert_eq!(audience("orders", "orderly.order.created"), "0.1.0.0.0.0", "inventory alone");
+        assert_eq!(audience("orders", "orderly.order.allocated"), "0.0.1.1.0.1", "picking, packing, notifications");
+        assert_eq!(audience("inventory", "orderly.inventory.reserved"), "1.0.0.0.0.0");
+        assert_eq!(audience("orders", "orderly.no.such.type"), "0.0.0.0.0.0");
+        // Every (producer, type, consumer): the consumer's own filter takes
+        // the event exactly when the broker would deliver it to it.
+        for producer in SERVICES {
+            for t in EventType::ALL {
+                let subject = format!("p.{producer}.events.{}.3", audience(producer, t.as_str()));
+                for (i, consumer) in SERVICES.iter().enumerate() {
+                    let Some((_, wants)) = subscriptions(consumer).iter().find(|(p, _)| *p == producer) else {
+                        continue;
+                    };
+                    assert_eq!(interest(consumer, producer, *wants), Some(i));
+                    let tokens: Vec<&str> = (0..SERVICES.len()).map(|j| if j == i { "1" } else { "*" }).collect();
+                    let filter = format!("p.{producer}.events.{}.3", tokens.join("."));
+                    assert_eq!(matches(&filter, &subject), wants(t.as_str()), "{consumer} <- {producer} {t:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_with_a_filter_of_its_own_is_not_filtered_by_the_broker() {
+        let all: fn(&str) -> bool = |_| true;
+        assert_eq!(interest("inventory", "orders", all), None, "takes more than inventory subscribes to");
+        assert_eq!(interest("auditor", "orders", all), None, "not an engine service");
+        assert_eq!(interest("shipping", "inventory", all), None, "shipping reads nothing from inventory");
+    }
 }

@@ -124,6 +124,7 @@ async fn manage(
     bus: NatsBus,
     consumer: &'static str,
     producer: &'static str,
+    interest: Option<usize>,
     ownership: Arc<Ownership>,
     lanes: [mpsc::Sender<jetstream::Message>; 2],
     wake: watch::Sender<u64>,
@@ -154,6 +155,7 @@ async fn manage(
                         consumer,
                         producer,
                         lane,
+                        interest,
                         p,
                         out,
                         wake.clone(),
@@ -208,6 +210,7 @@ async fn prefetch(
     consumer: &'static str,
     producer: &'static str,
     lane: Lane,
+    interest: Option<usize>,
     partition: Option<u32>,
     out: mpsc::Sender<jetstream::Message>,
     wake: watch::Sender<u64>,
@@ -232,12 +235,12 @@ async fn prefetch(
         let round = async {
             if pull.is_none() && !started {
                 let (c, rewound) =
-                    bus.rewound_pull_consumer(consumer, producer, lane, partition, store.as_ref()).await?;
+                    bus.rewound_pull_consumer(consumer, producer, lane, interest, partition, store.as_ref()).await?;
                 rewinds.set(NatsBus::durable_name(consumer, producer, lane, partition), rewound);
                 started = true;
                 pull = Some(c);
             } else if pull.is_none() {
-                pull = Some(bus.pull_consumer(consumer, producer, lane, partition).await?);
+                pull = Some(bus.pull_consumer(consumer, producer, lane, interest, partition).await?);
             }
             let c = pull.as_ref().expect("consumer was just created");
             let most = if partition.is_some() { PULL_BATCH_MAX } else { 512 };
@@ -316,6 +319,7 @@ impl JetStreamSource {
             bus.clone(),
             consumer,
             producer,
+            crate::interest(consumer, producer, filter),
             ownership.clone(),
             [events_tx, priority_tx],
             wake_tx,
@@ -370,9 +374,9 @@ impl JetStreamSource {
                 ),
                 Err(_) => (1, self.clock.now().millis()),
             };
-            // Most deliveries are of types this consumer does not handle
-            // (it gets every event of its producer): read the type alone
-            // first and decode the whole envelope only when it is wanted.
+            // A reader the broker does not filter for (see `interest`) gets
+            // every event of its producer: read the type alone first and
+            // decode the whole envelope only when it is wanted.
             let payload = &msg.message.payload;
             let decoded = wanted(payload, self.filter).then(|| serde_json::from_slice::<Envelope>(payload));
             let envelope = match decoded {

@@ -248,3 +248,68 @@ async fn a_restarted_consumer_gets_what_a_dead_one_held_first_and_in_order() {
     assert_eq!(got, ["e3", "e4"], "what the dead consumer held comes first, in order");
     assert!(took < Duration::from_secs(10), "without waiting for the ack wait: {took:?}");
 }
+
+/// Each engine service's consumers filter on its audience token: the broker
+/// hands picking only the order events picking subscribes to (nothing it
+/// would read and drop), and a stream made for the previous subject layout
+/// (`<prefix>.*.<lane>.*`) is widened in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_delivers_a_service_only_the_events_it_subscribes_to() {
+    if !nats_up() {
+        return;
+    }
+    use orderly_bus_nats::Lane;
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::app::subscriptions;
+    use orderly_engine::ports::Batch;
+    let prefix = prefix();
+    let client = async_nats::connect(NATS).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("{prefix}_events"),
+        subjects: vec![format!("{prefix}.*.events.*")],
+        ..Default::default()
+    })
+    .await
+    .expect("a stream of the previous layout");
+    let bus = NatsBus::connect(NatsOptions::new(&format!("nats://{NATS}"), &prefix)).await.expect("connect");
+    bus.ensure_streams().await.expect("streams");
+    let subjects =
+        js.get_stream(format!("{prefix}_events")).await.expect("stream").cached_info().config.subjects.clone();
+    assert_eq!(subjects, [format!("{prefix}.*.events.>")], "widened for the audience tokens");
+
+    let producer = MemoryStore::new();
+    let event = |n: u64, t: EventType| {
+        Envelope::new(format!("e{n}"), "/orderly/orders", t, &format!("o-{n}"), Timestamp(1), n, serde_json::json!({}))
+    };
+    let outbox = vec![
+        event(1, EventType::OrderCreated),
+        event(2, EventType::OrderAllocated),
+        event(3, EventType::OrderCreated),
+        event(4, EventType::OrderCanceled),
+    ];
+    producer.commit(Batch { outbox, ..Batch::default() }).await.expect("commit");
+    bus.republish(PRODUCER, &producer, 1).await.expect("publish");
+    let (_, picking) = subscriptions("picking").iter().find(|(p, _)| *p == PRODUCER).expect("picking reads orders");
+    let consumer: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let source = bus
+        .source("picking", PRODUCER, *picking, consumer, Arc::new(SystemClock), Arc::new(Ownership::all()))
+        .await
+        .expect("source");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let p = source.poll(16).await.expect("poll");
+        if p.records.len() >= 2 || std::time::Instant::now() >= deadline {
+            break p.records.iter().map(|r| r.envelope.id.clone()).collect::<Vec<_>>();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let interest = orderly_bus_nats::interest("picking", PRODUCER, *picking);
+    let mut durable = bus.pull_consumer("picking", PRODUCER, Lane::Events, interest, None).await.expect("durable");
+    let info = durable.info().await.expect("consumer info").clone();
+    bus.delete_streams().await.expect("streams deleted");
+    assert_eq!(got, ["e2", "e4"], "allocated and canceled, in order");
+    assert_eq!(info.delivered.consumer_sequence, 2, "the broker delivered picking two of the four events");
+    assert_eq!(info.num_pending, 0);
+}

@@ -577,8 +577,33 @@ async fn check_stores(engine: &Engine, cfg: &FlashSale, uniform: bool) -> Result
 }
 
 /// The naive design on the same store: one row per SKU, one transaction and
-/// one row write lock per order, fsync per commit.
+/// one row write lock per order, a durable commit each. On SQLite by
+/// default; on the `--store` PostgreSQL server (a fresh database, dropped
+/// after) when the engine ran there.
 async fn naive_baseline(cfg: &FlashSale) -> Result<f64> {
+    let total = cfg.orders.min(BASELINE_ORDERS_MAX);
+    let workers = cfg.concurrency.clamp(1, 16);
+    match &cfg.store {
+        None => naive_sqlite(cfg.units, total, workers).await,
+        Some(url) => {
+            let database = format!("orderly_bench_{}_naive", std::process::id());
+            let admin = database_url(url, "postgres")?;
+            let _ = orderly_store_postgres::drop_database(&admin, &database).await;
+            orderly_store_postgres::create_database(&admin, &database)
+                .await
+                .context("cannot create the baseline database")?;
+            let result = naive_postgres(&database_url(url, &database)?, cfg.units, total, workers).await;
+            if let Err(e) = orderly_store_postgres::drop_database(&admin, &database).await {
+                eprintln!("warning: baseline database {database} not dropped: {e}");
+            }
+            result
+        }
+    }
+}
+
+/// The naive design on SQLite: `BEGIN IMMEDIATE` (the database's one write
+/// lock), a conditional decrement, the order row, `synchronous=FULL` commit.
+async fn naive_sqlite(units: u32, total: u64, workers: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("naive.db");
     {
@@ -588,13 +613,11 @@ async fn naive_baseline(cfg: &FlashSale) -> Result<f64> {
              CREATE TABLE stock (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL);
              CREATE TABLE orders (id INTEGER PRIMARY KEY, sku TEXT NOT NULL, status TEXT NOT NULL);",
         )?;
-        c.execute("INSERT INTO stock VALUES ('HOT-1', ?1)", [cfg.units])?;
+        c.execute("INSERT INTO stock VALUES ('HOT-1', ?1)", [units])?;
     }
-    let total = cfg.orders.min(BASELINE_ORDERS_MAX);
     let next = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(BASELINE_SECONDS_MAX);
     let start = Instant::now();
-    let workers = cfg.concurrency.clamp(1, 16);
     let mut handles = Vec::new();
     for _ in 0..workers {
         let (path, next) = (path.clone(), next.clone());
@@ -617,10 +640,88 @@ async fn naive_baseline(cfg: &FlashSale) -> Result<f64> {
     for h in handles {
         done += h.await??;
     }
+    let elapsed = start.elapsed().as_secs_f64();
     let c = rusqlite::Connection::open(&path)?;
     let left: i64 = c.query_row("SELECT qty FROM stock WHERE sku = 'HOT-1'", [], |r| r.get(0))?;
-    anyhow::ensure!(left >= 0, "the naive baseline oversold");
-    Ok(done as f64 / start.elapsed().as_secs_f64())
+    let allocated: i64 = c.query_row("SELECT count(*) FROM orders WHERE status = 'allocated'", [], |r| r.get(0))?;
+    naive_check(units, left, allocated)?;
+    Ok(done as f64 / elapsed)
+}
+
+/// The naive design on PostgreSQL: per order one transaction whose
+/// `UPDATE … WHERE qty > 0` takes the SKU row's lock until its commit
+/// (`synchronous_commit = on`, the server's default), one connection per
+/// worker.
+async fn naive_postgres(url: &str, units: u32, total: u64, workers: usize) -> Result<f64> {
+    use sqlx::Connection as _;
+    let connect = || async {
+        let mut c = sqlx::PgConnection::connect(url).await.context("baseline connection")?;
+        sqlx::query("SET synchronous_commit = on").execute(&mut c).await?;
+        anyhow::Ok(c)
+    };
+    {
+        let mut c = connect().await?;
+        sqlx::raw_sql(
+            "CREATE TABLE stock (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL);
+             CREATE TABLE orders (id BIGSERIAL PRIMARY KEY, sku TEXT NOT NULL, status TEXT NOT NULL);",
+        )
+        .execute(&mut c)
+        .await?;
+        sqlx::query("INSERT INTO stock VALUES ('HOT-1', $1)").bind(i64::from(units)).execute(&mut c).await?;
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(BASELINE_SECONDS_MAX);
+    let mut conns = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        conns.push(connect().await?);
+    }
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for mut c in conns {
+        let next = next.clone();
+        handles.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while next.fetch_add(1, Ordering::Relaxed) < total && Instant::now() < deadline {
+                let mut tx = c.begin().await?;
+                let took = sqlx::query("UPDATE stock SET qty = qty - 1 WHERE sku = 'HOT-1' AND qty > 0")
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                let status = if took == 1 { "allocated" } else { "backordered" };
+                sqlx::query("INSERT INTO orders (sku, status) VALUES ('HOT-1', $1)")
+                    .bind(status)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                done += 1;
+            }
+            c.close().await?;
+            anyhow::Ok(done)
+        }));
+    }
+    let mut done = 0;
+    for h in handles {
+        done += h.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut c = connect().await?;
+    let left: i64 = sqlx::query_scalar("SELECT qty::BIGINT FROM stock WHERE sku = 'HOT-1'").fetch_one(&mut c).await?;
+    let allocated: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'allocated'").fetch_one(&mut c).await?;
+    c.close().await?;
+    naive_check(units, left, allocated)?;
+    Ok(done as f64 / elapsed)
+}
+
+/// The naive design's own invariants: never below zero, and every unit
+/// either left or allocated.
+fn naive_check(units: u32, left: i64, allocated: i64) -> Result<()> {
+    anyhow::ensure!(left >= 0, "the naive baseline oversold: {left} units left");
+    anyhow::ensure!(
+        left + allocated == i64::from(units),
+        "the naive baseline lost stock: {left} left + {allocated} allocated != {units} received"
+    );
+    Ok(())
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
