@@ -313,3 +313,57 @@ async fn the_broker_delivers_a_service_only_the_events_it_subscribes_to() {
     assert_eq!(info.delivered.consumer_sequence, 2, "the broker delivered picking two of the four events");
     assert_eq!(info.num_pending, 0);
 }
+
+/// The relay stores its cursor (a durable commit in the producer's store)
+/// at most once a second while events keep coming, not once per publish,
+/// and stores it once the producer goes quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_stores_its_cursor_once_a_second_under_load_and_when_quiet() {
+    if !nats_up() {
+        return;
+    }
+    use orderly_bus_nats::RELAY_CURSOR;
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::Batch;
+    let bus = NatsBus::connect(NatsOptions::new(&format!("nats://{NATS}"), &prefix())).await.expect("connect");
+    bus.ensure_streams().await.expect("streams");
+    let producer = Arc::new(MemoryStore::new());
+    let publisher = Publisher::new(0);
+    let (stop, shutdown) = watch::channel(false);
+    let relay = bus.relay(PRODUCER, producer.clone(), publisher.subscribe(), shutdown);
+    let started = std::time::Instant::now();
+    const EVENTS: u64 = 30;
+    for n in 1..=EVENTS {
+        let env = Envelope::new(
+            format!("c{n}"),
+            "/orderly/orders",
+            EventType::OrderCreated,
+            &format!("o-{n}"),
+            Timestamp(1),
+            1,
+            serde_json::json!({}),
+        );
+        let head = producer.commit(Batch { outbox: vec![env], ..Batch::default() }).await.expect("commit");
+        publisher.publish(head);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy = started.elapsed();
+    let relay_commits_while_busy = producer.commits() - EVENTS;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while producer.cursor(RELAY_CURSOR).await.expect("cursor") < EVENTS && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cursor = producer.cursor(RELAY_CURSOR).await.expect("cursor");
+    let published = bus.stream_messages(orderly_bus_nats::Lane::Events).await.expect("stream info");
+    stop.send_replace(true);
+    let _ = relay.await;
+    bus.delete_streams().await.expect("streams deleted");
+    assert_eq!(published, EVENTS);
+    assert_eq!(cursor, EVENTS, "stored once the producer went quiet");
+    let most = busy.as_secs() + 1;
+    assert!(
+        relay_commits_while_busy <= most,
+        "{relay_commits_while_busy} cursor commits in {busy:?} of steady publishing (at most {most})"
+    );
+}

@@ -28,6 +28,8 @@ pub struct MemoryStore {
     /// One-key reads and many-key reads made so far.
     point_reads: AtomicU64,
     many_reads: AtomicU64,
+    /// Commits that succeeded so far.
+    commits: AtomicU64,
 }
 
 impl MemoryStore {
@@ -48,6 +50,11 @@ impl MemoryStore {
     /// ([`Store::get_many_versioned`]) made so far.
     pub fn reads(&self) -> (u64, u64) {
         (self.point_reads.load(Ordering::SeqCst), self.many_reads.load(Ordering::SeqCst))
+    }
+
+    /// Commits that succeeded so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::SeqCst)
     }
 
     /// Makes the next `n` commits fail with [`StoreError::Unavailable`].
@@ -146,6 +153,7 @@ impl Store for MemoryStore {
             inner.cursors.insert(producer, position);
         }
         inner.inbox.extend(batch.inbox);
+        self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(inner.outbox.len() as u64)
     }
 
