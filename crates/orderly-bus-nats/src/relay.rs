@@ -44,7 +44,7 @@ pub(crate) async fn run(
         }
         let mut idle = true;
         if breaker.allow(clock.now()) {
-            match step(&bus, producer, store.as_ref(), &mut relayed, batch).await {
+            match step(&bus, producer, store.as_ref(), &mut relayed, &mut stored, batch).await {
                 Ok(sent) => {
                     if breaker.state_name() != "closed" {
                         tracing::info!(producer, "broker reachable again: relaying the outbox backlog");
@@ -93,13 +93,15 @@ impl Stored {
     }
 }
 
-/// One relay round: returns how many events went out. The cursor is the
-/// caller's to store.
+/// One relay round: returns how many events went out. The first round
+/// reads the stored cursor (so `stored` knows it: nothing to store again);
+/// storing the new one is the caller's.
 async fn step(
     bus: &NatsBus,
     producer: &'static str,
     store: &dyn Store,
     relayed: &mut Option<u64>,
+    stored: &mut Stored,
     batch: u32,
 ) -> Result<u64, BusError> {
     let after = match *relayed {
@@ -107,6 +109,7 @@ async fn step(
         None => {
             let p = store.cursor(RELAY_CURSOR).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
             *relayed = Some(p);
+            stored.position = Some(p);
             p
         }
     };
