@@ -21,9 +21,25 @@ pub const READERS_MAX: usize = 2;
 /// at SQLite's default 4 KiB, and 1–2 KiB pages ran a third slower.
 pub const PAGE_SIZE: u32 = 8192;
 
-/// WAL bytes after which a commit checkpoints (`wal_autocheckpoint`, in
-/// pages of the file's own size).
-const WAL_CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+/// WAL bytes after which the store checkpoints (in pages of the file's own
+/// size). SQLite's own `wal_autocheckpoint` would run the checkpoint inside
+/// the commit that crossed it, so that commit's callers would wait for it;
+/// the store runs it right after that commit instead (see
+/// [`SqliteStore::commit`]).
+pub const WAL_CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+
+thread_local! {
+    /// Frames in the WAL after the last commit on this thread, as SQLite's
+    /// WAL hook reports them (the writer commits on the calling thread).
+    static WAL_FRAMES: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// The writer's WAL hook: notes the WAL's length after each commit.
+/// Registering it replaces SQLite's automatic checkpoints.
+fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(i64::from(frames));
+    Ok(())
+}
 
 /// The schema, versioned with `PRAGMA user_version`. Each entry migrates from
 /// the previous version; never edit a released entry, append a new one.
@@ -73,6 +89,12 @@ pub enum Durability {
 pub struct SqliteStore {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
+    /// WAL frames after which a commit is followed by a checkpoint.
+    checkpoint_frames: i64,
+    /// A checkpoint is queued or running.
+    checkpointing: Arc<std::sync::atomic::AtomicBool>,
+    /// Checkpoints run, for tests and the curious.
+    checkpoints: Arc<std::sync::atomic::AtomicU64>,
     readers: Vec<Arc<Mutex<Connection>>>,
     next_reader: std::sync::atomic::AtomicUsize,
 }
@@ -99,8 +121,8 @@ impl SqliteStore {
             ))
             .map_err(unavailable)?;
         let page_size: u64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(unavailable)?;
-        let checkpoint_pages = (WAL_CHECKPOINT_BYTES / page_size.max(512)).max(1);
-        writer.execute_batch(&format!("PRAGMA wal_autocheckpoint={checkpoint_pages};")).map_err(unavailable)?;
+        let checkpoint_frames = (WAL_CHECKPOINT_BYTES / page_size.max(512)).max(1) as i64;
+        writer.wal_hook(Some(note_wal_frames));
         migrate(&writer)?;
         let mut readers = Vec::new();
         for _ in 0..READERS_MAX {
@@ -111,6 +133,9 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
+            checkpoint_frames,
+            checkpointing: Arc::default(),
+            checkpoints: Arc::default(),
             readers,
             next_reader: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -119,6 +144,44 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Checkpoints run since the store opened.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Checkpoints once the WAL holds `bytes` (at least a page); for tests.
+    pub fn set_checkpoint_bytes(&mut self, bytes: u64) {
+        let page_size: u64 = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap_or(4096);
+        self.checkpoint_frames = (bytes / page_size.max(512)).max(1) as i64;
+    }
+
+    /// Copies the WAL into the database file (a passive checkpoint, as
+    /// SQLite's automatic one), on a blocking thread, once: the commit that
+    /// asked for it has already answered its callers, and the next commit
+    /// waits for the writer only if the checkpoint is still running.
+    fn checkpoint_soon(&self) {
+        use std::sync::atomic::Ordering;
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (writer, checkpointing, checkpoints) =
+            (self.writer.clone(), self.checkpointing.clone(), self.checkpoints.clone());
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; the next commit past the mark retries");
+            }
+            checkpoints.fetch_add(1, Ordering::Relaxed);
+            checkpointing.store(false, Ordering::Release);
+        });
     }
 
     async fn read<T: Send + 'static>(
@@ -303,9 +366,12 @@ impl Store for SqliteStore {
 
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
         let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
+        let checkpoint_frames = self.checkpoint_frames;
+        let committed: Result<(u64, bool), StoreError> = tokio::task::spawn_blocking(move || {
             let mut c = writer.lock().unwrap_or_else(|p| p.into_inner());
-            write_batch(&mut c, &batch)
+            WAL_FRAMES.set(0);
+            let head = write_batch(&mut c, &batch)?;
+            Ok((head, WAL_FRAMES.get() >= checkpoint_frames))
         })
         .await
         .map_err(unavailable)?
@@ -317,7 +383,12 @@ impl Store for SqliteStore {
                 StoreError::Conflict(inner.to_string())
             }
             other => unavailable(other),
-        })
+        });
+        let (head, checkpoint) = committed?;
+        if checkpoint {
+            self.checkpoint_soon();
+        }
+        Ok(head)
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
