@@ -34,6 +34,11 @@ thread_local! {
     static WAL_FRAMES: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
 }
 
+/// WAL frames (one page each) that hold `bytes`, at least one.
+fn frames_in(bytes: u64, page_size: u64) -> i64 {
+    (bytes / page_size.max(512)).max(1) as i64
+}
+
 /// The writer's WAL hook: notes the WAL's length after each commit.
 /// Registering it replaces SQLite's automatic checkpoints.
 fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
@@ -89,6 +94,8 @@ pub enum Durability {
 pub struct SqliteStore {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
+    /// The file's page size: a WAL frame holds one page.
+    page_size: u64,
     /// WAL frames after which a commit is followed by a checkpoint.
     checkpoint_frames: i64,
     /// A checkpoint is queued or running.
@@ -121,7 +128,7 @@ impl SqliteStore {
             ))
             .map_err(unavailable)?;
         let page_size: u64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(unavailable)?;
-        let checkpoint_frames = (WAL_CHECKPOINT_BYTES / page_size.max(512)).max(1) as i64;
+        let checkpoint_frames = frames_in(WAL_CHECKPOINT_BYTES, page_size);
         writer.wal_hook(Some(note_wal_frames));
         migrate(&writer)?;
         let mut readers = Vec::new();
@@ -133,6 +140,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
+            page_size,
             checkpoint_frames,
             checkpointing: Arc::default(),
             checkpoints: Arc::default(),
@@ -153,13 +161,7 @@ impl SqliteStore {
 
     /// Checkpoints once the WAL holds `bytes` (at least a page); for tests.
     pub fn set_checkpoint_bytes(&mut self, bytes: u64) {
-        let page_size: u64 = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .unwrap_or(4096);
-        self.checkpoint_frames = (bytes / page_size.max(512)).max(1) as i64;
+        self.checkpoint_frames = frames_in(bytes, self.page_size);
     }
 
     /// Copies the WAL into the database file (a passive checkpoint, as
