@@ -50,6 +50,15 @@ pub mod sql {
          FROM unnest($1::text[], $2::text[]) AS x(tbl, key) \
          CROSS JOIN LATERAL (SELECT version FROM docs \
          WHERE docs.tbl = x.tbl AND docs.key = x.key FOR UPDATE) d";
+
+    /// The ids of a `text[]` (`$1`) that the inbox holds, one primary-key
+    /// probe per id. Written as `id = ANY($1)`, even a custom plan chose a
+    /// sequential scan with a hashed array on an inbox autovacuum had not yet
+    /// analyzed: every poll of every bus consumer read the whole inbox
+    /// (6.7 ms at 60,000 rows for 320 ids, against 0.8 ms probing), a cost
+    /// that grew with the sale.
+    pub const INBOX_MANY: &str = "SELECT i.id FROM unnest($1::text[]) AS k(id) \
+         CROSS JOIN LATERAL (SELECT id FROM inbox WHERE inbox.id = k.id LIMIT 1) i";
 }
 
 use async_trait::async_trait;
@@ -349,11 +358,8 @@ impl Store for PgStore {
             return Ok(Some(HashSet::new()));
         }
         let mut c = self.conn().await?;
-        let found: Vec<String> = sqlx::query_scalar("SELECT id FROM inbox WHERE id = ANY($1::text[])")
-            .bind(event_ids)
-            .fetch_all(&mut *c)
-            .await
-            .map_err(store_error)?;
+        let found: Vec<String> =
+            sqlx::query_scalar(sql::INBOX_MANY).bind(event_ids).fetch_all(&mut *c).await.map_err(store_error)?;
         c.done();
         Ok(Some(found.into_iter().collect()))
     }
