@@ -14,23 +14,28 @@ use orderly_engine::ports::Store;
 use orderly_store_postgres::{PgStore, sql};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-/// The generic plan of `stmt` (two `text[]` parameters) on `schema`'s empty
-/// tables, as `EXPLAIN` prints it.
-async fn generic_plan(schema: &TestSchema, stmt: &str) -> String {
+/// The plan of `stmt` (parameters `params`) on `schema`'s tables under
+/// `plan_cache_mode = mode`, executed with the literal `args`, as `EXPLAIN`
+/// prints it (EXPLAIN takes no bind parameters).
+async fn plan(schema: &TestSchema, mode: &str, params: &str, stmt: &str, args: &str) -> String {
     let mut conn = PgConnection::connect(&schema.url).await.expect("connect");
     for setup in [
         format!("SET search_path TO \"{}\"", schema.name),
-        "SET plan_cache_mode = force_generic_plan".to_owned(),
-        format!("PREPARE probe(text[], text[]) AS {stmt}"),
+        format!("SET plan_cache_mode = {mode}"),
+        format!("PREPARE probe({params}) AS {stmt}"),
     ] {
         sqlx::raw_sql(AssertSqlSafe(setup)).execute(&mut conn).await.expect("plan setup");
     }
-    let lines: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE probe('{things,things}', '{a,b}')")
-        .fetch_all(&mut conn)
-        .await
-        .expect("explain");
+    let explain = format!("EXPLAIN EXECUTE probe({args})");
+    let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain)).fetch_all(&mut conn).await.expect("explain");
     conn.close().await.expect("close");
     lines.join("\n")
+}
+
+/// The generic plan of `stmt` (two `text[]` parameters) on `schema`'s empty
+/// tables.
+async fn generic_plan(schema: &TestSchema, stmt: &str) -> String {
+    plan(schema, "force_generic_plan", "text[], text[]", stmt, "'{things,things}', '{a,b}'").await
 }
 
 #[tokio::test]
@@ -60,21 +65,9 @@ async fn batch_wide_reads_probe_the_primary_key_even_on_a_never_analyzed_table()
 /// The custom plan (the store's sessions plan every statement for its
 /// arguments) of `stmt`, with one `text[]` parameter, for `ids`.
 async fn custom_plan(schema: &TestSchema, stmt: &str, ids: &[String]) -> String {
-    let mut conn = PgConnection::connect(&schema.url).await.expect("connect");
-    for setup in [
-        format!("SET search_path TO \"{}\"", schema.name),
-        "SET plan_cache_mode = force_custom_plan".to_owned(),
-        format!("PREPARE probe(text[]) AS {stmt}"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(setup)).execute(&mut conn).await.expect("plan setup");
-    }
-    // EXPLAIN takes no bind parameters: the ids (letters, digits and
-    // dashes) as an array literal.
+    // The ids (letters, digits and dashes) as an array literal.
     assert!(ids.iter().all(|i| i.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')));
-    let explain = format!("EXPLAIN EXECUTE probe('{{{}}}')", ids.join(","));
-    let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain)).fetch_all(&mut conn).await.expect("explain");
-    conn.close().await.expect("close");
-    lines.join("\n")
+    plan(schema, "force_custom_plan", "text[]", stmt, &format!("'{{{}}}'", ids.join(","))).await
 }
 
 #[tokio::test]
