@@ -810,6 +810,16 @@ impl Service for Notifications {
         vec![&mut self.notifications, &mut self.contacts, &mut self.queue]
     }
 
+    fn command_reads(&self, cmd: &Command, reads: &mut Reads) {
+        match cmd {
+            // A delivery's result marks its notification sent or failed; a
+            // sale's notifications have mostly left the cache by then.
+            Command::DeliveryResult(outcome) => self.notifications.want(&outcome.notification_id, reads),
+            Command::Get { id, .. } | Command::Retry { id, .. } => self.notifications.want(id, reads),
+            Command::ListFailed { .. } | Command::Summary { .. } => {}
+        }
+    }
+
     fn event_reads(&self, event: &Envelope, reads: &mut Reads) {
         let order_id = || match order_state(event.event_type.as_str()) {
             Some(_) => Some(std::borrow::Cow::Borrowed(event.subject.as_str())),
@@ -945,5 +955,25 @@ mod tests {
             assert!(!wants(t), "{t}");
         }
         assert_eq!(order_state("orderly.order.created"), None);
+    }
+
+    /// A delivery's result reads its notification (it left the cache when
+    /// the batch that created it committed): on PostgreSQL the read is part
+    /// of the batch's one read-ahead, not a round trip of its own.
+    #[tokio::test]
+    async fn a_delivery_result_reads_its_notification_ahead() {
+        struct Nowhere;
+        #[async_trait::async_trait]
+        impl WebhookSink for Nowhere {
+            async fn deliver(&self, _: &str, _: &[u8]) -> Result<(), String> {
+                Err("not in this test".into())
+            }
+        }
+        let store = crate::memory_store::MemoryStore::new();
+        let (svc, _worker) = Notifications::open(&store, &Settings::default(), Arc::new(Nowhere)).await.expect("opens");
+        let mut reads = Reads::default();
+        let outcome = DeliveryOutcome { job: 1, notification_id: "n-1".into(), result: Ok(()) };
+        svc.command_reads(&Command::DeliveryResult(outcome), &mut reads);
+        assert_eq!(reads.len(), 1);
     }
 }
