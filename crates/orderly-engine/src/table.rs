@@ -130,16 +130,47 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         }
         match store.get(self.name, key).await? {
             Some(row) => {
-                let value = decode(self.name, &row)?;
-                if self.settled.is_some_and(|settled| settled(&value)) {
-                    self.loaded_settled.push(row.key.clone());
-                }
-                self.clock += 1;
-                self.entries.insert(row.key, (value, self.clock));
+                self.cache_loaded(row)?;
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+
+    /// Makes sure each of `keys` that exists is cached, in one read where
+    /// the store reads many keys in about the time of one (PostgreSQL),
+    /// else one [`Table::load`] at a time.
+    pub async fn load_many(&mut self, store: &dyn Store, keys: &[&str]) -> Result<(), StoreError> {
+        let missing: Vec<(&'static str, &str)> = keys
+            .iter()
+            .filter(|k| !self.entries.contains_key(**k) && !self.deleted.contains(**k))
+            .map(|k| (self.name, *k))
+            .collect();
+        if !store.reads_many() {
+            for (_, key) in missing {
+                self.load(store, key).await?;
+            }
+            return Ok(());
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for (row, _) in store.get_many_versioned(&missing).await? {
+            if !self.entries.contains_key(&row.key) {
+                self.cache_loaded(row)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_loaded(&mut self, row: Row) -> Result<(), StoreError> {
+        let value = decode(self.name, &row)?;
+        if self.settled.is_some_and(|settled| settled(&value)) {
+            self.loaded_settled.push(row.key.clone());
+        }
+        self.clock += 1;
+        self.entries.insert(row.key, (value, self.clock));
+        Ok(())
     }
 
     /// Asks for `key` to be read ahead (see [`crate::prefetch`]) unless it is
@@ -597,6 +628,33 @@ mod tests {
         }
         assert!(table.load(&store, "k01").await.expect("load"), "an evicted entry reloads from the store");
         assert_eq!(table.get("k00"), Some(&100));
+    }
+
+    #[tokio::test]
+    async fn load_many_reads_what_is_not_cached_in_one_read_where_the_store_reads_many() {
+        for many in [true, false] {
+            let store = if many { MemoryStore::reading_many() } else { MemoryStore::new() };
+            let mut writer: Table<u32> = Table::new("things", 10, |_| None);
+            for (k, v) in [("a", 1), ("b", 2), ("c", 3)] {
+                writer.insert(k.into(), v);
+            }
+            commit(&store, &mut writer).await;
+            let mut table: Table<u32> = Table::new("things", 10, |_| None);
+            assert!(table.load(&store, "a").await.expect("load"));
+            let before = store.reads();
+            table.load_many(&store, &["a", "b", "c", "missing"]).await.expect("load_many");
+            assert_eq!((table.get("a"), table.get("b"), table.get("c")), (Some(&1), Some(&2), Some(&3)));
+            assert_eq!(table.get("missing"), None);
+            let (point, many_reads) = (store.reads().0 - before.0, store.reads().1 - before.1);
+            if many {
+                assert_eq!((point, many_reads), (0, 1), "b, c and missing in one read; a was cached");
+            } else {
+                assert_eq!((point, many_reads), (3, 0), "one read each for b, c and missing");
+            }
+            // All cached or known: nothing is read.
+            table.load_many(&store, &["a", "b"]).await.expect("load_many");
+            assert_eq!(store.reads(), (before.0 + point, before.1 + many_reads));
+        }
     }
 
     async fn commit(store: &MemoryStore, table: &mut dyn Staged) {

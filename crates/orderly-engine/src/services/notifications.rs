@@ -527,6 +527,12 @@ impl Notifications {
             due.iter().for_each(|(_, id)| self.queue.schedule(id, until));
             return;
         }
+        // Read together (one statement on PostgreSQL); a failure here is
+        // met again, per notification, below.
+        let ids: Vec<&str> = due.iter().map(|(_, id)| id.as_str()).collect();
+        if let Err(e) = self.notifications.load_many(tx.store(), &ids).await {
+            tracing::debug!(error = %e, "could not read due notifications together");
+        }
         for (_, id) in due {
             let body = match self.pending_body(tx, &id).await {
                 Ok(Some(body)) => body,
