@@ -31,7 +31,9 @@ pub const PAGE_SIZE: u32 = 8192;
 /// flushes one file at a time: every store's commits that sync meanwhile
 /// wait behind it. At 16 MiB those waits set a flash sale's p99 (57–64 ms
 /// against 40–44 ms at 4 MiB, same throughput; 64 MiB: 89–96 ms); 2 MiB
-/// was no better than 4. README, Performance.
+/// was no better than 4, 8 MiB a little worse. Where the CPU is the limit
+/// (a sale over HTTP) 4 MiB costs 3.5–8.5% of throughput: a hot page is
+/// copied more often. README, Performance.
 pub const WAL_CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
 
 thread_local! {
