@@ -141,21 +141,22 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
     /// the store reads many keys in about the time of one (PostgreSQL),
     /// else one [`Table::load`] at a time.
     pub async fn load_many(&mut self, store: &dyn Store, keys: &[&str]) -> Result<(), StoreError> {
+        if !store.reads_many() {
+            for key in keys {
+                self.load(store, key).await?;
+            }
+            return Ok(());
+        }
         let missing: Vec<(&'static str, &str)> = keys
             .iter()
             .filter(|k| !self.entries.contains_key(**k) && !self.deleted.contains(**k))
             .map(|k| (self.name, *k))
             .collect();
-        if !store.reads_many() {
-            for (_, key) in missing {
-                self.load(store, key).await?;
-            }
-            return Ok(());
-        }
         if missing.is_empty() {
             return Ok(());
         }
         for (row, _) in store.get_many_versioned(&missing).await? {
+            // A key named twice comes back twice.
             if !self.entries.contains_key(&row.key) {
                 self.cache_loaded(row)?;
             }
