@@ -73,6 +73,10 @@ pub struct Table<T> {
     loaded_settled: Vec<String>,
     /// Bytes to reserve for the next serialized document.
     doc_hint: usize,
+    /// Keys known to have no row (read and not found, or declared with
+    /// [`Table::known_absent`]), for a table built with
+    /// [`Table::remembering_absent`]; bounded like the entries.
+    absent: Option<HashSet<String>>,
 }
 
 impl<T: Serialize + DeserializeOwned + Send> Table<T> {
@@ -102,7 +106,36 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
             settled: None,
             loaded_settled: Vec::new(),
             doc_hint: 256,
+            absent: None,
         }
+    }
+
+    /// Remembers the keys a load found absent (and those the service
+    /// declares absent with [`Table::known_absent`]), so asking again costs
+    /// no read: for a table looked up far more often than it has rows (an
+    /// order's parked events). Only this service may write the table (no
+    /// replica shares it): a row written by anyone else would stay unseen.
+    pub fn remembering_absent(mut self) -> Table<T> {
+        self.absent = Some(HashSet::new());
+        self
+    }
+
+    /// Declares that `key` has no row, as the caller knows without a read
+    /// (a row that can only follow something created in this batch). Does
+    /// nothing for a table not [remembering absent keys](Table::remembering_absent)
+    /// or a key with an entry.
+    pub fn known_absent(&mut self, key: &str) {
+        if self.entries.contains_key(key) {
+            return;
+        }
+        if let Some(absent) = &mut self.absent {
+            absent.insert(key.to_owned());
+        }
+    }
+
+    /// Whether `key` is known to have no row without a read.
+    fn is_known_absent(&self, key: &str) -> bool {
+        self.deleted.contains(key) || self.absent.as_ref().is_some_and(|a| a.contains(key))
     }
 
     /// Evicts an entry as soon as the batch that changed or loaded it
@@ -125,7 +158,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         if self.entries.contains_key(key) {
             return Ok(true);
         }
-        if self.deleted.contains(key) {
+        if self.is_known_absent(key) {
             return Ok(false);
         }
         match store.get(self.name, key).await? {
@@ -133,7 +166,10 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
                 self.cache_loaded(row)?;
                 Ok(true)
             }
-            None => Ok(false),
+            None => {
+                self.known_absent(key);
+                Ok(false)
+            }
         }
     }
 
@@ -149,7 +185,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         }
         let missing: Vec<(&'static str, &str)> = keys
             .iter()
-            .filter(|k| !self.entries.contains_key(**k) && !self.deleted.contains(**k))
+            .filter(|k| !self.entries.contains_key(**k) && !self.is_known_absent(k))
             .map(|k| (self.name, *k))
             .collect();
         if missing.is_empty() {
@@ -160,6 +196,9 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
             if !self.entries.contains_key(&row.key) {
                 self.cache_loaded(row)?;
             }
+        }
+        for (_, key) in missing {
+            self.known_absent(key);
         }
         Ok(())
     }
@@ -178,7 +217,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
     /// cached or known deleted: what a service's `event_reads` and
     /// `command_reads` hints call.
     pub fn want(&self, key: &str, reads: &mut Reads) {
-        if !self.entries.contains_key(key) && !self.deleted.contains(key) {
+        if !self.entries.contains_key(key) && !self.is_known_absent(key) {
             reads.add(self.name, key);
         }
     }
@@ -221,6 +260,9 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
     /// Inserts or replaces an entry; marks it changed.
     pub fn insert(&mut self, key: String, value: T) {
         self.deleted.remove(&key);
+        if let Some(absent) = &mut self.absent {
+            absent.remove(&key);
+        }
         self.dirty.insert(key.clone());
         self.clock += 1;
         self.entries.insert(key, (value, self.clock));
@@ -255,6 +297,9 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         self.dirty.clear();
         self.deleted.clear();
         self.loaded_settled.clear();
+        if let Some(absent) = &mut self.absent {
+            absent.clear();
+        }
     }
 }
 
@@ -290,7 +335,16 @@ impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
 
     fn committed(&mut self) {
         let changed: Vec<String> = self.dirty.drain().collect();
-        self.deleted.clear();
+        match &mut self.absent {
+            Some(absent) => {
+                absent.extend(self.deleted.drain());
+                if absent.len() > effective(self.capacity.unwrap_or(CACHE_ENTRIES_MAX)) {
+                    // Forgetting costs a read per key asked again, never a wrong answer.
+                    absent.clear();
+                }
+            }
+            None => self.deleted.clear(),
+        }
         self.evict_settled(changed);
         let Some(capacity) = self.capacity.map(effective) else { return };
         if self.entries.len() > capacity {
@@ -656,6 +710,72 @@ mod tests {
             table.load_many(&store, &["a", "b"]).await.expect("load_many");
             assert_eq!(store.reads(), (before.0 + point, before.1 + many_reads));
         }
+    }
+
+    #[tokio::test]
+    async fn a_table_remembering_absent_keys_reads_a_missing_key_once_and_sees_what_it_writes() {
+        for many in [false, true] {
+            let store = if many { MemoryStore::reading_many() } else { MemoryStore::new() };
+            let mut table: Table<u32> = Table::new("parked", 10, |_| None).remembering_absent();
+            let reads = |store: &MemoryStore| store.reads().0 + store.reads().1;
+            assert!(!table.load(&store, "a").await.expect("load"));
+            assert_eq!(reads(&store), 1, "the first miss reads the store");
+            assert!(!table.load(&store, "a").await.expect("load"));
+            table.load_many(&store, &["a"]).await.expect("load_many");
+            let mut reads_ahead = Reads::default();
+            table.want("a", &mut reads_ahead);
+            assert!(reads_ahead.is_empty(), "a key known absent is not read ahead");
+            assert_eq!(reads(&store), 1, "a key known absent is not read again");
+
+            // Declared absent: never read.
+            table.known_absent("b");
+            assert!(!table.load(&store, "b").await.expect("load"));
+            assert_eq!(reads(&store), 1);
+
+            // Written here: it exists, whatever was remembered.
+            table.insert("a".into(), 7);
+            commit(&store, &mut table).await;
+            assert_eq!(table.get("a"), Some(&7));
+            table.clear();
+            assert!(table.load(&store, "a").await.expect("load"), "cleared: read again, and found");
+
+            // A rolled-back insert leaves the key unknown, read again (absent).
+            table.insert("c".into(), 1);
+            table.rollback();
+            let before = reads(&store);
+            assert!(!table.load(&store, "c").await.expect("load"));
+            assert_eq!(reads(&store), before + 1);
+
+            // A committed deletion is remembered as absent.
+            table.remove("a");
+            commit(&store, &mut table).await;
+            let before = reads(&store);
+            assert!(!table.load(&store, "a").await.expect("load"));
+            assert_eq!(reads(&store), before, "deleted by this table: known absent");
+            assert_eq!(store.get("parked", "a").await.expect("get"), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn remembered_absent_keys_are_bounded_like_the_entries() {
+        let store = MemoryStore::new();
+        let mut table: Table<u32> = Table::new("parked", 10, |_| None).remembering_absent();
+        for i in 0..11 {
+            table.known_absent(&format!("k{i}"));
+        }
+        commit(&store, &mut table).await;
+        assert!(!table.load(&store, "k0").await.expect("load"));
+        assert_eq!(
+            store.reads().0,
+            1,
+            "over capacity, what was remembered is forgotten (a read, never a wrong answer)"
+        );
+        // A table that does not remember absent keys reads every time.
+        let mut plain: Table<u32> = Table::new("parked", 10, |_| None);
+        plain.known_absent("x");
+        assert!(!plain.load(&store, "x").await.expect("load"));
+        assert!(!plain.load(&store, "x").await.expect("load"));
+        assert_eq!(store.reads().0, 3);
     }
 
     async fn commit(store: &MemoryStore, table: &mut dyn Staged) {

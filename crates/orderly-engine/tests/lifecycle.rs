@@ -219,3 +219,43 @@ async fn a_package_of_a_canceled_order_never_gets_a_label() {
     );
     e.shutdown().await;
 }
+
+/// An order this process created is cached, and a new order has no parked
+/// events: the events that carry it to allocated and picked cost the orders
+/// store no read (a flash sale's orders loop once spent a sixth of its time
+/// asking the store for parked events that were never there).
+#[tokio::test]
+async fn events_about_a_new_order_read_nothing_from_the_orders_store() {
+    let orders_store = Arc::new(MemoryStore::new());
+    let stores: HashMap<&'static str, Arc<dyn Store>> = SERVICES
+        .iter()
+        .map(|s| {
+            let store: Arc<dyn Store> =
+                if *s == "orders" { orders_store.clone() } else { Arc::new(MemoryStore::new()) };
+            (*s, store)
+        })
+        .collect();
+    let adapters = Adapters { stores, clock: Arc::new(SystemClock), rng: Arc::new(SeededRng::new(7)) };
+    let e = Engine::start(Settings::default(), adapters, HashMap::new(), None, Arc::new(NoWebhook))
+        .await
+        .expect("engine starts");
+    stock(&e, "SKU-1", 100).await;
+    let before = orders_store.reads();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(
+            e.create_order(order_req("SKU-1", 1, "10.00", Priority::Standard)).await.expect("created").id().clone(),
+        );
+    }
+    // Waits on the decisions counter: reading an order through the engine reads the store.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.runtime.metrics.counter("orderly_orders_decided_total", &[]) < ids.len() as u64 {
+        assert!(Instant::now() < deadline, "orders not allocated in time");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(orders_store.reads(), before, "no point or many-key read for orders created here");
+    for order in &ids {
+        wait_for(&e, order, |o| matches!(o.state(), OrderState::Allocated | OrderState::Picking)).await;
+    }
+    e.shutdown().await;
+}

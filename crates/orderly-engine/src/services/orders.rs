@@ -129,7 +129,8 @@ impl Orders {
                 }),
             // A key is looked up once per create (a retry reloads it): nothing to keep.
             keys: Table::new(ORDER_KEYS, CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
-            parked: Table::new("parked", CACHE_ENTRIES_MAX, |_| None),
+            // Asked for each event about an order, and almost never there.
+            parked: Table::new("parked", CACHE_ENTRIES_MAX, |_| None).remembering_absent(),
             // Read once per synchronous create: nothing to keep.
             voided: Table::new(VOIDED_ORDERS, CACHE_ENTRIES_MAX, |_| None).settled_when(|_| true),
             policy,
@@ -166,6 +167,8 @@ impl Orders {
         }
         tx.ctx().metrics.inc("orderly_orders_created_total", &[("priority", order.priority().as_str())], 1);
         self.orders.insert(order.id().as_str().to_owned(), order.clone());
+        // Events park only behind an order that exists: a new one has none.
+        self.parked.known_absent(order.id().as_str());
         if let Some(k) = key {
             self.keys.insert(k.key, KeyedOrder { order_id: order.id().clone(), fingerprint: k.fingerprint });
         }
