@@ -66,16 +66,22 @@ pub fn derived_id(base: &str, suffix: &str) -> String {
 /// `order_id` it concerns (when its data names one), so each log line
 /// written while handling it carries them (JSON logs list span fields).
 pub fn event_span(env: &orderly_domain::event::Envelope) -> tracing::Span {
-    // An order event's subject is its order; other events name it in their data.
-    let order_id = match env.event_type.domain() {
-        "order" => std::borrow::Cow::Borrowed(env.subject.as_str()),
-        _ => env.data.str_field("order_id").unwrap_or_default(),
-    };
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "event",
         event_id = %env.id,
         event_type = %env.event_type,
-        order_id = %order_id,
+        order_id = tracing::field::Empty,
         subject = %env.subject
-    )
+    );
+    // Found only for a span someone listens to: finding it may parse the
+    // event's data, once per event handled.
+    if !span.is_disabled() {
+        // An order event's subject is its order; other events name it in their data.
+        let order_id = match env.event_type.domain() {
+            "order" => std::borrow::Cow::Borrowed(env.subject.as_str()),
+            _ => env.data.str_field("order_id").unwrap_or_default(),
+        };
+        span.record("order_id", tracing::field::display(&order_id));
+    }
+    span
 }
