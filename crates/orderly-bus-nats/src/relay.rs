@@ -44,7 +44,8 @@ pub(crate) async fn run(
         }
         let mut idle = true;
         if breaker.allow(clock.now()) {
-            match step(&bus, producer, store.as_ref(), &mut relayed, &mut stored, batch).await {
+            let durable_head = *head.borrow_and_update();
+            match step(&bus, producer, store.as_ref(), &mut relayed, &mut stored, batch, durable_head).await {
                 Ok(sent) => {
                     if breaker.state_name() != "closed" {
                         tracing::info!(producer, "broker reachable again: relaying the outbox backlog");
@@ -93,9 +94,11 @@ impl Stored {
     }
 }
 
-/// One relay round: returns how many events went out. The first round
-/// reads the stored cursor (so `stored` knows it: nothing to store again);
-/// storing the new one is the caller's.
+/// One relay round: returns how many events went out, never past `head`
+/// (the producer's announced head: a store may hold events of a batch
+/// written but not yet on disk). The first round reads the stored cursor
+/// (so `stored` knows it: nothing to store again); storing the new one is
+/// the caller's.
 async fn step(
     bus: &NatsBus,
     producer: &'static str,
@@ -103,6 +106,7 @@ async fn step(
     relayed: &mut Option<u64>,
     stored: &mut Stored,
     batch: u32,
+    head: u64,
 ) -> Result<u64, BusError> {
     let after = match *relayed {
         Some(p) => p,
@@ -113,7 +117,11 @@ async fn step(
             p
         }
     };
-    let records = store.outbox_after(after, batch).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+    if head <= after {
+        return Ok(0);
+    }
+    let mut records = store.outbox_after(after, batch).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+    records.retain(|r| r.position <= head);
     let Some(last) = records.last().map(|r| r.position) else { return Ok(0) };
     bus.publish(producer, &records).await?;
     *relayed = Some(last);

@@ -190,14 +190,19 @@ impl EventSource for OutboxSource {
 
     async fn poll(&self, max: u32) -> Result<Polled, StoreError> {
         let after = self.cursor.load(Ordering::Acquire);
-        if self.publisher.head() <= after {
+        let head = self.publisher.head();
+        if head <= after {
             return Ok(Polled { records: Vec::new(), from: after, upto: after });
         }
         if let Some((retained, upto)) = self.publisher.retained_after(after, max) {
             let records = retained.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).collect();
             return Ok(Polled { records, from: after, upto });
         }
-        let records = self.store.outbox_after(after, max).await?;
+        // Never past the announced head: the store may already hold events
+        // of a batch that is written but not yet on disk.
+        let limit = max.min(u32::try_from(head - after).unwrap_or(u32::MAX));
+        let mut records = self.store.outbox_after(after, limit).await?;
+        records.retain(|r| r.position <= head);
         let upto = records.last().map_or(after, |r| r.position);
         let records =
             records.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).map(Arc::new).collect();

@@ -134,6 +134,42 @@ pub enum GreatestKey {
     Key(String),
 }
 
+/// When a commit written by [`Store::commit_visible`] is on disk.
+#[derive(Debug, Clone)]
+pub enum Durable {
+    /// Already.
+    Now,
+    /// Once the store's syncs reach `seq` (the number of its commits written
+    /// so far when this one was).
+    After {
+        /// The commits the store has synced, in write order.
+        synced: tokio::sync::watch::Receiver<u64>,
+        /// This commit's number.
+        seq: u64,
+    },
+}
+
+impl Durable {
+    /// Whether the commit is on disk already.
+    pub fn is_done(&self) -> bool {
+        match self {
+            Durable::Now => true,
+            Durable::After { synced, seq } => *synced.borrow() >= *seq,
+        }
+    }
+
+    /// Waits until the commit is on disk: true then. False if the store
+    /// stopped syncing first (it was dropped): then nothing that depends on
+    /// the commit may be acknowledged. A store whose sync fails stops the
+    /// process (nothing written after it can be trusted).
+    pub async fn wait(self) -> bool {
+        match self {
+            Durable::Now => true,
+            Durable::After { mut synced, seq } => synced.wait_for(|s| *s >= seq).await.is_ok(),
+        }
+    }
+}
+
 /// A service's own storage. Every service has its own instance (its own
 /// SQLite file or PostgreSQL database); no service reads another's.
 #[async_trait]
@@ -192,6 +228,15 @@ pub trait Store: Send + Sync + 'static {
     /// Commits a batch atomically and durably; returns the outbox head after
     /// it. Honours `batch.expect` (all or nothing).
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError>;
+    /// Commits a batch atomically, returning as soon as it is written (the
+    /// outbox head after it) with a [`Durable`] that resolves once the batch
+    /// is on disk. A store that syncs apart from its writes lets its caller
+    /// decide the next batch while this one syncs; nothing that depends on
+    /// the batch may leave the process (a reply, an event to a consumer)
+    /// before it resolves. By default, [`Store::commit`]: durable at once.
+    async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
+        Ok((self.commit(batch).await?, Durable::Now))
+    }
     /// Outbox records after `position`, oldest first, at most `limit`.
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError>;
     /// The events about one subject, oldest first, at most `limit`.

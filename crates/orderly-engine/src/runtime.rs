@@ -9,7 +9,7 @@
 
 use crate::bus::{EventSource, Publisher};
 use crate::metrics::Metrics;
-use crate::ports::{Batch, Clock, OutboxRecord, Rng, Row, Store, StoreError, uuid_v7};
+use crate::ports::{Batch, Clock, Durable, OutboxRecord, Rng, Row, Store, StoreError, uuid_v7};
 use crate::prefetch::{Prefetched, Reads};
 use crate::table::Staged;
 use orderly_domain::Timestamp;
@@ -34,6 +34,9 @@ pub const CONFLICT_PAUSE_MIN_MS: u64 = 2;
 pub const CONFLICT_PAUSE_MAX_MS: u64 = 21;
 /// The dead-letter table every service has.
 pub const DEAD_LETTERS: &str = "dead_letters";
+/// Most committed batches whose sync a service may have pending while it
+/// decides the next (see [`Completions`]).
+pub const UNSYNCED_BATCHES_MAX: usize = 4;
 
 /// What a service shares with its runtime.
 pub struct Ctx {
@@ -327,8 +330,9 @@ pub struct Driver<S: Service> {
     sources: Vec<Arc<dyn EventSource>>,
     retry: RetryState,
     head: u64,
-    publish: Box<dyn Fn(u64) + Send + Sync>,
+    publish: Arc<dyn Fn(u64) + Send + Sync>,
     retain: Option<Publisher>,
+    completions: Completions,
     mutations: Mutations,
     sharing: Option<Sharing>,
     dropped_at: Timestamp,
@@ -353,8 +357,9 @@ impl<S: Service> Driver<S> {
             sources,
             retry: RetryState::default(),
             head,
-            publish: Box::new(publish),
+            publish: Arc::new(publish),
             retain: None,
+            completions: Completions::default(),
             mutations: Mutations::default(),
             sharing: None,
             dropped_at: Timestamp(0),
@@ -484,14 +489,13 @@ impl<S: Service> Driver<S> {
             self.service.on_tick(&mut tx).await;
             worked = true;
         }
-        let publish = Publish { head: self.publish.as_ref(), retain: self.retain.as_ref() };
+        let publish = Publish { head: &self.publish, retain: self.retain.as_ref(), completions: &mut self.completions };
         if worked {
             let service = [("service", self.ctx.service)];
             self.ctx.metrics.observe("orderly_batch_build_seconds", &service, started.elapsed().as_secs_f64());
         }
-        if let Some(h) =
-            commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, publish, &mut self.deferred).await
-        {
+        let commit = commit(&mut self.service, &self.ctx, tx, &self.sources, &marks, publish, &mut self.deferred);
+        if let Some(h) = commit.await {
             self.head = h;
         }
         worked
@@ -500,6 +504,7 @@ impl<S: Service> Driver<S> {
     /// Stores the cursors a batch left ahead of the store (see [`Deferred`]);
     /// [`run`] calls it before it returns. Nothing to do when none are.
     pub async fn flush_cursors(&mut self) -> Result<(), StoreError> {
+        self.completions.drain().await;
         if self.deferred.cursors.is_empty() {
             return Ok(());
         }
@@ -831,8 +836,67 @@ fn backoff_ms(attempt: u32, random: u64) -> i64 {
 /// Where a commit's events are announced: the new head, and (embedded bus)
 /// the committed events themselves.
 struct Publish<'a> {
-    head: &'a (dyn Fn(u64) + Send + Sync),
+    head: &'a Arc<dyn Fn(u64) + Send + Sync>,
     retain: Option<&'a Publisher>,
+    /// Where the announcements wait for the batch to be on disk.
+    completions: &'a mut Completions,
+}
+
+/// What a committed batch does once it is on disk.
+type Announce = Box<dyn FnOnce() + Send>;
+
+/// What a service's committed batches still have to do once they are on
+/// disk: answer their callers and announce their events. A store that syncs
+/// apart from its writes ([`Store::commit_visible`]) lets the service decide
+/// its next batch meanwhile; the announcements go out in commit order, each
+/// once its batch's [`Durable`] resolves, from one task per service. When
+/// nothing is pending and the batch is durable already (a store that syncs
+/// in its commit), they run at once, in the service's loop.
+#[derive(Default)]
+pub struct Completions {
+    /// Batches queued and not yet announced.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    queue: Option<mpsc::Sender<(Durable, Announce)>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Completions {
+    /// Runs `announce` once `durable` resolves and everything queued before
+    /// it ran; waits while [`UNSYNCED_BATCHES_MAX`] batches are queued.
+    async fn finish(&mut self, durable: Durable, announce: Announce) {
+        use std::sync::atomic::Ordering;
+        if self.pending.load(Ordering::Acquire) == 0 && durable.is_done() {
+            announce();
+            return;
+        }
+        let queue = self.queue.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::channel::<(Durable, Announce)>(UNSYNCED_BATCHES_MAX);
+            let pending = self.pending.clone();
+            self.task = Some(tokio::spawn(async move {
+                while let Some((durable, announce)) = rx.recv().await {
+                    // A store dropped before its sync: nothing is answered
+                    // (the callers hear the engine is unavailable).
+                    if durable.wait().await {
+                        announce();
+                    }
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            }));
+            tx
+        });
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if queue.send((durable, announce)).await.is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Waits until everything queued has been announced.
+    pub async fn drain(&mut self) {
+        self.queue = None;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 async fn commit<S: Service>(
@@ -844,6 +908,7 @@ async fn commit<S: Service>(
     publish: Publish<'_>,
     deferred: &mut Deferred,
 ) -> Option<u64> {
+    let completions = publish.completions;
     let mut staged = Ok(());
     for table in service.tables() {
         if let Err(e) = table.stage(&mut tx.batch) {
@@ -879,7 +944,9 @@ async fn commit<S: Service>(
         if tx.consumed > 0 {
             ctx.metrics.inc("orderly_events_consumed_total", &[("consumer", ctx.service)], tx.consumed);
         }
-        tx.after_commit.drain(..).for_each(|f| f());
+        // After what earlier batches still have to announce.
+        let after = std::mem::take(&mut tx.after_commit);
+        completions.finish(Durable::Now, Box::new(move || after.into_iter().for_each(|f| f()))).await;
         return None;
     }
     let emitted = tx.batch.outbox.len() as u64;
@@ -900,15 +967,18 @@ async fn commit<S: Service>(
     };
     let committing = std::time::Instant::now();
     let result = match staged {
-        Ok(()) => ctx.store.commit(tx.batch).await,
+        Ok(()) => ctx.store.commit_visible(tx.batch).await,
         Err(e) => Err(e),
     };
     ctx.metrics.observe("orderly_commit_seconds", &[("service", ctx.service)], committing.elapsed().as_secs_f64());
     match result {
-        Ok(head) => {
+        Ok((head, durable)) => {
             if flushing {
                 deferred.clear();
             }
+            // The caches and cursors move on now: the next batch builds on
+            // this one. If the process stops before the batch is synced,
+            // both are lost together, and nobody heard of either.
             service.tables().into_iter().for_each(|t| t.committed());
             for (i, upto) in marks {
                 sources[*i].committed(*upto);
@@ -916,17 +986,24 @@ async fn commit<S: Service>(
             ctx.metrics.inc("orderly_commit_rows_total", &[("service", ctx.service)], rows);
             if emitted > 0 {
                 ctx.metrics.inc("orderly_events_emitted_total", &[("service", ctx.service)], emitted);
-                if let Some(tail) = publish.retain
-                    && head == assumed + emitted
-                {
-                    tail.retain(retained);
-                }
-                (publish.head)(head);
             }
             if consumed > 0 {
                 ctx.metrics.inc("orderly_events_consumed_total", &[("consumer", ctx.service)], consumed);
             }
-            tx.after_commit.drain(..).for_each(|f| f());
+            // Consumers and callers hear of it only once it is on disk.
+            let tail = publish.retain.filter(|_| emitted > 0 && head == assumed + emitted).cloned();
+            let announce_head = (emitted > 0).then(|| publish.head.clone());
+            let after = std::mem::take(&mut tx.after_commit);
+            let announce = move || {
+                if let Some(tail) = tail {
+                    tail.retain(retained);
+                }
+                if let Some(publish) = announce_head {
+                    publish(head);
+                }
+                after.into_iter().for_each(|f| f());
+            };
+            completions.finish(durable, Box::new(announce)).await;
             Some(head)
         }
         Err(StoreError::Conflict(e)) => {
@@ -1311,7 +1388,9 @@ mod tests {
         assert_eq!(store.cursor("picking").await.expect("cursor"), 0);
         let mut tx = Tx::new(driver.ctx().clone(), 0, None);
         tx.put_row(Row { table: "things", key: "k".into(), idx: None, doc: b"{}".to_vec() });
-        let publish = Publish { head: &|_| {}, retain: None };
+        let head: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(|_| {});
+        let mut completions = Completions::default();
+        let publish = Publish { head: &head, retain: None, completions: &mut completions };
         commit(&mut driver.service, &driver.ctx, tx, &driver.sources, &[], publish, &mut driver.deferred).await;
         assert_eq!(store.cursor("picking").await.expect("cursor"), 1, "stored with the next commit");
         assert!(driver.deferred.cursors.is_empty());
@@ -1443,5 +1522,127 @@ mod tests {
         let behind = OutboxSource::new("orders", producer, publisher, 0, |_| true);
         driver.sources.push(Arc::new(behind));
         assert_eq!(driver.lingers(0), None, "half a batch of one producer's events waits");
+    }
+
+    /// A memory store whose commits are synced only when the test says so.
+    struct Gated {
+        inner: MemoryStore,
+        commits: std::sync::atomic::AtomicU64,
+        synced: watch::Sender<u64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Gated {
+        async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
+            self.inner.get_versioned(table, key).await
+        }
+        async fn scan_versioned(
+            &self,
+            table: &'static str,
+            idx: Option<&str>,
+            after: Option<&str>,
+            limit: u32,
+        ) -> Result<Vec<(Row, u64)>, StoreError> {
+            self.inner.scan_versioned(table, idx, after, limit).await
+        }
+        async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
+            self.inner.count_by_idx(table).await
+        }
+        async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
+            let (head, durable) = self.commit_visible(batch).await?;
+            durable.wait().await;
+            Ok(head)
+        }
+        async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
+            let head = self.inner.commit(batch).await?;
+            let seq = self.commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Ok((head, Durable::After { synced: self.synced.subscribe(), seq }))
+        }
+        async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+            self.inner.outbox_after(position, limit).await
+        }
+        async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+            self.inner.outbox_for_subject(subject, limit).await
+        }
+        async fn outbox_head(&self) -> Result<u64, StoreError> {
+            self.inner.outbox_head().await
+        }
+        async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
+            self.inner.cursor(producer).await
+        }
+        async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
+            self.inner.inbox_contains(event_id).await
+        }
+    }
+
+    /// Emits an event per command and answers it with the order it was taken in.
+    #[derive(Default)]
+    struct Emitter {
+        taken: u64,
+    }
+
+    impl Service for Emitter {
+        type Command = oneshot::Sender<u64>;
+
+        async fn on_command(&mut self, tx: &mut Tx, reply: oneshot::Sender<u64>) {
+            self.taken += 1;
+            tx.emit(EventType::OrderCreated, &format!("o-{}", self.taken), serde_json::json!({}));
+            tx.reply(reply, self.taken);
+        }
+
+        async fn on_event(&mut self, _tx: &mut Tx, _event: &Envelope) -> Result<(), EventError> {
+            Ok(())
+        }
+
+        async fn on_tick(&mut self, _tx: &mut Tx) {}
+
+        fn next_deadline(&self) -> Option<Timestamp> {
+            None
+        }
+
+        fn tables(&mut self) -> Vec<&mut dyn Staged> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_answered_and_announced_only_once_synced_while_the_next_is_decided() {
+        let store =
+            Arc::new(Gated { inner: MemoryStore::new(), commits: Default::default(), synced: watch::Sender::new(0) });
+        let ctx = Arc::new(Ctx {
+            service: "orders",
+            source: "/orderly/orders".into(),
+            clock: Arc::new(ManualClock::default()),
+            rng: Arc::new(SeededRng::new(7)),
+            store: store.clone(),
+            metrics: Arc::new(Metrics::default()),
+            max_attempts: MAX_ATTEMPTS,
+        });
+        let publisher = Publisher::new(0);
+        let announced = publisher.clone();
+        let mut driver =
+            Driver::new(Emitter::default(), ctx, Vec::new(), move |h| publisher.publish(h)).await.expect("driver");
+        // A consumer of this service's events (no tail kept: it reads the store).
+        let consumer = OutboxSource::new("orders", store.clone(), announced.clone(), 0, |_| true);
+
+        let (first, mut first_answer) = oneshot::channel();
+        driver.step(vec![first], Vec::new()).await;
+        let (second, mut second_answer) = oneshot::channel();
+        driver.step(vec![second], Vec::new()).await;
+        assert_eq!(store.inner.outbox_head().await.expect("head"), 2, "both batches written");
+        assert!(first_answer.try_recv().is_err(), "not answered before its sync");
+        assert_eq!(announced.head(), 0, "not announced before its sync");
+        assert!(consumer.poll(10).await.expect("poll").records.is_empty(), "no consumer reads an unsynced event");
+
+        store.synced.send_replace(1);
+        assert_eq!(first_answer.await.expect("answered once synced"), 1);
+        assert!(second_answer.try_recv().is_err(), "the second batch is not synced yet");
+        let polled = consumer.poll(10).await.expect("poll");
+        assert_eq!((polled.records.len(), polled.upto), (1, 1), "the synced event only");
+
+        store.synced.send_replace(2);
+        assert_eq!(second_answer.await.expect("answered"), 2);
+        driver.flush_cursors().await.expect("drains");
+        assert_eq!(announced.head(), 2);
     }
 }

@@ -2,12 +2,14 @@
 //! mode, written by one connection (the service is the only writer) and read
 //! by a small pool. A batch is one transaction: documents, outbox rows and
 //! cursors commit together, so a crash loses either the whole batch or
-//! nothing.
+//! nothing. Commits are synced apart from their writes (`sync`), so the
+//! service decides its next batch while the last one reaches the disk.
 
 pub mod codec;
+mod sync;
 
 use async_trait::async_trait;
-use orderly_engine::ports::{Batch, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
+use orderly_engine::ports::{Batch, Durable, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -91,7 +93,11 @@ const MIGRATIONS: &[&str] = &[
 /// How hard a commit is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// fsync on every commit (`synchronous=FULL`): survives power loss.
+    /// Every commit is fsynced before it counts (survives power loss): the
+    /// writer commits with `synchronous=NORMAL` (no sync inside the commit)
+    /// and the store's syncer thread fsyncs the WAL after it, one fsync for
+    /// every commit written meanwhile; [`Store::commit`] returns, and
+    /// [`Store::commit_visible`]'s [`Durable`] resolves, only then.
     #[default]
     Full,
     /// fsync at checkpoints (`synchronous=NORMAL`): survives a process crash, not power loss.
@@ -100,6 +106,10 @@ pub enum Durability {
 
 /// A SQLite-backed [`Store`].
 pub struct SqliteStore {
+    /// Syncs the WAL after commits (with [`Durability::Full`]). First, so it
+    /// is dropped first: it finishes the syncs asked for while the
+    /// connections (and so the WAL file) are still open.
+    sync: Option<Arc<sync::WalSync>>,
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
     /// The file's page size: a WAL frame holds one page.
@@ -125,20 +135,24 @@ impl SqliteStore {
         // Takes effect only while the file is new (an existing file keeps
         // its page size: WAL mode cannot change it).
         writer.execute_batch(&format!("PRAGMA page_size={PAGE_SIZE};")).map_err(unavailable)?;
-        let sync = match durability {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
-        };
         writer
-            .execute_batch(&format!(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; \
-                 PRAGMA foreign_keys=ON;"
-            ))
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; \
+                 PRAGMA foreign_keys=ON;",
+            )
             .map_err(unavailable)?;
         let page_size: u64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(unavailable)?;
         let checkpoint_frames = frames_in(WAL_CHECKPOINT_BYTES, page_size);
         writer.wal_hook(Some(note_wal_frames));
         migrate(&writer)?;
+        // From here on commits do not sync in SQLite: with `Full` the store's
+        // syncer does, apart from the writes (see `sync`); with `Normal`
+        // only checkpoints do.
+        writer.execute_batch("PRAGMA synchronous=NORMAL;").map_err(unavailable)?;
+        let sync = match durability {
+            Durability::Full => Some(Arc::new(sync::WalSync::start(path).map_err(unavailable)?)),
+            Durability::Normal => None,
+        };
         let mut readers = Vec::new();
         for _ in 0..READERS_MAX {
             let r = Connection::open(path).map_err(unavailable)?;
@@ -146,6 +160,7 @@ impl SqliteStore {
             readers.push(Arc::new(Mutex::new(r)));
         }
         Ok(SqliteStore {
+            sync,
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
             page_size,
@@ -160,6 +175,11 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// WAL syncs run since the store opened (none with [`Durability::Normal`]).
+    pub fn syncs(&self) -> u64 {
+        self.sync.as_ref().map_or(0, |s| s.syncs())
     }
 
     /// Checkpoints run since the store opened.
@@ -375,13 +395,28 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
+        let (head, durable) = self.commit_visible(batch).await?;
+        if !durable.wait().await {
+            return Err(StoreError::Unavailable("the store closed before the commit was synced".into()));
+        }
+        Ok(head)
+    }
+
+    /// Writes the batch (SQLite commits it to the WAL without a sync) and
+    /// asks the store's syncer for an fsync, which the returned [`Durable`]
+    /// waits for. With [`Durability::Normal`] nothing syncs but checkpoints:
+    /// [`Durable::Now`].
+    async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
         let writer = self.writer.clone();
         let checkpoint_frames = self.checkpoint_frames;
-        let committed: Result<(u64, bool), StoreError> = tokio::task::spawn_blocking(move || {
+        let syncer = self.sync.clone();
+        let committed: Result<(u64, bool, u64), StoreError> = tokio::task::spawn_blocking(move || {
             let mut c = writer.lock().unwrap_or_else(|p| p.into_inner());
             WAL_FRAMES.set(0);
             let head = write_batch(&mut c, &batch)?;
-            Ok((head, WAL_FRAMES.get() >= checkpoint_frames))
+            // Numbered under the writer's lock: numbers follow the WAL's order.
+            let seq = syncer.as_ref().map_or(0, |s| s.written());
+            Ok((head, WAL_FRAMES.get() >= checkpoint_frames, seq))
         })
         .await
         .map_err(unavailable)?
@@ -394,11 +429,15 @@ impl Store for SqliteStore {
             }
             other => unavailable(other),
         });
-        let (head, checkpoint) = committed?;
+        let (head, checkpoint, seq) = committed?;
         if checkpoint {
             self.checkpoint_soon();
         }
-        Ok(head)
+        let durable = match &self.sync {
+            Some(s) => Durable::After { synced: s.subscribe(), seq },
+            None => Durable::Now,
+        };
+        Ok((head, durable))
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {

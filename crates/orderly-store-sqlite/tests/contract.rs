@@ -133,3 +133,42 @@ async fn checkpoints_after_the_commit_that_crosses_the_mark_and_the_wal_stays_bo
         assert_eq!(row.doc.len(), doc.len());
     }
 }
+
+/// With `Full` durability a commit is written without a sync and synced by
+/// the store's syncer; its `Durable` resolves once that sync ran (and a plain
+/// commit returns only then). Commits written while a sync runs share the
+/// next one. With `Normal` nothing syncs but checkpoints.
+#[tokio::test]
+async fn a_commit_counts_as_durable_once_the_wal_is_synced() {
+    use orderly_engine::ports::{Batch, Durable, Row, Store};
+    let row = |key: &str| Batch {
+        puts: vec![Row { table: "things", key: key.into(), idx: None, doc: b"{}".to_vec() }],
+        ..Batch::default()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Full).expect("open");
+    assert_eq!(store.syncs(), 0);
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        let (_, durable) = store.commit_visible(row(&format!("k{i}"))).await.expect("commit");
+        assert!(matches!(durable, Durable::After { seq, .. } if seq == i + 1), "numbered in write order");
+        pending.push(durable);
+    }
+    for durable in pending {
+        assert!(durable.wait().await, "synced");
+    }
+    let syncs = store.syncs();
+    assert!((1..=20).contains(&syncs), "{syncs} syncs for 20 commits");
+    store.commit(row("last")).await.expect("commit");
+    assert!(store.syncs() > syncs, "a plain commit returns after its own sync");
+
+    let relaxed = SqliteStore::open(&dir.path().join("n.db"), Durability::Normal).expect("open");
+    let (_, durable) = relaxed.commit_visible(row("a")).await.expect("commit");
+    assert!(matches!(durable, Durable::Now) && durable.is_done());
+    assert_eq!(relaxed.syncs(), 0);
+
+    // Closing the store finishes the syncs asked for; the data is there on reopen.
+    drop(store);
+    let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Full).expect("reopen");
+    assert!(store.get("things", "last").await.expect("get").is_some());
+}

@@ -468,8 +468,8 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
 }
 
 /// Prints, per service, how the sale's wall time was spent: building
-/// batches (deciding, in the service loop) and committing them (the store,
-/// fsync included), with the batch count (commits, and batches that only
+/// batches (deciding, in the service loop) and committing them (the store's
+/// write; SQLite's fsync runs apart, after it), with the batch count (commits, and batches that only
 /// moved consumer cursors, deferred to a later commit), events in and out,
 /// and rows written (documents put or deleted, outbox events, inbox ids,
 /// cursors).
