@@ -94,9 +94,11 @@ impl Stored {
     }
 }
 
-/// One relay round: returns how many events went out, never past `head`
-/// (the producer's announced head: a store may hold events of a batch
-/// written but not yet on disk). The first round reads the stored cursor
+/// One relay round: returns how many events went out; from a store whose
+/// commits are visible before they are synced, never past `head` (the
+/// producer's announced head). A shared PostgreSQL store holds other
+/// replicas' events past this one's head, all durable: those are relayed
+/// too. The first round reads the stored cursor
 /// (so `stored` knows it: nothing to store again); storing the new one is
 /// the caller's.
 async fn step(
@@ -117,11 +119,14 @@ async fn step(
             p
         }
     };
-    if head <= after {
+    let bounded = store.visible_before_synced();
+    if bounded && head <= after {
         return Ok(0);
     }
     let mut records = store.outbox_after(after, batch).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
-    records.retain(|r| r.position <= head);
+    if bounded {
+        records.retain(|r| r.position <= head);
+    }
     let Some(last) = records.last().map(|r| r.position) else { return Ok(0) };
     bus.publish(producer, &records).await?;
     *relayed = Some(last);

@@ -198,11 +198,14 @@ impl EventSource for OutboxSource {
             let records = retained.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).collect();
             return Ok(Polled { records, from: after, upto });
         }
-        // Never past the announced head: the store may already hold events
-        // of a batch that is written but not yet on disk.
-        let limit = max.min(u32::try_from(head - after).unwrap_or(u32::MAX));
+        // Never past the announced head from a store that shows a batch
+        // before it is on disk.
+        let bounded = self.store.visible_before_synced();
+        let limit = if bounded { max.min(u32::try_from(head - after).unwrap_or(u32::MAX)) } else { max };
         let mut records = self.store.outbox_after(after, limit).await?;
-        records.retain(|r| r.position <= head);
+        if bounded {
+            records.retain(|r| r.position <= head);
+        }
         let upto = records.last().map_or(after, |r| r.position);
         let records =
             records.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).map(Arc::new).collect();

@@ -2,7 +2,7 @@
 //! crash drops nothing committed (commits are the durable state) but can be
 //! made to fail the next commits, like a disk or database going away.
 
-use crate::ports::{Batch, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
+use crate::ports::{Batch, Durable, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -30,6 +30,9 @@ pub struct MemoryStore {
     many_reads: AtomicU64,
     /// Commits that succeeded so far.
     commits: AtomicU64,
+    /// Set by [`MemoryStore::syncing_on_demand`]: the commits synced so far,
+    /// moved only by [`MemoryStore::sync_upto`].
+    synced: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 impl MemoryStore {
@@ -46,6 +49,21 @@ impl MemoryStore {
         store
     }
 
+    /// An empty store whose commits are written at once but synced only
+    /// when a test says so ([`MemoryStore::sync_upto`]): each
+    /// [`Store::commit_visible`] returns a [`Durable`] waiting for it, as a
+    /// store that syncs apart from its writes does.
+    pub fn syncing_on_demand() -> MemoryStore {
+        MemoryStore { synced: Some(tokio::sync::watch::Sender::new(0)), ..MemoryStore::default() }
+    }
+
+    /// Marks the first `n` commits synced (see [`MemoryStore::syncing_on_demand`]).
+    pub fn sync_upto(&self, n: u64) {
+        if let Some(synced) = &self.synced {
+            synced.send_replace(n);
+        }
+    }
+
     /// One-key reads ([`Store::get_versioned`]) and many-key reads
     /// ([`Store::get_many_versioned`]) made so far.
     pub fn reads(&self) -> (u64, u64) {
@@ -60,6 +78,42 @@ impl MemoryStore {
     /// Makes the next `n` commits fail with [`StoreError::Unavailable`].
     pub fn fail_next_commits(&self, n: u32) {
         self.fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// Applies a batch (the commit itself); returns the new outbox head and
+    /// the commit's number.
+    fn write(&self, batch: Batch) -> Result<(u64, u64), StoreError> {
+        if self.fail_commits.load(Ordering::SeqCst) > 0 {
+            self.fail_commits.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected commit failure".into()));
+        }
+        let mut inner = self.lock();
+        check_expectations(&batch.expect, |table, key| inner.docs.get(&(table, key.to_owned())).map(|(_, v)| *v))?;
+        let mut fresh = BTreeSet::new();
+        for env in &batch.outbox {
+            if inner.event_ids.contains(&env.id) || !fresh.insert(env.id.clone()) {
+                return Err(StoreError::Conflict(format!("duplicate event id {}", env.id)));
+            }
+        }
+        inner.event_ids.extend(fresh);
+        for row in batch.puts {
+            let slot = (row.table, row.key.clone());
+            let version = inner.docs.get(&slot).map_or(0, |(_, v)| *v) + 1;
+            inner.docs.insert(slot, (row, version));
+        }
+        for (table, key) in batch.deletes {
+            inner.docs.remove(&(table, key));
+        }
+        for envelope in batch.outbox {
+            let position = inner.outbox.len() as u64 + 1;
+            inner.outbox.push(OutboxRecord { position, envelope });
+        }
+        for (producer, position) in batch.cursors {
+            inner.cursors.insert(producer, position);
+        }
+        inner.inbox.extend(batch.inbox);
+        let seq = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((inner.outbox.len() as u64, seq))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -124,37 +178,24 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
-        if self.fail_commits.load(Ordering::SeqCst) > 0 {
-            self.fail_commits.fetch_sub(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected commit failure".into()));
+        let (head, durable) = self.commit_visible(batch).await?;
+        if !durable.wait().await {
+            return Err(StoreError::Unavailable("the store closed before the commit was synced".into()));
         }
-        let mut inner = self.lock();
-        check_expectations(&batch.expect, |table, key| inner.docs.get(&(table, key.to_owned())).map(|(_, v)| *v))?;
-        let mut fresh = BTreeSet::new();
-        for env in &batch.outbox {
-            if inner.event_ids.contains(&env.id) || !fresh.insert(env.id.clone()) {
-                return Err(StoreError::Conflict(format!("duplicate event id {}", env.id)));
-            }
-        }
-        inner.event_ids.extend(fresh);
-        for row in batch.puts {
-            let slot = (row.table, row.key.clone());
-            let version = inner.docs.get(&slot).map_or(0, |(_, v)| *v) + 1;
-            inner.docs.insert(slot, (row, version));
-        }
-        for (table, key) in batch.deletes {
-            inner.docs.remove(&(table, key));
-        }
-        for envelope in batch.outbox {
-            let position = inner.outbox.len() as u64 + 1;
-            inner.outbox.push(OutboxRecord { position, envelope });
-        }
-        for (producer, position) in batch.cursors {
-            inner.cursors.insert(producer, position);
-        }
-        inner.inbox.extend(batch.inbox);
-        self.commits.fetch_add(1, Ordering::SeqCst);
-        Ok(inner.outbox.len() as u64)
+        Ok(head)
+    }
+
+    fn visible_before_synced(&self) -> bool {
+        self.synced.is_some()
+    }
+
+    async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
+        let (head, seq) = self.write(batch)?;
+        let durable = match &self.synced {
+            Some(synced) => Durable::After { synced: synced.subscribe(), seq },
+            None => Durable::Now,
+        };
+        Ok((head, durable))
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {

@@ -237,6 +237,15 @@ pub trait Store: Send + Sync + 'static {
     async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
         Ok((self.commit(batch).await?, Durable::Now))
     }
+    /// True when a commit can be read (its outbox rows too) before it is
+    /// on disk ([`Store::commit_visible`] returns before the sync): a reader
+    /// of the outbox must then stop at the head its writer announced, which
+    /// only counts synced batches. False by default: what a store shows is
+    /// durable (a store shared by replicas holds their events beyond any
+    /// one replica's head, and its relay must read them).
+    fn visible_before_synced(&self) -> bool {
+        false
+    }
     /// Outbox records after `position`, oldest first, at most `limit`.
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError>;
     /// The events about one subject, oldest first, at most `limit`.

@@ -3,8 +3,10 @@
 //! Each turn takes a bounded batch of inputs (commands from the API, events
 //! from the bus, due timers), lets the service decide and apply them against
 //! its cached state, then commits state changes, emitted events (outbox) and
-//! consumer cursors in ONE transaction, and only then answers callers and
-//! wakes subscribers. A failed commit rolls the caches back and answers
+//! consumer cursors in ONE transaction, and answers callers and wakes
+//! subscribers only once that transaction is on disk (a store that syncs
+//! apart from its writes lets the loop decide the next batch meanwhile:
+//! [`Completions`]). A failed commit rolls the caches back and answers
 //! nobody, so nothing is acknowledged that is not durable.
 
 use crate::bus::{EventSource, Publisher};
@@ -1524,57 +1526,6 @@ mod tests {
         assert_eq!(driver.lingers(0), None, "half a batch of one producer's events waits");
     }
 
-    /// A memory store whose commits are synced only when the test says so.
-    struct Gated {
-        inner: MemoryStore,
-        commits: std::sync::atomic::AtomicU64,
-        synced: watch::Sender<u64>,
-    }
-
-    #[async_trait::async_trait]
-    impl Store for Gated {
-        async fn get_versioned(&self, table: &'static str, key: &str) -> Result<Option<(Row, u64)>, StoreError> {
-            self.inner.get_versioned(table, key).await
-        }
-        async fn scan_versioned(
-            &self,
-            table: &'static str,
-            idx: Option<&str>,
-            after: Option<&str>,
-            limit: u32,
-        ) -> Result<Vec<(Row, u64)>, StoreError> {
-            self.inner.scan_versioned(table, idx, after, limit).await
-        }
-        async fn count_by_idx(&self, table: &'static str) -> Result<Vec<(String, u64)>, StoreError> {
-            self.inner.count_by_idx(table).await
-        }
-        async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
-            let (head, durable) = self.commit_visible(batch).await?;
-            durable.wait().await;
-            Ok(head)
-        }
-        async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
-            let head = self.inner.commit(batch).await?;
-            let seq = self.commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            Ok((head, Durable::After { synced: self.synced.subscribe(), seq }))
-        }
-        async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
-            self.inner.outbox_after(position, limit).await
-        }
-        async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
-            self.inner.outbox_for_subject(subject, limit).await
-        }
-        async fn outbox_head(&self) -> Result<u64, StoreError> {
-            self.inner.outbox_head().await
-        }
-        async fn cursor(&self, producer: &str) -> Result<u64, StoreError> {
-            self.inner.cursor(producer).await
-        }
-        async fn inbox_contains(&self, event_id: &str) -> Result<bool, StoreError> {
-            self.inner.inbox_contains(event_id).await
-        }
-    }
-
     /// Emits an event per command and answers it with the order it was taken in.
     #[derive(Default)]
     struct Emitter {
@@ -1607,8 +1558,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_answered_and_announced_only_once_synced_while_the_next_is_decided() {
-        let store =
-            Arc::new(Gated { inner: MemoryStore::new(), commits: Default::default(), synced: watch::Sender::new(0) });
+        let store = Arc::new(MemoryStore::syncing_on_demand());
         let ctx = Arc::new(Ctx {
             service: "orders",
             source: "/orderly/orders".into(),
@@ -1629,18 +1579,18 @@ mod tests {
         driver.step(vec![first], Vec::new()).await;
         let (second, mut second_answer) = oneshot::channel();
         driver.step(vec![second], Vec::new()).await;
-        assert_eq!(store.inner.outbox_head().await.expect("head"), 2, "both batches written");
+        assert_eq!(store.outbox_head().await.expect("head"), 2, "both batches written");
         assert!(first_answer.try_recv().is_err(), "not answered before its sync");
         assert_eq!(announced.head(), 0, "not announced before its sync");
         assert!(consumer.poll(10).await.expect("poll").records.is_empty(), "no consumer reads an unsynced event");
 
-        store.synced.send_replace(1);
+        store.sync_upto(1);
         assert_eq!(first_answer.await.expect("answered once synced"), 1);
         assert!(second_answer.try_recv().is_err(), "the second batch is not synced yet");
         let polled = consumer.poll(10).await.expect("poll");
         assert_eq!((polled.records.len(), polled.upto), (1, 1), "the synced event only");
 
-        store.synced.send_replace(2);
+        store.sync_upto(2);
         assert_eq!(second_answer.await.expect("answered"), 2);
         driver.flush_cursors().await.expect("drains");
         assert_eq!(announced.head(), 2);

@@ -406,6 +406,10 @@ impl Store for SqliteStore {
     /// asks the store's syncer for an fsync, which the returned [`Durable`]
     /// waits for. With [`Durability::Normal`] nothing syncs but checkpoints:
     /// [`Durable::Now`].
+    fn visible_before_synced(&self) -> bool {
+        self.sync.is_some()
+    }
+
     async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
         let writer = self.writer.clone();
         let checkpoint_frames = self.checkpoint_frames;
