@@ -179,10 +179,7 @@ impl Store for MemoryStore {
 
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
         let (head, durable) = self.commit_visible(batch).await?;
-        if !durable.wait().await {
-            return Err(StoreError::Unavailable("the store closed before the commit was synced".into()));
-        }
-        Ok(head)
+        durable.then_head(head).await
     }
 
     fn visible_before_synced(&self) -> bool {

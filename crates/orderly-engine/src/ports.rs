@@ -168,6 +168,15 @@ impl Durable {
             Durable::After { mut synced, seq } => synced.wait_for(|s| *s >= seq).await.is_ok(),
         }
     }
+
+    /// `head` once the commit is on disk: [`Store::commit`] of a store
+    /// built on [`Store::commit_visible`].
+    pub async fn then_head(self, head: u64) -> Result<u64, StoreError> {
+        match self.wait().await {
+            true => Ok(head),
+            false => Err(StoreError::Unavailable("the store closed before the commit was synced".into())),
+        }
+    }
 }
 
 /// A service's own storage. Every service has its own instance (its own

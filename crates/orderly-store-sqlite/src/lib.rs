@@ -396,20 +396,17 @@ impl Store for SqliteStore {
 
     async fn commit(&self, batch: Batch) -> Result<u64, StoreError> {
         let (head, durable) = self.commit_visible(batch).await?;
-        if !durable.wait().await {
-            return Err(StoreError::Unavailable("the store closed before the commit was synced".into()));
-        }
-        Ok(head)
+        durable.then_head(head).await
+    }
+
+    fn visible_before_synced(&self) -> bool {
+        self.sync.is_some()
     }
 
     /// Writes the batch (SQLite commits it to the WAL without a sync) and
     /// asks the store's syncer for an fsync, which the returned [`Durable`]
     /// waits for. With [`Durability::Normal`] nothing syncs but checkpoints:
     /// [`Durable::Now`].
-    fn visible_before_synced(&self) -> bool {
-        self.sync.is_some()
-    }
-
     async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
         let writer = self.writer.clone();
         let checkpoint_frames = self.checkpoint_frames;
