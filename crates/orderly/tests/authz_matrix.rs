@@ -16,8 +16,6 @@ use orderly_http::auth::hash_key;
 use orderly_store_sqlite::Durability;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use support::*;
 
 const WRONG_KEY: &str = "ok_this_key_was_never_configured";
@@ -100,20 +98,6 @@ fn operations() -> Vec<Operation> {
     }
     assert!(out.len() >= 30, "openapi.json lists only {} operations", out.len());
     out
-}
-
-/// A log sink shared with the test.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 async fn call(api: &Api, op: &Operation, key: Option<&str>) -> Resp {
@@ -218,7 +202,7 @@ async fn every_endpoint_by_every_role_no_key_wrong_key_and_revoked_key() {
     server.await.expect("server task").expect("clean stop");
     println!("authorization matrix: {} operations, {checked} requests checked", ops.len());
 
-    let text = String::from_utf8_lossy(&log.0.lock().expect("log lock")).into_owned();
+    let text = log.text();
     assert!(text.lines().count() > 100, "the log was captured ({} lines)", text.lines().count());
     for key in [SHOP_KEY, WAREHOUSE_KEY, CARRIER_KEY, OPS_KEY, VIEWER_KEY, WRONG_KEY] {
         assert!(!text.contains(key), "the key {key} appears in the log");

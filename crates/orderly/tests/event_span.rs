@@ -4,24 +4,12 @@
 use orderly_domain::Timestamp;
 use orderly_domain::event::{Envelope, EventData, EventType};
 use orderly_engine::services::common::event_span;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod support;
 
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use support::Captured;
 
 fn logged_in_span(env: &Envelope, level: tracing::Level) -> String {
-    let buffer = Buffer::default();
+    let buffer = Captured::default();
     let writer = buffer.clone();
     let subscriber =
         tracing_subscriber::fmt().json().with_max_level(level).with_writer(move || writer.clone()).finish();
@@ -30,7 +18,7 @@ fn logged_in_span(env: &Envelope, level: tracing::Level) -> String {
         let _entered = span.enter();
         tracing::warn!("handled");
     });
-    String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("utf-8")
+    buffer.text()
 }
 
 fn envelope(event_type: EventType, subject: &str, data: &str) -> Envelope {

@@ -536,3 +536,25 @@ pub fn server_dir() -> (TempDir, PathBuf, PathBuf, PathBuf) {
     let log = dir.path().join("server.log");
     (dir, config, data, log)
 }
+
+/// A log sink shared with the test: what a `tracing` subscriber writes to it
+/// can be read back.
+#[derive(Clone, Default)]
+pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+}
