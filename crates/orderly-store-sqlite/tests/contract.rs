@@ -172,3 +172,22 @@ async fn a_commit_counts_as_durable_once_the_wal_is_synced() {
     let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Full).expect("reopen");
     assert!(store.get("things", "last").await.expect("get").is_some());
 }
+
+/// The bundled SQLite is built (`.cargo/config.toml`, `LIBSQLITE3_FLAGS`)
+/// with a page cache per connection and without memory statistics: with
+/// `ENABLE_MEMORY_MANAGEMENT` every store's connections fetched pages
+/// through one global mutex, and `MEMSTATUS` takes another around each of
+/// SQLite's allocations (README, Performance).
+#[test]
+fn the_bundled_sqlite_takes_no_global_lock_per_page_or_allocation() {
+    let c = rusqlite::Connection::open_in_memory().expect("open");
+    let mut stmt = c.prepare("PRAGMA compile_options").expect("prepare");
+    let options: Vec<String> =
+        stmt.query_map([], |r| r.get::<_, String>(0)).expect("query").collect::<Result<_, _>>().expect("rows");
+    assert!(
+        !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+        "one page cache for all connections: {options:?}"
+    );
+    assert!(options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "memory statistics on: {options:?}");
+    assert!(options.iter().any(|o| o == "THREADSAFE=1"), "the stores share it across threads: {options:?}");
+}
