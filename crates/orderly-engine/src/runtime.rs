@@ -996,7 +996,11 @@ async fn commit<S: Service>(
             let tail = publish.retain.filter(|_| emitted > 0 && head == assumed + emitted).cloned();
             let announce_head = (emitted > 0).then(|| publish.head.clone());
             let after = std::mem::take(&mut tx.after_commit);
+            let (written_at, metrics, service_name) = (std::time::Instant::now(), ctx.metrics.clone(), ctx.service);
             let announce = move || {
+                // From the write to the sync (and the batches before it).
+                let waited = written_at.elapsed().as_secs_f64();
+                metrics.observe("orderly_commit_sync_seconds", &[("service", service_name)], waited);
                 if let Some(tail) = tail {
                     tail.retain(retained);
                 }
@@ -1196,6 +1200,7 @@ mod tests {
         assert_eq!(m.histogram_count("orderly_commit_seconds", &service), 1);
         assert!(m.histogram_sum("orderly_commit_seconds", &service) > 0.0);
         assert!(m.render().contains("orderly_commit_seconds_count{service=\"inventory\"} 1"), "{}", m.render());
+        assert_eq!(m.histogram_count("orderly_commit_sync_seconds", &service), 1, "a store that syncs in its commit");
     }
 
     /// Looks up one document per event (its subject) and per command (the
@@ -1582,10 +1587,23 @@ mod tests {
         assert_eq!(store.outbox_head().await.expect("head"), 2, "both batches written");
         assert!(first_answer.try_recv().is_err(), "not answered before its sync");
         assert_eq!(announced.head(), 0, "not announced before its sync");
+        let sync_waits = |driver: &Driver<Emitter>| {
+            let service = [("service", "orders")];
+            let m = &driver.ctx().metrics;
+            (
+                m.histogram_count("orderly_commit_sync_seconds", &service),
+                m.histogram_sum("orderly_commit_sync_seconds", &service),
+            )
+        };
+        assert_eq!(sync_waits(&driver).0, 0, "the wait for a sync is recorded once it ends");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(consumer.poll(10).await.expect("poll").records.is_empty(), "no consumer reads an unsynced event");
 
         store.sync_upto(1);
         assert_eq!(first_answer.await.expect("answered once synced"), 1);
+        let (count, waited) = sync_waits(&driver);
+        assert_eq!(count, 1);
+        assert!(waited >= 0.02, "from the write to the sync: {waited} s");
         assert!(second_answer.try_recv().is_err(), "the second batch is not synced yet");
         let polled = consumer.poll(10).await.expect("poll");
         assert_eq!((polled.records.len(), polled.upto), (1, 1), "the synced event only");

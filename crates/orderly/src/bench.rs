@@ -469,25 +469,28 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
 
 /// Prints, per service, how the sale's wall time was spent: building
 /// batches (deciding, in the service loop) and committing them (the store's
-/// write; SQLite's fsync runs apart, after it), with the batch count (commits, and batches that only
+/// write; SQLite's fsync runs apart, after it, and `sync ms` is the mean
+/// wait from a write to its sync), with the batch count (commits, and batches that only
 /// moved consumer cursors, deferred to a later commit), events in and out,
 /// and rows written (documents put or deleted, outbox events, inbox ids,
 /// cursors).
 fn print_service_times(engine: &Engine, driven: f64, elapsed: f64, uniform: bool) {
     let m = &engine.runtime.metrics;
     eprintln!(
-        "{} sale, {elapsed:.1} s ({driven:.1} s sending): service  batches  deferred  commands  build s  commit s  consumed  emitted     rows",
+        "{} sale, {elapsed:.1} s ({driven:.1} s sending): service  batches  deferred  commands  build s  commit s  sync ms  consumed  emitted     rows",
         if uniform { "uniform" } else { "hot" }
     );
     for service in ["orders", "inventory", "picking", "packing", "shipping", "notifications"] {
         let label = [("service", service)];
+        let synced = m.histogram_count("orderly_commit_sync_seconds", &label).max(1) as f64;
         eprintln!(
-            "  {service:>13} {:>8} {:>9} {:>9} {:>8.2} {:>9.2} {:>9} {:>8} {:>8}",
+            "  {service:>13} {:>8} {:>9} {:>9} {:>8.2} {:>9.2} {:>8.2} {:>9} {:>8} {:>8}",
             m.histogram_count("orderly_commit_seconds", &label),
             m.counter("orderly_cursor_commits_deferred_total", &label),
             m.counter("orderly_batch_commands_total", &label),
             m.histogram_sum("orderly_batch_build_seconds", &label),
             m.histogram_sum("orderly_commit_seconds", &label),
+            1000.0 * m.histogram_sum("orderly_commit_sync_seconds", &label) / synced,
             m.counter("orderly_events_consumed_total", &[("consumer", service)]),
             m.counter("orderly_events_emitted_total", &label),
             m.counter("orderly_commit_rows_total", &label),
