@@ -1,6 +1,7 @@
 //! The outbox relay: one task per producing service in this process.
 
 use crate::{BusError, NatsBus, breaker};
+use orderly_engine::bus::outbox_announced;
 use orderly_engine::ports::{Batch, Clock, Store, SystemClock};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,14 +120,8 @@ async fn step(
             p
         }
     };
-    let bounded = store.visible_before_synced();
-    if bounded && head <= after {
-        return Ok(0);
-    }
-    let mut records = store.outbox_after(after, batch).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
-    if bounded {
-        records.retain(|r| r.position <= head);
-    }
+    let records =
+        outbox_announced(store, after, batch, head).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
     let Some(last) = records.last().map(|r| r.position) else { return Ok(0) };
     bus.publish(producer, &records).await?;
     *relayed = Some(last);

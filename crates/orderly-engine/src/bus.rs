@@ -30,6 +30,30 @@ pub struct Polled {
     pub upto: u64,
 }
 
+/// Up to `max` outbox records after `after`, oldest first, never past
+/// `head` (what the producer announced) from a store that shows a batch
+/// before it is on disk ([`Store::visible_before_synced`]); any other store
+/// is read in full, since what it shows is durable (a store shared by
+/// replicas holds their events past one replica's head). The embedded bus
+/// and the broker relay read the outbox through it.
+pub async fn outbox_announced(
+    store: &dyn Store,
+    after: u64,
+    max: u32,
+    head: u64,
+) -> Result<Vec<OutboxRecord>, StoreError> {
+    if !store.visible_before_synced() {
+        return store.outbox_after(after, max).await;
+    }
+    if head <= after {
+        return Ok(Vec::new());
+    }
+    let limit = max.min(u32::try_from(head - after).unwrap_or(u32::MAX));
+    let mut records = store.outbox_after(after, limit).await?;
+    records.retain(|r| r.position <= head);
+    Ok(records)
+}
+
 /// One consumer's view of one producer.
 #[async_trait]
 pub trait EventSource: Send + Sync {
@@ -198,14 +222,7 @@ impl EventSource for OutboxSource {
             let records = retained.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).collect();
             return Ok(Polled { records, from: after, upto });
         }
-        // Never past the announced head from a store that shows a batch
-        // before it is on disk.
-        let bounded = self.store.visible_before_synced();
-        let limit = if bounded { max.min(u32::try_from(head - after).unwrap_or(u32::MAX)) } else { max };
-        let mut records = self.store.outbox_after(after, limit).await?;
-        if bounded {
-            records.retain(|r| r.position <= head);
-        }
+        let records = outbox_announced(self.store.as_ref(), after, max, head).await?;
         let upto = records.last().map_or(after, |r| r.position);
         let records =
             records.into_iter().filter(|r| (self.filter)(r.envelope.event_type.as_str())).map(Arc::new).collect();

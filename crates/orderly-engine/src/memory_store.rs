@@ -188,11 +188,7 @@ impl Store for MemoryStore {
 
     async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
         let (head, seq) = self.write(batch)?;
-        let durable = match &self.synced {
-            Some(synced) => Durable::After { synced: synced.subscribe(), seq },
-            None => Durable::Now,
-        };
-        Ok((head, durable))
+        Ok((head, Durable::at(self.synced.as_ref().map(|s| s.subscribe()), seq)))
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {

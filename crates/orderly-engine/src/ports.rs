@@ -150,6 +150,15 @@ pub enum Durable {
 }
 
 impl Durable {
+    /// Commit `seq` of a store that publishes its synced count on
+    /// `synced`; [`Durable::Now`] for a store that syncs in its commit (`None`).
+    pub fn at(synced: Option<tokio::sync::watch::Receiver<u64>>, seq: u64) -> Durable {
+        match synced {
+            Some(synced) => Durable::After { synced, seq },
+            None => Durable::Now,
+        }
+    }
+
     /// Whether the commit is on disk already.
     pub fn is_done(&self) -> bool {
         match self {

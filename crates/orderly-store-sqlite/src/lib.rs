@@ -434,11 +434,7 @@ impl Store for SqliteStore {
         if checkpoint {
             self.checkpoint_soon();
         }
-        let durable = match &self.sync {
-            Some(s) => Durable::After { synced: s.subscribe(), seq },
-            None => Durable::Now,
-        };
-        Ok((head, durable))
+        Ok((head, Durable::at(self.sync.as_ref().map(|s| s.subscribe()), seq)))
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
