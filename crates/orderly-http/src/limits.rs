@@ -85,45 +85,42 @@ where
     S: Clone + Send + Sync + 'static,
 {
     let body_limit = limits.body_limit_bytes;
-    let timeout = Duration::from_millis(limits.request_timeout_ms.max(1));
-    let permits = Arc::new(Semaphore::new(limits.max_in_flight_requests.max(1)));
-    router
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(RequestBodyLimitLayer::new(body_limit))
-        .layer(axum::Extension(BodyLimit(body_limit)))
-        .layer(from_fn_with_state(timeout, time_limit))
-        .layer(from_fn_with_state(permits, in_flight_limit))
-        .layer(map_response(move |response: Response| ensure_problem(response, Some(body_limit))))
-        .layer(CatchPanicLayer::custom(panic_response as fn(_) -> Response))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+    let admission = Admission {
+        timeout: Duration::from_millis(limits.request_timeout_ms.max(1)),
+        permits: Arc::new(Semaphore::new(limits.max_in_flight_requests.max(1))),
+    };
+    // One stack, applied once: `Router::layer` boxes every route again per
+    // layer, and a boxed route is cloned (an allocation) on every request,
+    // so ten separate layers cost ten boxes and ten boxed futures a request.
+    let stack = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let request_id =
                 request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("");
             tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
         }))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(CatchPanicLayer::custom(panic_response as fn(_) -> Response))
+        .layer(map_response(move |response: Response| ensure_problem(response, Some(body_limit))))
+        .layer(from_fn_with_state(admission, admit))
+        .layer(axum::Extension(BodyLimit(body_limit)))
+        .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(DefaultBodyLimit::max(body_limit));
+    router.layer(stack)
 }
 
-/// Middleware: answers 503 `request-timeout` when the rest of the stack
-/// takes longer than the limit (the handler's future is dropped).
-async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => Problem::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "request-timeout",
-            "Request timed out",
-            format!("the request did not complete within {} ms", limit.as_millis()),
-        )
-        .with_retry_after(1)
-        .into_response(),
-    }
+/// The in-flight cap and the time limit, checked by one middleware.
+#[derive(Debug, Clone)]
+struct Admission {
+    timeout: Duration,
+    permits: Arc<Semaphore>,
 }
 
 /// Middleware: answers 503 `overloaded` at once, rather than queueing, when
-/// the in-flight cap is reached.
-async fn in_flight_limit(State(permits): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
-    let Ok(_permit) = permits.try_acquire() else {
+/// the in-flight cap is reached, and 503 `request-timeout` when the rest of
+/// the stack takes longer than the limit (the handler's future is dropped).
+async fn admit(State(admission): State<Admission>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = admission.permits.try_acquire() else {
         return Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -133,7 +130,17 @@ async fn in_flight_limit(State(permits): State<Arc<Semaphore>>, request: Request
         .with_retry_after(1)
         .into_response();
     };
-    next.run(request).await
+    match tokio::time::timeout(admission.timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "request-timeout",
+            "Request timed out",
+            format!("the request did not complete within {} ms", admission.timeout.as_millis()),
+        )
+        .with_retry_after(1)
+        .into_response(),
+    }
 }
 
 /// Largest request head (request line and headers) accepted: hyper answers
