@@ -478,6 +478,38 @@ mod tests {
         assert!(is_problem_json(response.headers()));
     }
 
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Line {
+        sku: String,
+        qty: u32,
+    }
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Lines {
+        lines: Vec<Line>,
+    }
+
+    async fn extract(body: &'static str) -> Result<ApiJson<Lines>, Problem> {
+        let request = Request::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(body))
+            .expect("a request");
+        ApiJson::<Lines>::from_request(request, &()).await
+    }
+
+    #[tokio::test]
+    async fn a_body_that_parses_is_taken_and_one_of_the_wrong_shape_names_the_bad_field() {
+        let ApiJson(ok) = extract(r#"{"lines":[{"sku":"A","qty":2}]}"#).await.expect("parses");
+        assert_eq!(ok, Lines { lines: vec![Line { sku: "A".into(), qty: 2 }] });
+        let wrong = extract(r#"{"lines":[{"sku":"A","qty":2},{"sku":"B","qty":-1}]}"#).await.expect_err("refused");
+        assert_eq!(wrong.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let json = serde_json::to_value(&wrong).expect("serializes");
+        let detail = json["detail"].as_str().expect("a detail");
+        assert!(detail.contains("lines[1].qty"), "{detail}");
+        let trailing = extract(r#"{"lines":[]} x"#).await.expect_err("trailing characters");
+        assert_eq!(trailing.status(), StatusCode::BAD_REQUEST);
+    }
+
     #[test]
     fn unusual_statuses_get_a_slug_from_their_reason() {
         let problem = problem_for_status(StatusCode::IM_A_TEAPOT, None, None);
