@@ -12,6 +12,7 @@ use orderly_domain::order::{Order, OrderState};
 use orderly_domain::{CustomerId, LocationId, Money, Priority, Sku, Zone};
 use orderly_engine::app::{Customer, Engine, LineRequest, OrderRequest, ShipTo};
 use orderly_engine::config::{ApiKey, Settings};
+use orderly_engine::engine::SERVICES;
 use orderly_engine::ports::{Rng, SeededRng};
 use orderly_store_sqlite::Durability;
 use serde::Serialize;
@@ -517,9 +518,6 @@ async fn sale_on(cfg: &FlashSale, uniform: bool, remote: Option<(String, crate::
         invariants_ok: check.invariants_ok,
     })
 }
-
-/// The services whose figures the bench prints.
-const SERVICES: [&str; 6] = ["orders", "inventory", "picking", "packing", "shipping", "notifications"];
 
 /// One service's running totals, as [`service_figures`] reads them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
