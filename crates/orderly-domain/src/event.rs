@@ -43,6 +43,19 @@ pub struct Envelope {
     pub priority: Option<String>,
 }
 
+/// The idempotency key [`Envelope::new`] gives an event:
+/// `source/subject/sequence`, as `format!` would spell it (built without it:
+/// every event written or read back takes one).
+pub fn default_idempotency_key(source: &str, subject: &str, sequence: u64) -> String {
+    let mut key = String::with_capacity(source.len() + subject.len() + 22);
+    key.push_str(source);
+    key.push('/');
+    key.push_str(subject);
+    key.push('/');
+    crate::ids::push_decimal(&mut key, sequence);
+    key
+}
+
 impl Envelope {
     /// Builds an envelope; `id` and `time` come from the caller's id source and clock.
     pub fn new(
@@ -54,7 +67,7 @@ impl Envelope {
         sequence: u64,
         data: impl Into<EventData>,
     ) -> Envelope {
-        let idempotencykey = format!("{source}/{subject}/{sequence}");
+        let idempotencykey = default_idempotency_key(source, subject, sequence);
         Envelope {
             specversion: SPEC_VERSION.to_owned(),
             id,
@@ -455,6 +468,23 @@ impl<'de> Deserialize<'de> for EventType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_idempotency_key_is_source_subject_sequence() {
+        for seq in [0, 1, 10, 12_345, u64::MAX] {
+            assert_eq!(default_idempotency_key("/orderly/orders", "o-1", seq), format!("/orderly/orders/o-1/{seq}"));
+        }
+        let e = Envelope::new(
+            "e".into(),
+            "/orderly/inventory",
+            EventType::OrderCreated,
+            "SKU-1",
+            Timestamp(0),
+            7,
+            serde_json::json!({}),
+        );
+        assert_eq!(e.idempotencykey, "/orderly/inventory/SKU-1/7");
+    }
 
     #[test]
     fn envelope_round_trips_as_cloudevents_json() {

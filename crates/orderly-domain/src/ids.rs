@@ -128,7 +128,10 @@ impl LineId {
         // An order id is at most ID_LEN_MAX bytes of the allowed alphabet; the
         // suffix keeps it in the alphabet. Truncation is never needed for ids
         // shorter than ID_LEN_MAX - 11; longer ones are hashed down.
-        let s = format!("{}:{}", order.as_str(), n);
+        let mut s = String::with_capacity(order.as_str().len() + 11);
+        s.push_str(order.as_str());
+        s.push(':');
+        push_decimal(&mut s, u64::from(n));
         if s.len() <= ID_LEN_MAX {
             LineId(Arc::from(s))
         } else {
@@ -138,6 +141,22 @@ impl LineId {
 }
 
 /// FNV-1a, used only to shorten derived ids deterministically.
+/// Appends `n` in decimal, as `write!(out, "{n}")` would, without the
+/// formatting machinery (ids and amounts are spelled on every order's path).
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+}
+
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
@@ -150,6 +169,28 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_and_line_ids_are_spelled_as_format_spells_them() {
+        let mut n = 1u64;
+        let mut values = vec![0, 1, 9, 10, 99, 100, 4_294_967_295, u64::MAX - 1, u64::MAX];
+        for _ in 0..2_000 {
+            n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            values.push(n >> (n % 64));
+        }
+        for v in values {
+            let mut s = String::from("x");
+            push_decimal(&mut s, v);
+            assert_eq!(s, format!("x{v}"));
+        }
+        let order = OrderId::parse("o-0190a6f1-0000-7000-8000-000000000001").expect("order id");
+        for n in [0, 1, 12, u32::MAX] {
+            assert_eq!(LineId::for_order(&order, n).as_str(), format!("{}:{n}", order.as_str()));
+        }
+        let long = OrderId::parse("o".repeat(ID_LEN_MAX)).expect("longest order id");
+        let line = LineId::for_order(&long, 3);
+        assert_eq!(line.as_str(), format!("{:016x}:3", fnv1a(long.as_str().as_bytes())), "hashed down");
+    }
 
     #[test]
     fn parses_valid_ids_and_rejects_bad_ones() {

@@ -97,7 +97,19 @@ impl TryFrom<String> for Money {
 
 impl From<Money> for String {
     fn from(m: Money) -> String {
-        m.to_string()
+        // Spelled as `Display` does, without its machinery: every order's
+        // document and events carry amounts.
+        let mut s = String::with_capacity(24);
+        if m.0 < 0 {
+            s.push('-');
+        }
+        let abs = m.0.unsigned_abs();
+        crate::ids::push_decimal(&mut s, abs / 100);
+        s.push('.');
+        let cents = (abs % 100) as u8;
+        s.push(char::from(b'0' + cents / 10));
+        s.push(char::from(b'0' + cents % 10));
+        s
     }
 }
 
@@ -118,6 +130,18 @@ impl std::iter::Sum for Money {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_amount_as_a_string_is_its_display() {
+        let mut amounts = vec![0, 1, 5, 9, 10, 99, 100, 101, 1999, -1, -5, -99, -100, -305, i64::MAX, i64::MIN];
+        amounts.extend((-2_000..2_000).map(|i: i64| i * 7_919));
+        for cents in amounts {
+            let m = Money(cents);
+            assert_eq!(String::from(m), m.to_string(), "{cents} cents");
+        }
+        assert_eq!(String::from(Money(-305)), "-3.05");
+        assert_eq!(String::from(Money(i64::MIN)), "-92233720368547758.08");
+    }
 
     #[test]
     fn parses_decimal_strings() {

@@ -323,7 +323,7 @@ impl Engine {
             return Ok(existing);
         }
         let now = self.runtime.now();
-        let order_id = OrderId::parse(format!("o-{}", self.runtime.new_id(now)))
+        let order_id = OrderId::parse(["o-", self.runtime.new_id(now).as_str()].concat())
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let sync_lines = sync_lines(&order_id, &req, self.runtime.settings.allocation.sync_min_line_value);
         let reserved = if sync_lines.is_empty() {

@@ -134,7 +134,7 @@ fn decode_compact(bytes: &[u8]) -> Option<Envelope> {
 
 /// The key [`Envelope::new`] gives an event.
 fn derived_key(source: &str, subject: &str, sequence: u64) -> String {
-    format!("{source}/{subject}/{sequence}")
+    orderly_domain::event::default_idempotency_key(source, subject, sequence)
 }
 
 fn is_derived_key(env: &Envelope) -> bool {

@@ -58,7 +58,7 @@ pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ApiError>>;
 /// Derives an id `<base><suffix>`, hashing `base` down when the result would
 /// exceed the id length limit, so derived ids are always valid and stable.
 pub fn derived_id(base: &str, suffix: &str) -> String {
-    let s = format!("{base}{suffix}");
+    let s = [base, suffix].concat();
     if s.len() <= ID_LEN_MAX { s } else { format!("{:016x}{suffix}", fnv1a(base.as_bytes())) }
 }
 
