@@ -111,6 +111,22 @@ pub async fn check_store(store: &dyn Store) {
     let dup = store.commit(Batch { outbox: vec![event("e1", "o-9", 1)], ..Batch::default() }).await;
     assert!(dup.is_err(), "an event id is unique in the outbox");
     assert_eq!(store.outbox_head().await.expect("head"), 3, "a failed commit leaves nothing behind");
+
+    // A commit that hands its events back: the same events, in order, stored.
+    let written = vec![event("e4", "o-3", 1), event("e5", "o-3", 2)];
+    let (head, durable, events) = store
+        .commit_visible_returning_events(Batch { outbox: written.clone(), ..Batch::default() })
+        .await
+        .expect("commit returning events");
+    assert_eq!(head, 5, "the head after the two events");
+    assert_eq!(durable.then_head(head).await.expect("durable"), 5);
+    assert_eq!(events, written, "the events come back as written, in order");
+    let stored: Vec<Envelope> =
+        store.outbox_after(3, 10).await.expect("outbox").into_iter().map(|r| r.envelope).collect();
+    assert_eq!(stored, written, "and they are stored");
+    let dup = store.commit_visible_returning_events(Batch { outbox: vec![event("e4", "o-9", 1)], ..Batch::default() });
+    assert!(dup.await.is_err(), "a failed commit hands nothing back");
+    assert_eq!(store.outbox_head().await.expect("head"), 5);
     assert!(store.get("things", "a").await.expect("get").is_some());
     check_ledger_table(store).await;
     check_versions(store).await;

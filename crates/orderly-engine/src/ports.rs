@@ -255,6 +255,15 @@ pub trait Store: Send + Sync + 'static {
     async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
         Ok((self.commit(batch).await?, Durable::Now))
     }
+    /// [`Store::commit_visible`], handing the batch's events back once they
+    /// are written, in order: the runtime keeps a producer's newest events
+    /// for its in-process consumers. A store that only reads them while
+    /// writing moves them back; by default they are cloned first.
+    async fn commit_visible_returning_events(&self, batch: Batch) -> Result<(u64, Durable, Vec<Envelope>), StoreError> {
+        let events = batch.outbox.clone();
+        let (head, durable) = self.commit_visible(batch).await?;
+        Ok((head, durable, events))
+    }
     /// True when a commit can be read (its outbox rows too) before it is
     /// on disk ([`Store::commit_visible`] returns before the sync): a reader
     /// of the outbox must then stop at the head its writer announced, which

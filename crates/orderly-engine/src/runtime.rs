@@ -961,20 +961,21 @@ async fn commit<S: Service>(
     // was built on (the store is this driver's alone, so a commit appends
     // right after it; checked against the head the commit reports).
     let assumed = tx.head;
-    let retained: Vec<Arc<OutboxRecord>> = match publish.retain {
-        Some(_) if emitted > 0 => (tx.batch.outbox.iter().enumerate())
-            .map(|(i, e)| Arc::new(OutboxRecord { position: assumed + i as u64 + 1, envelope: e.clone() }))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let retaining = publish.retain.is_some() && emitted > 0;
     let committing = std::time::Instant::now();
     let result = match staged {
-        Ok(()) => ctx.store.commit_visible(tx.batch).await,
+        // The store hands the events back after writing them (SQLite
+        // moves them, no copy), for the in-process consumers.
+        Ok(()) if retaining => ctx.store.commit_visible_returning_events(tx.batch).await,
+        Ok(()) => ctx.store.commit_visible(tx.batch).await.map(|(head, durable)| (head, durable, Vec::new())),
         Err(e) => Err(e),
     };
     ctx.metrics.observe("orderly_commit_seconds", &[("service", ctx.service)], committing.elapsed().as_secs_f64());
     match result {
-        Ok((head, durable)) => {
+        Ok((head, durable, events)) => {
+            let retained: Vec<Arc<OutboxRecord>> = (events.into_iter().enumerate())
+                .map(|(i, envelope)| Arc::new(OutboxRecord { position: assumed + i as u64 + 1, envelope }))
+                .collect();
             if flushing {
                 deferred.clear();
             }

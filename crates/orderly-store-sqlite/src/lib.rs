@@ -9,6 +9,7 @@ pub mod codec;
 mod sync;
 
 use async_trait::async_trait;
+use orderly_domain::event::Envelope;
 use orderly_engine::ports::{Batch, Durable, GreatestKey, OutboxRecord, Row, Store, StoreError, check_expectations};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -170,6 +171,37 @@ impl SqliteStore {
             readers,
             next_reader: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Writes `batch` (see [`Store::commit_visible`]) and hands its events back.
+    async fn write(&self, batch: Batch) -> Result<(u64, Durable, Vec<Envelope>), StoreError> {
+        let writer = self.writer.clone();
+        let checkpoint_frames = self.checkpoint_frames;
+        let syncer = self.sync.clone();
+        let committed: Result<(u64, bool, u64, Vec<Envelope>), StoreError> = tokio::task::spawn_blocking(move || {
+            let mut c = writer.lock().unwrap_or_else(|p| p.into_inner());
+            WAL_FRAMES.set(0);
+            let head = write_batch(&mut c, &batch)?;
+            // Numbered under the writer's lock: numbers follow the WAL's order.
+            let seq = syncer.as_ref().map_or(0, |s| s.written());
+            Ok((head, WAL_FRAMES.get() >= checkpoint_frames, seq, batch.outbox))
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
+                StoreError::Conflict(f.to_string())
+            }
+            rusqlite::Error::ToSqlConversionFailure(inner) if inner.is::<ExpectFailed>() => {
+                StoreError::Conflict(inner.to_string())
+            }
+            other => unavailable(other),
+        });
+        let (head, checkpoint, seq, events) = committed?;
+        if checkpoint {
+            self.checkpoint_soon();
+        }
+        Ok((head, Durable::at(self.sync.as_ref().map(|s| s.subscribe()), seq), events))
     }
 
     /// The database file.
@@ -408,33 +440,14 @@ impl Store for SqliteStore {
     /// waits for. With [`Durability::Normal`] nothing syncs but checkpoints:
     /// [`Durable::Now`].
     async fn commit_visible(&self, batch: Batch) -> Result<(u64, Durable), StoreError> {
-        let writer = self.writer.clone();
-        let checkpoint_frames = self.checkpoint_frames;
-        let syncer = self.sync.clone();
-        let committed: Result<(u64, bool, u64), StoreError> = tokio::task::spawn_blocking(move || {
-            let mut c = writer.lock().unwrap_or_else(|p| p.into_inner());
-            WAL_FRAMES.set(0);
-            let head = write_batch(&mut c, &batch)?;
-            // Numbered under the writer's lock: numbers follow the WAL's order.
-            let seq = syncer.as_ref().map_or(0, |s| s.written());
-            Ok((head, WAL_FRAMES.get() >= checkpoint_frames, seq))
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
-                StoreError::Conflict(f.to_string())
-            }
-            rusqlite::Error::ToSqlConversionFailure(inner) if inner.is::<ExpectFailed>() => {
-                StoreError::Conflict(inner.to_string())
-            }
-            other => unavailable(other),
-        });
-        let (head, checkpoint, seq) = committed?;
-        if checkpoint {
-            self.checkpoint_soon();
-        }
-        Ok((head, Durable::at(self.sync.as_ref().map(|s| s.subscribe()), seq)))
+        let (head, durable, _) = self.write(batch).await?;
+        Ok((head, durable))
+    }
+
+    /// The events come back from the writer's thread with the result:
+    /// written, never copied.
+    async fn commit_visible_returning_events(&self, batch: Batch) -> Result<(u64, Durable, Vec<Envelope>), StoreError> {
+        self.write(batch).await
     }
 
     async fn outbox_after(&self, position: u64, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
