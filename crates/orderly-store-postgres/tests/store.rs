@@ -27,7 +27,7 @@ async fn reconnecting_keeps_committed_state_and_schema() {
         store.close().await;
     }
     let store = PgStore::connect(&schema.url, &schema.name, POOL).await.expect("reconnect");
-    assert_eq!(store.outbox_head().await.expect("head"), 3);
+    assert_eq!(store.outbox_head().await.expect("head"), 5, "the five events check_store committed");
     assert_eq!(store.cursor("inventory").await.expect("cursor"), 9);
     assert!(store.inbox_contains("x-1").await.expect("inbox"));
     let (a, version) = store.get_versioned("things", "a").await.expect("get").expect("a exists");

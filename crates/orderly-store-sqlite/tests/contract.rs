@@ -19,7 +19,7 @@ async fn reopening_keeps_committed_state_and_schema() {
     }
     let store = SqliteStore::open(&path, Durability::Full).expect("reopen");
     use orderly_engine::ports::Store;
-    assert_eq!(store.outbox_head().await.expect("head"), 3);
+    assert_eq!(store.outbox_head().await.expect("head"), 5, "the five events check_store committed");
     assert_eq!(store.cursor("inventory").await.expect("cursor"), 9);
 }
 
@@ -94,7 +94,7 @@ async fn a_new_file_gets_the_larger_page_size_and_an_old_one_keeps_its_own() {
     }
     let store = SqliteStore::open(&old, Durability::Normal).expect("an older file opens");
     orderly_engine::contract::check_store(&store).await;
-    assert_eq!(store.outbox_head().await.expect("head"), 3);
+    assert_eq!(store.outbox_head().await.expect("head"), 5, "the five events check_store committed");
     drop(store);
     assert_eq!(page_size(&old), 4096);
 }
