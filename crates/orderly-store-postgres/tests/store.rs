@@ -33,8 +33,8 @@ async fn reconnecting_keeps_committed_state_and_schema() {
     let (a, version) = store.get_versioned("things", "a").await.expect("get").expect("a exists");
     assert_eq!(a.doc, b"{\"v\":2}".to_vec());
     assert_eq!(version, 2, "a was put twice");
-    let head = store.commit(Batch { outbox: vec![event("e4", "o-4", 1)], ..Batch::default() }).await.expect("commit");
-    assert_eq!(head, 4, "positions continue densely after the failed duplicate commit");
+    let head = store.commit(Batch { outbox: vec![event("e6", "o-4", 1)], ..Batch::default() }).await.expect("commit");
+    assert_eq!(head, 6, "positions continue densely after the failed duplicate commits");
     store.close().await;
 }
 
