@@ -71,6 +71,10 @@ pub struct Table<T> {
     settled: Option<fn(&T) -> bool>,
     /// Settled entries loaded (not changed) in the current batch.
     loaded_settled: Vec<String>,
+    /// Changed entries found settled when the batch was staged: they leave
+    /// the cache when it commits (found while serializing them, so the
+    /// commit looks up only these, not every changed key).
+    staged_settled: Vec<String>,
     /// Bytes to reserve for the next serialized document.
     doc_hint: usize,
     /// Keys known to have no row (read and not found, or declared with
@@ -105,6 +109,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
             index,
             settled: None,
             loaded_settled: Vec::new(),
+            staged_settled: Vec::new(),
             doc_hint: 256,
             absent: None,
         }
@@ -297,6 +302,7 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
         self.dirty.clear();
         self.deleted.clear();
         self.loaded_settled.clear();
+        self.staged_settled.clear();
         if let Some(absent) = &mut self.absent {
             absent.clear();
         }
@@ -306,8 +312,12 @@ impl<T: Serialize + DeserializeOwned + Send> Table<T> {
 impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
     fn stage(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
         batch.puts.reserve(self.dirty.len());
+        self.staged_settled.clear();
         for key in &self.dirty {
             let Some((value, _)) = self.entries.get(key) else { continue };
+            if self.settled.is_some_and(|settled| settled(value)) {
+                self.staged_settled.push(key.clone());
+            }
             // Sized like the last document of this table, so most need one
             // allocation instead of a doubling series.
             let mut doc = Vec::with_capacity(self.doc_hint);
@@ -330,11 +340,15 @@ impl<T: Serialize + DeserializeOwned + Send> Staged for Table<T> {
             self.entries.remove(&key);
         }
         self.deleted.clear();
+        self.staged_settled.clear();
         self.evict_settled(Vec::new());
     }
 
     fn committed(&mut self) {
-        let changed: Vec<String> = self.dirty.drain().collect();
+        // The settled ones among the changed entries were noted at `stage`
+        // (a commit always stages first); the rest stay cached.
+        self.dirty.clear();
+        let changed = std::mem::take(&mut self.staged_settled);
         match &mut self.absent {
             Some(absent) => {
                 absent.extend(self.deleted.drain());
