@@ -352,7 +352,14 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<u64> {
         let mut out = tx.prepare_cached("INSERT INTO outbox (id, subject, event) VALUES (?1, ?2, ?3)")?;
         for env in &batch.outbox {
             let bytes = codec::encode(env).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            out.execute(params![env.id, env.subject, bytes])?;
+            // The subject only serves the subject index (the event holds
+            // it too): an order id goes in as its 16 UUID bytes, a BLOB,
+            // which SQLite keeps apart from every TEXT subject (earlier
+            // rows, SKUs); `outbox_for_subject` asks for both spellings.
+            match codec::pack_order_subject(&env.subject) {
+                Some(packed) => out.execute(params![env.id, packed, bytes])?,
+                None => out.execute(params![env.id, env.subject, bytes])?,
+            };
         }
         let mut cur = tx.prepare_cached(
             "INSERT INTO cursors (producer, position) VALUES (?1, ?2) \
@@ -466,12 +473,23 @@ impl Store for SqliteStore {
     async fn outbox_for_subject(&self, subject: &str, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
         let subject = subject.to_owned();
         let raw: Vec<(i64, Vec<u8>)> = self
-            .read(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT position, event FROM outbox WHERE subject = ?1 ORDER BY position LIMIT ?2",
-                )?;
-                let rows = stmt.query_map(params![subject, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect()
+            .read(move |c| match codec::pack_order_subject(&subject) {
+                // An order's events: packed since this format, spelled out
+                // in rows written before it.
+                Some(packed) => {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT position, event FROM outbox WHERE subject IN (?1, ?2) ORDER BY position LIMIT ?3",
+                    )?;
+                    let rows = stmt.query_map(params![packed, subject, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect()
+                }
+                None => {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT position, event FROM outbox WHERE subject = ?1 ORDER BY position LIMIT ?2",
+                    )?;
+                    let rows = stmt.query_map(params![subject, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect()
+                }
             })
             .await?;
         raw.iter().map(|(p, e)| decode_outbox(*p, e)).collect()

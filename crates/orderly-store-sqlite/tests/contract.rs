@@ -76,6 +76,71 @@ async fn reads_outbox_rows_written_as_json_beside_compact_ones() {
     assert_eq!(by_subject, vec![old, new]);
 }
 
+/// An order's events are indexed under its UUID's 16 bytes; rows written
+/// before that, under the order id's text, and other subjects under their
+/// text: an order's history reads both, in outbox order, and nothing else.
+#[tokio::test]
+async fn an_orders_history_reads_packed_and_earlier_spelled_subjects() {
+    use orderly_domain::Timestamp;
+    use orderly_domain::event::{Envelope, EventType};
+    use orderly_engine::ports::{Batch, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    let order = "o-01a21f60-5230-7a00-8000-000000000001";
+    let other = "o-01a21f60-5230-7a00-8000-000000000002";
+    let event = |n: u64, subject: &str, seq| {
+        Envelope::new(
+            format!("01a21f60-5230-7d63-a4be-{n:012x}"),
+            "/orderly/orders",
+            EventType::OrderCreated,
+            subject,
+            Timestamp(1_795_800_000_000),
+            seq,
+            serde_json::json!({"order_id": subject}),
+        )
+    };
+    let earlier = event(1, order, 1);
+    {
+        let store = SqliteStore::open(&path, Durability::Normal).expect("open");
+        drop(store);
+        let c = rusqlite::Connection::open(&path).expect("raw");
+        let bytes = orderly_store_sqlite::codec::encode(&earlier).expect("encode");
+        c.execute(
+            "INSERT INTO outbox (id, subject, event) VALUES (?1, ?2, ?3)",
+            rusqlite::params![earlier.id, earlier.subject, bytes],
+        )
+        .expect("a row with the subject spelled out, as an earlier version wrote it");
+    }
+    let store = SqliteStore::open(&path, Durability::Normal).expect("reopen");
+    let (later, unrelated, sku, prefixed) =
+        (event(2, order, 2), event(3, other, 1), event(4, "SKU-1", 1), event(5, &format!("x{order}"), 1));
+    let batch =
+        Batch { outbox: vec![unrelated.clone(), later.clone(), sku.clone(), prefixed.clone()], ..Batch::default() };
+    assert_eq!(store.commit(batch).await.expect("commit"), 5);
+
+    let history = |subject: String| {
+        let store = &store;
+        async move {
+            let records = store.outbox_for_subject(&subject, 10).await.expect("subject");
+            records.into_iter().map(|r| r.envelope).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(history(order.into()).await, vec![earlier, later], "both spellings, in outbox order");
+    assert_eq!(history(other.into()).await, vec![unrelated]);
+    assert_eq!(history("SKU-1".into()).await, vec![sku], "other subjects stay text");
+    assert_eq!(history(format!("x{order}")).await, vec![prefixed]);
+    assert!(history("o-01a21f60-5230-7a00-8000-000000000003".into()).await.is_empty());
+    let c = rusqlite::Connection::open(&path).expect("raw");
+    let kinds: Vec<String> = c
+        .prepare("SELECT typeof(subject) FROM outbox ORDER BY position")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(kinds, ["text", "blob", "blob", "text", "text"], "order ids packed, the rest spelled");
+}
+
 #[tokio::test]
 async fn a_new_file_gets_the_larger_page_size_and_an_old_one_keeps_its_own() {
     use orderly_engine::ports::Store;
