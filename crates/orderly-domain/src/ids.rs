@@ -141,6 +141,51 @@ impl LineId {
 }
 
 /// FNV-1a, used only to shorten derived ids deterministically.
+/// A lowercase hyphenated UUID (8-4-4-4-12 hex digits) as its 16 bytes;
+/// any other spelling (uppercase, braces, no hyphens) is `None`, so
+/// [`push_uuid`] gives back exactly the text that was packed.
+pub fn pack_uuid(text: &str) -> Option<[u8; 16]> {
+    let text = text.as_bytes();
+    if text.len() != 36 {
+        return None;
+    }
+    let hex = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut bytes = [0u8; 16];
+    let (mut i, mut j) = (0, 0);
+    while i < 36 {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if text[i] != b'-' {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        bytes[j] = (hex(text[i])? << 4) | hex(text[i + 1])?;
+        (i, j) = (i + 2, j + 1);
+    }
+    Some(bytes)
+}
+
+/// Appends `bytes` as a lowercase hyphenated UUID (what [`pack_uuid`] reads).
+pub fn push_uuid(out: &mut String, bytes: &[u8; 16]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [b'-'; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        text[at] = HEX[usize::from(b >> 4)];
+        text[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
+    }
+    out.push_str(std::str::from_utf8(&text).expect("hex digits and hyphens"));
+}
+
 /// Appends `n` in decimal, as `write!(out, "{n}")` would, without the
 /// formatting machinery (ids and amounts are spelled on every order's path).
 pub fn push_decimal(out: &mut String, mut n: u64) {

@@ -363,24 +363,16 @@ pub fn uuid_v7(now: Timestamp, rng: &dyn Rng) -> String {
     let rand_a = r1 & 0x0FFF;
     let rand_b = r2 & 0x3FFF_FFFF_FFFF_FFFF;
     // The 128 bits: 48 of time, version 7, 12 random, variant 0b10, 62
-    // random; spelled as 32 hex digits in groups of 8-4-4-4-12. Written
-    // straight into the string: every event and order takes one, and the
-    // formatting machinery cost more than the rest of making it.
+    // random. Spelled without `format!`: every event and order takes one,
+    // and the formatting machinery cost more than the rest of making it.
     let hi = (ms << 16) | 0x7000 | rand_a;
     let lo = 0x8000_0000_0000_0000 | rand_b;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [b'-'; 36];
-    let mut at = 0;
-    for i in 0..32 {
-        if matches!(at, 8 | 13 | 18 | 23) {
-            at += 1;
-        }
-        let word = if i < 16 { hi } else { lo };
-        let shift = 60 - 4 * (i % 16);
-        out[at] = HEX[((word >> shift) & 0xF) as usize];
-        at += 1;
-    }
-    std::str::from_utf8(&out).expect("hex digits and dashes").to_owned()
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&hi.to_be_bytes());
+    bytes[8..].copy_from_slice(&lo.to_be_bytes());
+    let mut id = String::with_capacity(36);
+    orderly_domain::ids::push_uuid(&mut id, &bytes);
+    id
 }
 
 /// A label request to a carrier.

@@ -30,6 +30,7 @@
 
 use orderly_domain::Timestamp;
 use orderly_domain::event::{Envelope, EventData, EventType, SPEC_VERSION};
+use orderly_domain::ids::{pack_uuid, push_uuid};
 
 const FORMAT: u8 = 1;
 const ID_PACKED: u8 = 1;
@@ -205,36 +206,10 @@ pub fn pack_order_subject(subject: &str) -> Option<[u8; 16]> {
     pack_uuid(subject.strip_prefix("o-")?)
 }
 
-/// A lowercase hyphenated UUID (8-4-4-4-12 hex digits) as its 16 bytes;
-/// any other spelling is `None` and kept as a string.
-fn pack_uuid(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 16];
-    let mut digits = b.iter().copied().filter(|c| *c != b'-');
-    for byte in &mut out {
-        *byte = nibble(digits.next()?)? << 4 | nibble(digits.next()?)?;
-    }
-    Some(out)
-}
-
+/// The id's 16 bytes spelled as the UUID they were packed from.
 fn spell_uuid(bytes: &[u8; 16]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(36);
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
-        }
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 0xf)] as char);
-    }
+    push_uuid(&mut s, bytes);
     s
 }
 

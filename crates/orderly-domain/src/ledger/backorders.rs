@@ -87,41 +87,17 @@ fn named(line: &str) -> Option<([u8; 16], u32)> {
         return None;
     }
     let n: u32 = n.parse().ok()?;
-    let hex = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let text = uuid.as_bytes();
-    let mut bytes = [0u8; 16];
-    let (mut i, mut j) = (0, 0);
-    while i < 36 {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if text[i] != b'-' {
-                return None;
-            }
-            i += 1;
-            continue;
-        }
-        bytes[j] = (hex(text[i])? << 4) | hex(text[i + 1])?;
-        (i, j) = (i + 2, j + 1);
-    }
-    Some((bytes, n))
+    Some((crate::ids::pack_uuid(uuid)?, n))
 }
 
 /// `o-<uuid>`, and `:<n>` after it when `n` is given.
 fn spell(uuid: &[u8; 16], n: Option<u32>) -> String {
-    use std::fmt::Write;
     let mut s = String::with_capacity(52);
     s.push_str("o-");
-    for (i, b) in uuid.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
-        }
-        let _ = write!(s, "{b:02x}");
-    }
+    crate::ids::push_uuid(&mut s, uuid);
     if let Some(n) = n {
-        let _ = write!(s, ":{n}");
+        s.push(':');
+        crate::ids::push_decimal(&mut s, u64::from(n));
     }
     s
 }
